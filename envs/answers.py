@@ -1,0 +1,38 @@
+"""Splitting a completion into its thinking and answer parts, and finding the final boxed answer."""
+
+from __future__ import annotations
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+def split_thinking(completion: str) -> tuple[str | None, str]:
+    """Return (thinking, answer). `thinking` is None when the completion has no `</think>`.
+
+    A completion generated after a `<think>\\n` prefill starts inside the trace, so the opening tag is optional.
+    """
+    if THINK_CLOSE not in completion:
+        return None, completion
+    thinking, answer = completion.split(THINK_CLOSE, 1)
+    return thinking.replace(THINK_OPEN, "", 1), answer
+
+
+def answer_part(completion: str) -> str:
+    """The text after the first `</think>`, or the whole completion when there is none."""
+    return split_thinking(completion)[1]
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text`, with nested braces balanced; None when there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
