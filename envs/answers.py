@@ -1,6 +1,8 @@
-"""Splitting a completion into its thinking and answer parts, and finding the final boxed answer."""
+"""Splitting a completion into its thinking and answer parts, and finding the final boxed answer or code block."""
 
 from __future__ import annotations
+
+import re
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -36,3 +38,23 @@ def extract_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[i + 1 : j]
     return None
+
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def last_code_block(text: str, languages: tuple[str, ...] = ("python", "py", "python3", "")) -> str | None:
+    """Content of the last fenced code block in `text` whose language tag is one of `languages` ("" = untagged)."""
+    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in languages]
+    return blocks[-1] if blocks else None
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Exact match after trimming whitespace and a trailing period; numbers compare by value (`3.0` == `3`)."""
+    a, b = predicted.strip().rstrip("."), reference.strip().rstrip(".")
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False

@@ -1,0 +1,62 @@
+# hybrid-align: every target creates .venv and installs into it on first use.
+# `make demo` runs the pipeline on the embedded tiny default; `make test` runs the tests.
+
+VENV        ?= .venv
+PYTHON      := $(VENV)/bin/python
+ALIGN       := $(VENV)/bin/align
+# Installed first, on its own: a looser requirement resolved together with the project would pull a CUDA build.
+TORCH_SPEC  ?= torch==2.13.0
+CONFIG_DIR  ?= configs/tiny
+STAMP       := $(VENV)/.installed
+ARGS        ?=
+
+.PHONY: setup test test-slow demo data sft dpo grpo eval pipeline budget-ablation bench-sft bench-sandbox clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@# The code sandbox isolates programs with bubblewrap (Debian package); install it where we can.
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null)) \
+	  || echo "note: bubblewrap (bwrap) not installed; the code sandbox will refuse to run unisolated programs"; }
+	@touch $(STAMP)
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-slow: setup
+	@# exit code 5 means no test carried the marker; that is not a failure.
+	$(PYTHON) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+data: setup
+	$(ALIGN) data $(CONFIG_DIR)/data.yaml $(ARGS)
+
+sft: data
+	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml $(ARGS)
+
+eval: setup
+	$(ALIGN) eval runs/tiny/sft/checkpoint --config $(CONFIG_DIR)/eval.yaml $(ARGS)
+
+demo: sft
+	$(ALIGN) eval runs/tiny/sft/checkpoint --config $(CONFIG_DIR)/eval.yaml output_dir=runs/demo
+
+dpo grpo pipeline: setup
+	$(ALIGN) $@ $(CONFIG_DIR)/$@.yaml $(ARGS)
+
+budget-ablation: data
+	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml output_dir=runs/ablation/with-truncation $(ARGS)
+	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml output_dir=runs/ablation/without-truncation data.truncation.fraction=0 $(ARGS)
+	$(ALIGN) eval runs/ablation/with-truncation/checkpoint runs/ablation/without-truncation/checkpoint \
+	  --config $(CONFIG_DIR)/eval.yaml output_dir=runs/ablation
+
+bench-sandbox: setup
+	$(PYTHON) bench/bench_sandbox.py
+
+bench-sft: setup
+	$(PYTHON) bench/bench_packing.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,250 @@
+"""Held-out evaluation: accuracy with reasoning on and off, toggle compliance, and a sweep over thinking budgets.
+
+Everything is greedy and batched through `alignment.generation`. For each (mode, budget) cell it reports accuracy
+(the final boxed answer equals the reference), the well-formed rate and the mean thinking and answer lengths.
+
+A completion is well-formed when it ended on its own (end-of-turn token), has exactly one `</think>` in reasoning-on
+mode and none in reasoning-off mode (the prefill already holds the empty think block), no `<think>` after the close,
+an extractable `\\boxed{}` answer, and an answer part no longer than `max_answer_tokens` (a model whose thinking was
+cut and that carries on reasoning in its answer fails this).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from alignment.chat import encode_prompt
+from alignment.config import option
+from alignment.generation import GenerationSettings, generate, line_end_token_ids
+from envs.answers import THINK_CLOSE, THINK_OPEN, answers_match, extract_boxed, split_thinking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how to decode."""
+
+    test_path: str = option("runs/data/tiny/test.jsonl", "JSONL rows to evaluate on (prompt rows with `answer`).")
+    max_samples: int = option(300, "Evaluate on at most this many rows (the first ones); 0 means all.")
+    budgets: list = option(
+        [None], "Thinking budgets (tokens) to sweep in reasoning-on mode; null means unlimited."
+    )
+    max_new_tokens: int = option(192, "Most tokens generated per sample, trace and answer together.")
+    max_answer_tokens: int = option(48, "An answer part longer than this is not well-formed.")
+    grace_tokens: int = option(-1, "Grace window after the budget to finish the line; -1 uses grace_fraction.")
+    grace_fraction: float = option(0.1, "Grace window as a fraction of the budget (NVIDIA's serving default).")
+    batch_size: int = option(64, "Samples generated together.")
+
+    def validate(self) -> None:
+        for b in self.budgets:
+            if b is not None and (not isinstance(b, int) or b < 0):
+                raise ValueError(f"budgets must hold non-negative integers or null, got {b!r}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+
+
+def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=config.max_new_tokens,
+        temperature=temperature,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
+        line_end_ids=line_end_token_ids(tokenizer),
+        grace_tokens=None if config.grace_tokens < 0 else config.grace_tokens,
+        grace_fraction=config.grace_fraction,
+        batch_size=config.batch_size,
+    )
+
+
+def judge(completion: str, reasoning: bool, finished: bool, answer_tokens: int, max_answer_tokens: int) -> dict:
+    """Format checks of one completion (text after the prefill)."""
+    closes = completion.count(THINK_CLOSE)
+    _, answer = split_thinking(completion)
+    boxed = extract_boxed(answer)
+    format_ok = closes == (1 if reasoning else 0) and THINK_OPEN not in answer
+    return {
+        "toggle_ok": format_ok and (not reasoning or bool(completion.split(THINK_CLOSE)[0].strip())),
+        "well_formed": format_ok and finished and boxed is not None and answer_tokens <= max_answer_tokens,
+        "boxed": boxed,
+    }
+
+
+@torch.no_grad()
+def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | None, config: EvalConfig) -> dict:
+    """Generate for every row in one mode and budget, and grade."""
+    prompts = [encode_prompt(tokenizer, prompt_messages(row), reasoning) for row in rows]
+    settings = generation_settings(tokenizer, config)
+    results = generate(model, prompts, settings=settings, budgets=[budget] * len(rows), reasoning=[reasoning] * len(rows))
+    think_end = set(settings.think_end_ids)
+    records = []
+    for row, result in zip(rows, results):
+        text = tokenizer.decode(result.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "")
+        body = result.tokens[:-1] if result.finished else result.tokens
+        close_at = next((i for i, t in enumerate(body) if t in think_end), -1)
+        answer_tokens = len(body) - close_at - 1
+        verdict = judge(text, reasoning, result.finished, answer_tokens, config.max_answer_tokens)
+        records.append({
+            "id": row.get("id"),
+            "correct": verdict["boxed"] is not None and answers_match(verdict["boxed"], str(row["answer"])),
+            "well_formed": verdict["well_formed"],
+            "toggle_ok": verdict["toggle_ok"],
+            "thinking_tokens": result.thinking_tokens,
+            "answer_tokens": answer_tokens,
+            "forced_close": result.forced_close,
+            "completion": text,
+        })
+    n = len(records)
+    return {
+        "reasoning": reasoning,
+        "budget": budget,
+        "accuracy": sum(r["correct"] for r in records) / n,
+        "well_formed": sum(r["well_formed"] for r in records) / n,
+        "toggle_compliance": sum(r["toggle_ok"] for r in records) / n,
+        "mean_thinking_tokens": sum(r["thinking_tokens"] for r in records) / n,
+        "mean_answer_tokens": sum(r["answer_tokens"] for r in records) / n,
+        "forced_fraction": sum(r["forced_close"] for r in records) / n,
+        "examples": records[:3],
+    }
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """A row's conversation up to (not including) its reference assistant turn, without any reasoning switch."""
+    messages = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
+    return [
+        dict(m, content=m["content"].replace("/no_think", "").replace("/think", "").strip())
+        for m in messages
+        if not (m["role"] == "system" and m["content"].strip() in ("/think", "/no_think"))
+    ]
+
+
+def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> dict:
+    """Reasoning on (unlimited), reasoning off, and the budget sweep. Returns the summary `metrics.json` uses."""
+    if config.max_samples:
+        rows = rows[: config.max_samples]
+    was_training = model.training
+    model.eval()
+    think = run_cell(model, tokenizer, rows, True, None, config)
+    no_think = run_cell(model, tokenizer, rows, False, None, config)
+    sweep = [think if b is None else run_cell(model, tokenizer, rows, True, b, config) for b in config.budgets]
+    model.train(was_training)
+    summary = {
+        "samples": len(rows),
+        "accuracy_think": think["accuracy"],
+        "accuracy_no_think": no_think["accuracy"],
+        "toggle_compliance": min(think["toggle_compliance"], no_think["toggle_compliance"]),
+        "toggle_compliance_think": think["toggle_compliance"],
+        "toggle_compliance_no_think": no_think["toggle_compliance"],
+        "well_formed_think": think["well_formed"],
+        "well_formed_no_think": no_think["well_formed"],
+        "mean_thinking_tokens": think["mean_thinking_tokens"],
+        "budget_sweep": [
+            {k: cell[k] for k in ("budget", "accuracy", "well_formed", "mean_thinking_tokens", "mean_answer_tokens",
+                                  "forced_fraction")}
+            for cell in sweep
+        ],
+        "examples": {"think": think["examples"], "no_think": no_think["examples"]},
+    }
+    log.info(
+        "eval on %d rows: accuracy think %.3f / no-think %.3f, toggle compliance %.3f",
+        len(rows), summary["accuracy_think"], summary["accuracy_no_think"], summary["toggle_compliance"],
+    )
+    return summary
+
+
+def budget_label(budget: int | None) -> str:
+    return "unlimited" if budget is None else str(budget)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `align eval CHECKPOINT [CHECKPOINT ...]`: the budget sweep on one or several checkpoints, with a plot and a report.
+
+DEFAULT_SWEEP = [0, 8, 16, 32, 64, 128, None]
+
+
+@dataclass
+class EvalRunConfig:
+    """Evaluation of saved checkpoints."""
+
+    eval: EvalConfig = option(EvalConfig(budgets=list(DEFAULT_SWEEP)), "What to evaluate and how to decode.")
+    output_dir: str = option("runs/tiny/eval", "Where eval.json, accuracy_vs_budget.png and report.md go.")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+
+def plot_budget_sweep(results: dict[str, dict], path) -> None:
+    """Accuracy and well-formed rate against thinking budget, one curve per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, summary in results.items():
+        sweep = summary["budget_sweep"]
+        labels = [budget_label(c["budget"]) for c in sweep]
+        for ax, key in zip(axes, ("accuracy", "well_formed")):
+            ax.plot(range(len(sweep)), [c[key] for c in sweep], marker="o", label=name)
+            ax.set_xticks(range(len(sweep)), labels)
+    for ax, title in zip(axes, ("accuracy", "well-formed rate")):
+        ax.set_xlabel("thinking budget (tokens)")
+        ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_report(results: dict[str, dict]) -> str:
+    lines = ["# Evaluation", "", "| model | accuracy think | accuracy no-think | toggle compliance | mean thinking tokens |",
+             "|---|---|---|---|---|"]
+    for name, s in results.items():
+        lines.append(f"| {name} | {s['accuracy_think']:.3f} | {s['accuracy_no_think']:.3f} | "
+                     f"{s['toggle_compliance']:.3f} | {s['mean_thinking_tokens']:.1f} |")
+    lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
+              "![accuracy vs budget](accuracy_vs_budget.png)", ""]
+    for name, s in results.items():
+        lines += [f"### {name}", "", "| budget | accuracy | well-formed | thinking tokens | answer tokens | forced |",
+                  "|---|---|---|---|---|---|"]
+        for c in s["budget_sweep"]:
+            lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | "
+                         f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
+    import json
+    from pathlib import Path
+
+    from alignment.checkpoint import verify_checkpoint
+    from alignment.data import read_rows
+    from alignment.modeling import ModelConfig, load_model, load_tokenizer
+    from alignment.runtime import pick_device, setup_logging
+
+    setup_logging()
+    device = pick_device(config.device)
+    rows, _ = read_rows(config.eval.test_path, "prompt")
+    results: dict[str, dict] = {}
+    for checkpoint in checkpoints:
+        verify_checkpoint(checkpoint)
+        model_config = ModelConfig(name_or_path=checkpoint)
+        tokenizer = load_tokenizer(model_config)
+        model = load_model(model_config, device)
+        name = Path(checkpoint).parent.name if Path(checkpoint).name == "checkpoint" else Path(checkpoint).name
+        if name in results:
+            name = checkpoint
+        results[name] = evaluate_model(model, tokenizer, rows, config.eval)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    plot_budget_sweep(results, out / "accuracy_vs_budget.png")
+    (out / "report.md").write_text(markdown_report(results))
+    print(f"eval: {out / 'eval.json'}\nplot: {out / 'accuracy_vs_budget.png'}\nreport: {out / 'report.md'}")
+    return results

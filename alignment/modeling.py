@@ -1,0 +1,110 @@
+"""Loading models and tokenizers: the embedded tiny hybrid (built from a config file), local checkpoints, hub ids.
+
+Also reports which Mamba kernel path a model will use, so that logs say whether training runs on the CUDA kernels
+or on the (slow, correct) PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.config import option
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+RECURRENT_LAYER_TYPES = {"mamba", "linear_attention", "mamba2", "ssm"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = option(
+        "configs/tiny/model.json",
+        "A model config .json (random init from `init_seed`), a local checkpoint directory, or a hub model id.",
+    )
+    tokenizer: str = option("", "Tokenizer directory or hub id; empty means the same place as the model.")
+    dtype: str = option("float32", "Parameter dtype: float32, bfloat16 or float16.")
+    init_seed: int = option(0, "Seed for random initialisation when building from a config file.")
+    attn_implementation: str = option("sdpa", "Attention implementation passed to transformers (sdpa, eager, ...).")
+    trust_remote_code: bool = option(False, "Allow model code from the hub repository (needed by some real models).")
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    source = config.tokenizer or config.name_or_path
+    if source.endswith(".json"):
+        raise ValueError(f"model.tokenizer must be set when model.name_or_path is a config file ({source})")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer at {source} has no chat template; the reasoning toggle needs one")
+    return tokenizer
+
+
+def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> PreTrainedModel:
+    dtype = DTYPES[config.dtype]
+    path = config.name_or_path
+    if path.endswith(".json"):
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"model config file not found: {path}")
+        model_config = AutoConfig.for_model(**json.loads(file.read_text()))
+        model_config._attn_implementation = config.attn_implementation
+        torch.manual_seed(config.init_seed)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        source = f"random init from {path} (seed {config.init_seed})"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=config.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+        )
+        source = path
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters, %s, device %s, mamba path: %s", source, n_params / 1e6,
+             config.dtype, device, mamba_kernel_path(model))
+    return model
+
+
+def layer_types(model: PreTrainedModel) -> list[str]:
+    config = model.config
+    for attr in ("layers_block_type", "layer_types"):
+        value = getattr(config, attr, None)
+        if isinstance(value, list):
+            return value
+    return []
+
+
+def is_hybrid(model: PreTrainedModel) -> bool:
+    """True when the model has recurrent (Mamba / SSM / linear attention) layers."""
+    return any(t in RECURRENT_LAYER_TYPES for t in layer_types(model))
+
+
+def mamba_kernels_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("mamba_ssm", "causal_conv1d"))
+
+
+def mamba_kernel_path(model: PreTrainedModel) -> str:
+    if not is_hybrid(model):
+        return "none (no recurrent layers)"
+    device = next(model.parameters()).device
+    if device.type == "cuda" and mamba_kernels_available():
+        return "cuda-kernels (mamba-ssm + causal-conv1d)"
+    return "pytorch-reference (slow, correct; install the `gpu` extra on CUDA machines)"
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,258 @@
+"""SFT stage: supervised fine-tuning on reasoning-on/off (and truncated-thinking) chat traces.
+
+Reads top to bottom: build model and tokenizer, build data (rows -> tokens + loss mask -> packed rows), train,
+evaluate on the held-out split, write the checkpoint. Loss is taken only on assistant tokens; the prompt and the
+template's think prefill are masked.
+
+    align sft configs/tiny/sft.yaml train.max_steps=200 lora.enabled=true
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from alignment.chat import IGNORE_INDEX, encode_for_training
+from alignment.checkpoint import save_model_checkpoint
+from alignment.config import option, to_dict
+from alignment.data import fingerprint_files, read_rows
+from alignment.evaluate import EvalConfig, evaluate_model
+from alignment.modeling import ModelConfig, load_model, load_tokenizer
+from alignment.packed_model import enable_packed_sequences
+from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
+from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.tracking import MetricsLogger
+from data_recipes.truncation import TruncationConfig, truncate_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTDataConfig:
+    """Training data and how it becomes tokens."""
+
+    train_path: str = option("runs/data/tiny/train.jsonl", "JSONL training rows (see data_recipes/synthetic_math.py).")
+    test_path: str = option("runs/data/tiny/test.jsonl", "Held-out rows for the evaluation after training.")
+    max_seq_len: int = option(512, "Longer conversations are dropped (counted in the manifest).")
+    max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
+    truncation: TruncationConfig = option(TruncationConfig(), "Truncated-thinking rows that teach budget control.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    max_steps: int = option(600, "Optimizer steps.")
+    batch_size: int = option(32, "Samples per optimizer step (padded) or the token equivalent when packing.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step; the loss is normalised over all their tokens.")
+    packing: bool = option(True, "Pack samples into rows (correct for Mamba layers via seq_idx); false pads.")
+    max_tokens_per_row: int = option(4096, "Token budget of one packed row.")
+    lr: float = option(2e-3, "Peak learning rate (real models: ~5e-6 full, ~1e-4 LoRA).")
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = option(30, "Linear warmup steps.")
+    decay_fraction: float = option(0.2, "WSD: fraction of steps spent decaying at the end.")
+    min_lr_ratio: float = option(0.05, "Final learning rate as a fraction of the peak (cosine and WSD).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    seed: int = option(0, "Seed for data order and dropout.")
+    log_every: int = option(20, "Log metrics every this many steps.")
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through peft. The default targets reach every kind of block of a hybrid."""
+
+    enabled: bool = option(False, "Train LoRA adapters instead of all weights.")
+    r: int = option(16, "Adapter rank.")
+    alpha: int = option(32, "Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = option(0.0, "Dropout on the adapter input.")
+    # Mamba `out_proj` is left out: the fused Mamba kernel reads its weight directly and bypasses adapters.
+    target_modules: list = option(
+        ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        "Module names to adapt: Mamba in_proj, attention q/k/v/o, MLP up/down.",
+    )
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning."""
+
+    model: ModelConfig = option(ModelConfig(), "Model to start from.")
+    data: SFTDataConfig = option(SFTDataConfig(), "Data.")
+    train: TrainConfig = option(TrainConfig(), "Optimisation.")
+    lora: LoraConfig = option(LoraConfig(), "LoRA.")
+    eval: EvalConfig = option(EvalConfig(), "Evaluation after training.")
+    output_dir: str = option("runs/tiny/sft", "Run directory: checkpoint/, metrics.jsonl, tensorboard/, eval.json.")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+    def validate(self) -> None:
+        if self.train.packing and self.train.max_tokens_per_row < self.data.max_seq_len:
+            raise ValueError("train.max_tokens_per_row must be >= data.max_seq_len so no sample is cut")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Warmup, then cosine / warmup-stable-decay / constant."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = int(config.max_steps * (1 - config.decay_fraction))
+    if step < decay_start:
+        return config.lr
+    progress = (step - decay_start) / max(1, config.max_steps - decay_start)
+    return config.lr - (config.lr - floor) * min(1.0, progress)
+
+
+def apply_lora(model, config: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    targets = [t for t in config.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"lora.target_modules {config.target_modules} match no module of this model")
+    peft_config = PeftLoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA on %s: %.2fM trainable parameters", targets, trainable / 1e6)
+    return model
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over the batch's target tokens, and their count."""
+    logits = model(**model_inputs(batch)).logits  # [R, T, V]
+    targets = batch["labels"][:, 1:]  # position t predicts labels[t + 1]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def micro_batches(samples: list[dict], config: TrainConfig, rng: random.Random, epoch: int) -> list[list[int]]:
+    """Index groups for one pass over the data: by sample count when padding, by packed rows when packing."""
+    if not config.packing:
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    # Rows per micro-batch chosen so a step holds about `batch_size` mean-length samples' worth of tokens.
+    lengths = [len(s["input_ids"]) for s in samples]
+    mean_len = sum(lengths) / len(lengths)
+    rows = max(1, round(config.batch_size * mean_len / config.max_tokens_per_row))
+    return plan_packed_batches(lengths, config.max_tokens_per_row, rows, seed=config.seed + epoch)
+
+
+def run_sft(config: SFTConfig) -> dict:
+    setup_logging()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    seed_everything(config.train.seed)
+
+    # Model and tokenizer.
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device)
+    if config.lora.enabled:
+        model = apply_lora(model, config.lora)
+    packed_path = f"packed ({enable_packed_sequences(model)})" if config.train.packing else "padded batches"
+    log.info("device %s; batches: %s", device, packed_path)
+
+    # Data: rows -> (truncated-thinking rows) -> tokens + loss mask.
+    rows, report = read_rows(config.data.train_path, "train", config.data.max_bad_fraction)
+    rows, truncation_stats = truncate_rows(rows, config.data.truncation, tokenizer)
+    samples = [encode_for_training(tokenizer, row["messages"]) for row in rows]
+    too_long = sum(len(s["input_ids"]) > config.data.max_seq_len for s in samples)
+    samples = [s for s in samples if len(s["input_ids"]) <= config.data.max_seq_len]
+    log.info("%d training samples (%d too long dropped, %d bad rows, %d truncated-thinking)",
+             len(samples), too_long, len(report.bad), truncation_stats["truncated"])
+    collator = SampleCollator(
+        mode="packed" if config.train.packing else "padded",
+        pad_token_id=tokenizer.pad_token_id,
+        max_tokens_per_row=config.train.max_tokens_per_row if config.train.packing else config.data.max_seq_len,
+    )
+
+    # Train.
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.train.lr, weight_decay=config.train.weight_decay, betas=(0.9, 0.95),
+    )
+    metrics = MetricsLogger(out, "sft")
+    rng = random.Random(config.train.seed)
+    queue: list[list[int]] = []
+    epoch = 0
+    model.train()
+    started = time.time()
+    tokens_seen = 0
+    progress = tqdm(range(config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True)
+    for step in progress:
+        lr = learning_rate(step, config.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Gather the micro-batches of this step first so the loss can be normalised by their total target count.
+        step_batches = []
+        for _ in range(config.train.grad_accum):
+            if not queue:
+                queue = micro_batches(samples, config.train, rng, epoch)
+                epoch += 1
+            step_batches.append(collator([samples[i] for i in queue.pop()]))
+        n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
+        total = 0.0
+        for batch in step_batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum / n_targets).backward()
+            total += loss_sum.item()
+            tokens_seen += int(batch["input_ids"].numel())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = total / n_targets
+        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        if step % config.train.log_every == 0 or step == config.train.max_steps - 1:
+            metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=epoch,
+                        tokens_per_s=tokens_seen / (time.time() - started))
+    train_seconds = time.time() - started
+
+    # Evaluate on the held-out split.
+    test_rows, _ = read_rows(config.data.test_path, "prompt", config.data.max_bad_fraction)
+    results = evaluate_model(model, tokenizer, test_rows, config.eval)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    metrics.log(config.train.max_steps, **{k: v for k, v in results.items() if isinstance(v, float)})
+    metrics.close()
+
+    # Checkpoint (atomic) with its manifest.
+    summary = {k: v for k, v in results.items() if k != "examples"}
+    manifest = {
+        "stage": "sft",
+        "config": to_dict(config),
+        "data_fingerprint": fingerprint_files(config.data.train_path),
+        "data": {"train": report.summary(), "dropped_too_long": too_long, "truncation": truncation_stats},
+        "packing": packed_path,
+        "train_seconds": round(train_seconds, 1),
+        "metrics": summary,
+    }
+    checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    print(f"checkpoint: {checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\neval:       {out / 'eval.json'}")
+    print(f"accuracy think {summary['accuracy_think']:.3f} | no-think {summary['accuracy_no_think']:.3f} | "
+          f"toggle compliance {summary['toggle_compliance']:.3f} | train {train_seconds:.0f}s")
+    return summary

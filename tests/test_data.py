@@ -1,0 +1,84 @@
+"""Data recipe and row validation."""
+
+import json
+
+import pytest
+
+from alignment.data import BadDataError, read_rows
+from data_recipes.synthetic_math import MathTaskConfig, generate_splits
+from tests.conftest import write_jsonl
+
+
+def test_splits_do_not_overlap_and_are_deterministic():
+    config = MathTaskConfig(train_size=400, validation_size=50, test_size=50)
+    splits = generate_splits(config)
+    questions = {name: {r["messages"][-2]["content"] for r in rows} for name, rows in splits.items()}
+    assert sum(len(q) for q in questions.values()) == 500  # no repeats anywhere
+    assert not questions["train"] & questions["test"] and not questions["train"] & questions["validation"]
+    assert generate_splits(config) == splits
+
+
+def test_reasoning_off_fraction_and_format():
+    rows = generate_splits(MathTaskConfig(train_size=2000, validation_size=1, test_size=1, reasoning_off_fraction=0.1))["train"]
+    off = [r for r in rows if r["metadata"]["reasoning"] == "off"]
+    assert 0.08 < len(off) / len(rows) < 0.12
+    for row in off:
+        assert row["messages"][0] == {"role": "system", "content": "/no_think"}
+        assert row["messages"][-1]["reasoning_content"] == ""
+    on = [r for r in rows if r["metadata"]["reasoning"] == "on"]
+    assert all(r["messages"][-1]["reasoning_content"] for r in on)
+    assert all(f"\\boxed{{{r['answer']}}}" in r["messages"][-1]["content"] for r in rows)
+
+
+def test_traces_follow_the_steps():
+    for row in generate_splits(MathTaskConfig(train_size=50, validation_size=1, test_size=1))["train"]:
+        trace = row["messages"][-1]["reasoning_content"]
+        if trace:
+            lines = trace.strip().split("\n")
+            assert len(lines) == row["metadata"]["steps"]
+            assert lines[-1].endswith(f"= {row['answer']}")
+            for line in lines:
+                left, right = line.split(" = ")
+                assert eval(left) == int(right)
+
+
+GOOD = {"id": "x", "task": "math", "answer": "7",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\boxed{7}"}]}
+
+
+def test_bad_rows_are_rejected_with_line_and_reason(tmp_path):
+    rows = [GOOD] * 96 + [
+        dict(GOOD, answer=""),
+        dict(GOOD, messages=[]),
+        dict(GOOD, messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nhalf"}]),
+        b'{"id": "\xff\xfe bad bytes"}\n',
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    good, report = read_rows(path, "train", max_bad_fraction=0.05)
+    assert len(good) == 96 and report.total == 100
+    reasons = dict(report.bad)
+    assert reasons[97] == "missing `answer`"
+    assert reasons[98] == "empty or missing `messages`"
+    assert "unclosed <think>" in reasons[99]
+    assert "not valid UTF-8" in reasons[100]
+
+
+def test_too_many_bad_rows_stop_the_run(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD] * 9 + [dict(GOOD, messages=[])])
+    with pytest.raises(BadDataError, match=r"rows.jsonl: 1 of 10 rows are bad .*line 10: empty or missing"):
+        read_rows(path, "train", max_bad_fraction=0.05)
+    assert len(read_rows(path, "train", max_bad_fraction=0.2)[0]) == 9
+
+
+def test_prompt_rows_need_an_answer(tmp_path):
+    row = {"id": "p", "task": "math", "messages": [{"role": "user", "content": "q"}]}
+    path = write_jsonl(tmp_path / "p.jsonl", [row, dict(row, answer="3")])
+    good, report = read_rows(path, "prompt", max_bad_fraction=0.5)
+    assert len(good) == 1 and report.bad == [(1, "missing `answer`")]
+
+
+def test_written_files_are_valid_rows(tiny_data):
+    for split in ("train", "validation", "test"):
+        rows, report = read_rows(tiny_data / f"{split}.jsonl", "train", 0.0)
+        assert rows and not report.bad
+    assert json.loads((tiny_data / "manifest.json").read_text())["rows"]["train"] == 64
