@@ -1,0 +1,264 @@
+"""Budget-controlled batched generation for reasoning models.
+
+Used by evaluation, preference mining and RL rollouts. Prompts arrive rendered and tokenized by the chat template:
+a reasoning-on prompt ends with the `<think>\\n` prefill, a reasoning-off prompt with `<think></think>`.
+
+The thinking budget rule (the model card's rule, with a configurable grace window):
+
+- A reasoning-on sample with budget B thinks freely until it has written B trace tokens. From then on the trace is
+  closed as soon as the last trace token ends a line (that can be the B-th token itself), and at the latest after
+  B + grace trace tokens. Closing means feeding `settings.think_end_ids` to the model as forced tokens; the model
+  then writes the answer until an end-of-turn token or `max_new_tokens`.
+- A sample that writes `think_end_ids` on its own before that is in answer mode; nothing is forced.
+- Budget None means unlimited. Budget 0 forces the close before any trace token: the output starts with the forced
+  `think_end_ids`, `thinking_tokens` is 0, and the full text reads `<think>\\n</think>` + answer, the format of a
+  reasoning-off answer (`<think></think>` + answer) with an empty trace.
+- Reasoning-off samples are never forced; their budget is ignored.
+- An end-of-turn token ends a sample wherever it comes, also inside the trace (the sample then has no answer).
+
+Forced tokens go through the model like sampled ones, so the cache (attention KV and Mamba conv/SSM states) always
+matches the returned tokens. `forced_mask` marks them: they were not sampled by the policy, and RL must not train on
+them as if they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. Token ids come from the tokenizer of the model being sampled."""
+
+    max_new_tokens: int = 256  # most tokens generated per sample, forced tokens included
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 keeps the whole distribution
+    eos_token_ids: list[int] = field(default_factory=list)  # tokens that end a sample (end of turn)
+    pad_token_id: int = 0  # fills the left padding of a batch; never attended to
+    think_end_ids: list[int] = field(default_factory=list)  # forced to close a trace, e.g. the ids of `</think>`
+    line_end_ids: Collection[int] = field(default_factory=frozenset)  # tokens that end a line: see line_end_token_ids
+    grace_tokens: int | None = None  # grace window after the budget, in tokens; overrides grace_fraction when set
+    grace_fraction: float | None = 0.1  # grace window as a fraction of the budget, rounded down; None: no grace
+    batch_size: int = 32  # samples decoded together
+    progress: bool = False  # show a progress bar over samples
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if (self.grace_tokens or 0) < 0 or (self.grace_fraction or 0) < 0:
+            raise ValueError("the grace window must not be negative")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        self.line_end_ids = frozenset(self.line_end_ids)
+
+    def grace_window(self, budget: int) -> int:
+        """Trace tokens allowed after `budget` while waiting for a line to end."""
+        if self.grace_tokens is not None:
+            return self.grace_tokens
+        if self.grace_fraction is not None:
+            return int(self.grace_fraction * budget)
+        return 0
+
+
+@dataclass
+class GenerationResult:
+    """One generated sample. `tokens` excludes the prompt and ends with the end-of-turn token when `finished`."""
+
+    tokens: list[int]
+    forced_mask: list[bool]  # aligned with `tokens`: True where the token was forced, not sampled
+    thinking_tokens: int  # trace tokens written before the close; the close marker and an EOS are not counted
+    forced_close: bool  # the trace was closed by the budget rule
+    finished: bool  # ended with an end-of-turn token; False when cut by max_new_tokens
+
+
+def line_end_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokens whose text contains a newline: the tokens that end a line for the grace rule.
+
+    Works for byte-level BPE tokenizers, where a newline is often merged with other whitespace (`"\\n\\n"`, `".\\n"`).
+    """
+    return frozenset(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
+
+
+class _Sample:
+    """Decoding state of one sample: the tokens so far and the budget rule."""
+
+    def __init__(self, prompt: list[int], budget: int | None, reasoning: bool, settings: GenerationSettings):
+        if not prompt:
+            raise ValueError("empty prompt")
+        if budget is not None and budget < 0:
+            raise ValueError(f"thinking budget must be >= 0 or None, got {budget}")
+        self.prompt = prompt
+        self.settings = settings
+        self.in_trace = reasoning
+        self.budget = budget if reasoning else None
+        self.grace = settings.grace_window(budget) if self.budget is not None else 0
+        self.tokens: list[int] = []
+        self.forced_mask: list[bool] = []
+        self.pending: list[int] = []  # forced tokens still to feed
+        self.thinking_tokens = 0
+        self.forced_close = False
+        self.finished = False
+        self.done = False
+        if self.budget is not None and not settings.think_end_ids:
+            raise ValueError("a thinking budget needs settings.think_end_ids")
+        if self.budget == 0:
+            self.pending = list(settings.think_end_ids)
+
+    def step(self, model_choice: int) -> int:
+        """Append the next token, the forced one if the budget rule demands it, else `model_choice`; return it."""
+        if self.pending:  # closing the trace: feed the forced marker
+            token = self.pending.pop(0)
+            self.tokens.append(token)
+            self.forced_mask.append(True)
+            self.forced_close = True
+            self.in_trace = bool(self.pending)
+        else:
+            token = model_choice
+            self.tokens.append(token)
+            self.forced_mask.append(False)
+            if token in self.settings.eos_token_ids:
+                self.finished = True
+            elif self.in_trace:
+                self._trace_token(token)
+        self.done = self.finished or len(self.tokens) >= self.settings.max_new_tokens
+        return token
+
+    def _trace_token(self, token: int) -> None:
+        """Count a sampled trace token; schedule the forced close when the budget rule says so."""
+        close = self.settings.think_end_ids
+        self.thinking_tokens += 1
+        if close and self.tokens[-len(close) :] == close:  # the model closed its trace itself
+            self.in_trace = False
+            self.thinking_tokens -= len(close)
+        elif self.budget is not None and self.thinking_tokens >= self.budget:
+            grace_over = self.thinking_tokens >= self.budget + self.grace
+            if token in self.settings.line_end_ids or grace_over:
+                self.pending = list(close)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            tokens=self.tokens,
+            forced_mask=self.forced_mask,
+            thinking_tokens=self.thinking_tokens,
+            forced_close=self.forced_close,
+            finished=self.finished,
+        )
+
+
+def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> torch.Tensor:
+    """Pick one token per row: greedy at temperature 0, else temperature + top-p sampling. [B, V] -> [B]"""
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)  # [B, V]
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= settings.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: nn.Module, samples: list[_Sample], settings: GenerationSettings, generator: torch.Generator
+) -> None:
+    """Decode `samples` together, one token per step, with the model's cache. Fills each sample's state."""
+    device = next(model.parameters()).device
+    width = max(len(s.prompt) for s in samples)
+    input_ids = torch.full((len(samples), width), settings.pad_token_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)  # [B, T]
+    for row, sample in enumerate(samples):  # left padding: every row's next token lands in the last column
+        input_ids[row, width - len(sample.prompt) :] = torch.tensor(sample.prompt)
+        attention_mask[row, width - len(sample.prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
+
+    # With use_cache and no cache given, the model builds its own: for NemotronH a DynamicCache(config) holding the
+    # attention KV and the Mamba conv/SSM states. The 2D mask zeroes the left padding before the Mamba mixers, so a
+    # padded row's states equal those of its prompt alone; attention masks the padding out.
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+    )
+    cache = out.past_key_values
+    next_position = position_ids[:, -1] + 1  # [B]
+    active = list(range(len(samples)))  # batch row -> index into samples
+    while True:
+        model_choice = _next_tokens(out.logits[:, -1, :], settings, generator).tolist()  # [B]
+        fed = [samples[i].step(choice) for i, choice in zip(active, model_choice)]
+
+        keep = [row for row, i in enumerate(active) if not samples[i].done]
+        if not keep:
+            return
+        if len(keep) < len(active):  # finished rows leave the batch; the others' states are untouched
+            keep_rows = torch.tensor(keep, device=device)
+            cache.reorder_cache(keep_rows)
+            attention_mask, next_position = attention_mask[keep_rows], next_position[keep_rows]
+            active, fed = [active[r] for r in keep], [fed[r] for r in keep]
+
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)  # [B, T+1]
+        out = model(
+            input_ids=torch.tensor(fed, device=device)[:, None],  # [B, 1]
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],  # [B, 1]
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_position = next_position + 1
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    settings: GenerationSettings,
+    budgets: list[int | None] | None = None,
+    reasoning: list[bool] | None = None,
+    seed: int | None = None,
+) -> list[GenerationResult]:
+    """Generate one completion per prompt, applying each sample's thinking budget (see the module docstring).
+
+    `budgets[i]` is the thinking budget of prompt i (None: unlimited; default: all unlimited). `reasoning[i]` says
+    whether prompt i ends with the reasoning-on prefill (default: all on). Samples are decoded in batches of
+    `settings.batch_size`, grouped by prompt length; greedy results do not depend on the batching. With sampling,
+    `seed` makes a call reproducible (same prompts, settings and batching).
+    """
+    n = len(prompts)
+    budgets = [None] * n if budgets is None else budgets
+    reasoning = [True] * n if reasoning is None else reasoning
+    if len(budgets) != n or len(reasoning) != n:
+        raise ValueError(f"{n} prompts but {len(budgets)} budgets and {len(reasoning)} reasoning flags")
+    samples = [_Sample(p, b, r, settings) for p, b, r in zip(prompts, budgets, reasoning)]
+
+    device = next(model.parameters()).device
+    log.info("generating %d samples on %s (batch size %d)", n, device, settings.batch_size)
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    try:
+        with tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:
+            for start in range(0, n, settings.batch_size):
+                batch = [samples[i] for i in order[start : start + settings.batch_size]]
+                _generate_batch(model, batch, settings, generator)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return [s.result() for s in samples]
