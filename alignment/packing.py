@@ -1,0 +1,269 @@
+"""Sequence packing: bin tokenized samples into rows and build the tensors a packed forward needs.
+
+A packed row holds several samples back to back, so no compute is spent on padding. Three things keep the
+samples apart inside a row:
+
+- `position_ids` restart at 0 for every sample (rotary embeddings and the attention masks of transformers),
+- `seq_idx` numbers the samples inside the row (the Mamba-2 conv and scan reset their state where it changes),
+- the first label of every sample is -100, so the last token of sample k never has to predict the first token
+  of sample k+1 (causal-LM losses shift labels left by one: position t is scored against labels[t + 1]).
+
+The padding tail of a row gets its own `seq_idx` and restarting `position_ids`, so it is one more (label-free)
+segment and never mixes with real tokens.
+
+`SampleCollator(mode="padded")` builds classic right-padded batches with the same keys where they make sense, so
+stages switch between the two with one argument. `alignment.packed_model.enable_packed_sequences` makes a model
+correct on packed rows; packing a model with recurrent layers without it is refused there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Keys of a collated batch that the model's forward takes; the rest (`sample_ids`, `loss_mask`) are for the
+# stage's own bookkeeping (per-sample losses and log-probs).
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "position_ids",
+    "seq_idx",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
+
+
+def first_fit_decreasing(lengths: Sequence[int], max_tokens_per_row: int) -> list[list[int]]:
+    """Bin samples into rows of at most `max_tokens_per_row` tokens with first-fit-decreasing.
+
+    Samples are placed longest first into the first row with room, a new row is opened when none has room. FFD
+    uses at most 11/9 OPT + 6/9 rows, and on long-tailed length distributions it is within a row or two of
+    optimal in practice. Ties are broken by sample index, so the result is deterministic.
+
+    Args:
+        lengths: token count of each sample; every length must be in [1, max_tokens_per_row].
+        max_tokens_per_row: the token budget of one row.
+
+    Returns:
+        One list of sample indices per row; every index appears exactly once, rows in order of creation, samples
+        inside a row in the order they were placed (longest first).
+    """
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= max_tokens_per_row:
+            raise ValueError(f"sample {i} has {n} tokens; packing needs 1..{max_tokens_per_row} (truncate first)")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[int] = []  # free tokens left in each row
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens_per_row - lengths[i])
+    return rows
+
+
+def plan_packed_batches(
+    lengths: Sequence[int],
+    max_tokens_per_row: int,
+    rows_per_batch: int,
+    seed: int | None = 0,
+) -> list[list[int]]:
+    """Group a whole dataset into batches that each fill about `rows_per_batch` packed rows.
+
+    A DataLoader that hands the collator a fixed number of samples gets a varying number of rows per step on
+    long-tailed data. Planning over the whole dataset instead gives steps of near-constant token count: pack all
+    samples with FFD, shuffle the rows, and cut them into groups of `rows_per_batch`. Use the result as a
+    `batch_sampler`; the collator re-packs each group and almost always gets the same rows back (FFD is not
+    monotone, so in rare cases a group takes one row more).
+
+    Args:
+        lengths: token count of every sample in the dataset (after truncation to the budget).
+        max_tokens_per_row: the token budget of one row, as given to the collator.
+        rows_per_batch: rows per optimizer micro-step.
+        seed: shuffles the order of rows (None keeps FFD order, longest rows first).
+
+    Returns:
+        A list of batches, each a list of dataset indices.
+    """
+    rows = first_fit_decreasing([min(n, max_tokens_per_row) for n in lengths], max_tokens_per_row)
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    return [sum(rows[i : i + rows_per_batch], []) for i in range(0, len(rows), rows_per_batch)]
+
+
+@dataclass
+class SampleCollator:
+    """Collate tokenized samples into a packed or a right-padded batch.
+
+    Each sample is `{"input_ids": list[int], "labels": list[int]}` with labels -100 where no loss is taken (the
+    prompt). Labels are not shifted: labels[t] is the target of the token at t - 1, as in transformers.
+
+    Samples longer than `max_tokens_per_row` are truncated to their first `max_tokens_per_row` tokens, in both
+    modes, and counted in `num_truncated`: the budget is then a hard bound on activation memory, so one outlier
+    cannot run a step out of memory, and packed and padded modes see the same tokens.
+
+    Packed batch (R rows of T tokens, N samples):
+        input_ids [R, T] int64, pad_token_id in the tail.
+        labels [R, T] int64, -100 on the first token of every sample and in the tail.
+        position_ids [R, T] int64, restarting at 0 for every sample and for the tail.
+        seq_idx [R, T] int32, index of the sample inside its row; the tail gets the next index.
+        cu_seq_lens_q, cu_seq_lens_k [S + 1] int32, segment boundaries over the flattened R * T tokens (tails
+            included), the varlen-attention convention of transformers' flash-attention path.
+        max_length_q, max_length_k int, the longest segment.
+        sample_ids [R, T] int64, index of the sample in the input list, -1 in the tail.
+        loss_mask [R, T] bool, labels != -100 (the tokens that are targets).
+
+    Padded batch (one sample per row, in input order): input_ids, labels, attention_mask [N, T] int64,
+    position_ids, sample_ids, loss_mask. The first label of every sample is -100 here too, which changes no loss
+    (a sample's first token is never a target) and keeps `loss_mask` identical across modes.
+
+    The varlen boundaries are named `cu_seq_lens_*` rather than `cu_seqlens`: transformers forwards extra batch
+    keys to the Mamba kernels too, and there `cu_seqlens` means something else (varlen state passing, batch 1
+    only), while the reference PyTorch fallback refuses it outright.
+    """
+
+    mode: Literal["packed", "padded"] = "packed"
+    pad_token_id: int = 0
+    max_tokens_per_row: int = 4096
+    pad_to_multiple_of: int | None = None
+    num_truncated: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("packed", "padded"):
+            raise ValueError(f"mode must be 'packed' or 'padded', got {self.mode!r}")
+        if self.max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        """Collate `samples` into a batch dict (see the class docstring for the keys)."""
+        ids, labels = self._truncated(samples)
+        if self.mode == "packed":
+            rows = first_fit_decreasing([len(x) for x in ids], self.max_tokens_per_row)
+        else:
+            rows = [[i] for i in range(len(ids))]
+        return self._build(ids, labels, rows)
+
+    def _truncated(self, samples: Sequence[dict]) -> tuple[list[list[int]], list[list[int]]]:
+        ids, labels = [], []
+        for i, s in enumerate(samples):
+            x, y = list(s["input_ids"]), list(s.get("labels", s["input_ids"]))
+            if len(x) != len(y):
+                raise ValueError(f"sample {i}: {len(x)} input_ids but {len(y)} labels")
+            if not x:
+                raise ValueError(f"sample {i} is empty")
+            if len(x) > self.max_tokens_per_row:
+                self.num_truncated += 1
+                if self.num_truncated == 1:
+                    logger.warning(
+                        "truncating samples longer than max_tokens_per_row=%d (counted in num_truncated)",
+                        self.max_tokens_per_row,
+                    )
+                x, y = x[: self.max_tokens_per_row], y[: self.max_tokens_per_row]
+            # The first token of a sample is never a target of that sample; -100 also keeps the last token of the
+            # previous sample in a packed row from predicting it.
+            y[0] = IGNORE_INDEX
+            ids.append(x)
+            labels.append(y)
+        return ids, labels
+
+    def _build(self, ids: list[list[int]], labels: list[list[int]], rows: list[list[int]]) -> dict:
+        R = len(rows)
+        T = max(sum(len(ids[i]) for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((R, T), self.pad_token_id, dtype=torch.long)
+        label_t = torch.full((R, T), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((R, T), dtype=torch.long)
+        seq_idx = torch.zeros((R, T), dtype=torch.int32)
+        sample_ids = torch.full((R, T), -1, dtype=torch.long)
+        seg_lens: list[int] = []  # every segment of the flattened batch, tails included
+        for r, row in enumerate(rows):
+            t = 0
+            for k, i in enumerate(row):
+                n = len(ids[i])
+                input_ids[r, t : t + n] = torch.tensor(ids[i])
+                label_t[r, t : t + n] = torch.tensor(labels[i])
+                position_ids[r, t : t + n] = torch.arange(n)
+                seq_idx[r, t : t + n] = k
+                sample_ids[r, t : t + n] = i
+                seg_lens.append(n)
+                t += n
+            if t < T:  # the tail is a segment of its own
+                position_ids[r, t:] = torch.arange(T - t)
+                seq_idx[r, t:] = len(row)
+                seg_lens.append(T - t)
+
+        batch = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
+        if self.mode == "packed":
+            cu = F.pad(torch.tensor(seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+            batch |= {
+                "seq_idx": seq_idx,
+                "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu,
+                "max_length_q": max(seg_lens),
+                "max_length_k": max(seg_lens),
+            }
+        else:
+            batch["attention_mask"] = (sample_ids >= 0).long()
+        batch["sample_ids"] = sample_ids
+        batch["loss_mask"] = label_t != IGNORE_INDEX
+        return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The part of a collated batch that goes to `model(**...)`.
+
+    Packed rows also get `use_cache=False`: with a cache, transformers skips its packed-sequence detection and
+    the attention layers of a row would see each other's samples; a packed row is never decoded from anyway.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    if "seq_idx" in inputs:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def per_sample_logps(
+    logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of target-token log-probs and target-token count per sample, for packed or padded batches.
+
+    Position t is scored against labels[t + 1] (the causal-LM shift); the sample a target belongs to is that of
+    the target token. DPO takes the sums directly, SFT's per-sample mean NLL is -sums / counts.
+
+    Args:
+        logits: [R, T, V] model output.
+        labels: [R, T] with -100 where no target.
+        sample_ids: [R, T] sample index per token (-1 on padding), from the collator.
+        num_samples: N, the number of samples collated.
+
+    Returns:
+        (logp_sum [N] float32, num_targets [N] int64).
+    """
+    R, T, V = logits.shape
+    targets = labels[:, 1:]  # [R, T-1]
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [R * (T-1)]
+    mask = targets.reshape(-1) != IGNORE_INDEX
+    owner = sample_ids[:, 1:].reshape(-1)[mask]  # [num targets]
+    logp_sum = torch.zeros(num_samples, device=logits.device, dtype=torch.float32).index_add(0, owner, -nll[mask])
+    counts = torch.zeros(num_samples, device=logits.device, dtype=torch.long).index_add(
+        0, owner, torch.ones_like(owner)
+    )
+    return logp_sum, counts
