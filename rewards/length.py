@@ -1,0 +1,40 @@
+"""`length`: a length penalty relative to the other completions of the same prompt (a GRPO group)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envs.answers import split_thinking
+from rewards.registry import RewardResult, reward
+from rewards.thinking import approx_tokens
+
+PARTS = ("all", "thinking", "answer")
+
+
+@reward("length", batched=True)
+def length(completions: list[str], part: str = "all", id: list[Any] | None = None, **_: Any) -> list[RewardResult]:
+    """0.5 for the shortest completion of its group, -0.5 for the longest, linear between (0 when all are equal).
+
+    A group is the completions whose rows share an `id` (GRPO repeats a row once per generation); without ids the
+    whole batch is one group. `part` picks what is measured: "all", "thinking" or "answer" (config `args`).
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    sizes = [approx_tokens(_part(c, part)) for c in completions]
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(id if id is not None else [None] * len(completions)):
+        groups.setdefault(repr(key), []).append(i)
+    results: list[RewardResult] = [RewardResult(0.0)] * len(completions)
+    for members in groups.values():
+        shortest, longest = min(sizes[i] for i in members), max(sizes[i] for i in members)
+        for i in members:
+            score = 0.0 if longest == shortest else 0.5 - (sizes[i] - shortest) / (longest - shortest)
+            results[i] = RewardResult(score, {"tokens": sizes[i], "group_min": shortest, "group_max": longest})
+    return results
+
+
+def _part(completion: str, part: str) -> str:
+    thinking, answer = split_thinking(completion)
+    if part == "thinking":
+        return thinking or ""
+    return answer if part == "answer" else completion
