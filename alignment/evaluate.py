@@ -74,6 +74,18 @@ def judge(completion: str, reasoning: bool, finished: bool, answer_tokens: int, 
     }
 
 
+def is_correct(boxed: str, reference: str) -> bool:
+    """Exact match first (cheap), then symbolic equivalence through the `math` reward (math-verify)."""
+    if answers_match(boxed, reference):
+        return True
+    from rewards.math_answer import math_answer
+
+    try:
+        return math_answer(f"\\boxed{{{boxed}}}", reference).score == 1.0
+    except ValueError:  # an unparseable reference counts as not matched
+        return False
+
+
 @torch.no_grad()
 def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | None, config: EvalConfig) -> dict:
     """Generate for every row in one mode and budget, and grade."""
@@ -90,7 +102,7 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
         verdict = judge(text, reasoning, result.finished, answer_tokens, config.max_answer_tokens)
         records.append({
             "id": row.get("id"),
-            "correct": verdict["boxed"] is not None and answers_match(verdict["boxed"], str(row["answer"])),
+            "correct": verdict["boxed"] is not None and is_correct(verdict["boxed"], str(row["answer"])),
             "well_formed": verdict["well_formed"],
             "toggle_ok": verdict["toggle_ok"],
             "thinking_tokens": result.thinking_tokens,

@@ -9,10 +9,12 @@ template's think prefill are masked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,8 @@ from alignment.evaluate import EvalConfig, evaluate_model
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
-from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
+from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
 from alignment.tracking import MetricsLogger
 from data_recipes.truncation import TruncationConfig, truncate_rows
 
@@ -65,6 +68,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     seed: int = option(0, "Seed for data order and dropout.")
+    save_every: int = option(0, "Save a resumable training state every this many steps (0: only at the end).")
     log_every: int = option(20, "Log metrics every this many steps.")
 
     def validate(self) -> None:
@@ -191,47 +195,65 @@ def run_sft(config: SFTConfig) -> dict:
         max_tokens_per_row=config.train.max_tokens_per_row if config.train.packing else config.data.max_seq_len,
     )
 
-    # Train.
+    # Train (data parallel when launched by Ray Train: same code for 1 and N workers).
+    rank, world = distributed_rank_world()
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.train.lr, weight_decay=config.train.weight_decay, betas=(0.9, 0.95),
     )
-    metrics = MetricsLogger(out, "sft")
-    rng = random.Random(config.train.seed)
-    queue: list[list[int]] = []
-    epoch = 0
+    state = TrainState(rng=random.Random(config.train.seed))
+    fingerprint = run_fingerprint(config, config.data.train_path)
+    if resume_training(out / "last", fingerprint, model, optimizer, state):
+        log.info("resumed from step %d (%s)", state.step, out / "last")
+    metrics = MetricsLogger(out, "sft") if rank == 0 else None
     model.train()
-    started = time.time()
-    tokens_seen = 0
-    progress = tqdm(range(config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True)
+    started = time.time() - state.seconds
+    progress = tqdm(range(state.step, config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True,
+                    initial=state.step, total=config.train.max_steps, disable=rank != 0)
     for step in progress:
         lr = learning_rate(step, config.train)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Gather the micro-batches of this step first so the loss can be normalised by their total target count.
+        # All micro-batches of this step, over all workers, are collated first: the loss is normalised by their
+        # total target count, so 1 worker x 2 micro-batches and 2 workers x 1 compute the same update.
         step_batches = []
-        for _ in range(config.train.grad_accum):
-            if not queue:
-                queue = micro_batches(samples, config.train, rng, epoch)
-                epoch += 1
-            step_batches.append(collator([samples[i] for i in queue.pop()]))
+        for _ in range(config.train.grad_accum * world):
+            if not state.queue:
+                state.queue = micro_batches(samples, config.train, state.rng, state.epoch)
+                state.epoch += 1
+            step_batches.append(collator([samples[i] for i in state.queue.pop()]))
         n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step_batches)
-        total = 0.0
-        for batch in step_batches:
+        mine = step_batches[rank::world]
+        total = torch.zeros((), device=device)
+        for i, batch in enumerate(mine):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss_sum, _ = token_loss_sum(model, batch)
-            (loss_sum / n_targets).backward()
-            total += loss_sum.item()
-            tokens_seen += int(batch["input_ids"].numel())
+            # DDP averages gradients over workers; scaling by `world` turns that average back into the global sum.
+            sync = contextlib.nullcontext() if world == 1 or i == len(mine) - 1 else trained.no_sync()
+            with sync:
+                loss_sum, _ = token_loss_sum(trained, batch)
+                (loss_sum * world / n_targets).backward()
+            total += loss_sum.detach()
+            state.tokens_seen += int(batch["input_ids"].numel()) * world
+        if world > 1:
+            torch.distributed.all_reduce(total)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = total / n_targets
+        loss = float(total) / n_targets
+        state.step = step + 1
         progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        if step % config.train.log_every == 0 or step == config.train.max_steps - 1:
-            metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=epoch,
-                        tokens_per_s=tokens_seen / (time.time() - started))
+        if metrics and (step % config.train.log_every == 0 or step == config.train.max_steps - 1):
+            metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=state.epoch,
+                        tokens_per_s=state.tokens_seen / (time.time() - started))
+        if rank == 0 and config.train.save_every and state.step % config.train.save_every == 0:
+            state.seconds = time.time() - started
+            save_training_state(out / "last", fingerprint, model, optimizer, state)
     train_seconds = time.time() - started
+    if rank != 0:
+        return {}
 
     # Evaluate on the held-out split.
     test_rows, _ = read_rows(config.data.test_path, "prompt", config.data.max_bad_fraction)
@@ -252,6 +274,7 @@ def run_sft(config: SFTConfig) -> dict:
         "metrics": summary,
     }
     checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    shutil.rmtree(out / "last", ignore_errors=True)  # the finished checkpoint supersedes the resumable state
     print(f"checkpoint: {checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\neval:       {out / 'eval.json'}")
     print(f"accuracy think {summary['accuracy_think']:.3f} | no-think {summary['accuracy_no_think']:.3f} | "
           f"toggle compliance {summary['toggle_compliance']:.3f} | train {train_seconds:.0f}s")
