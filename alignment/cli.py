@@ -69,19 +69,45 @@ def _not_built(subparsers, name: str, help_text: str) -> None:
     parser.set_defaults(func=handler)
 
 
+def _pipeline_command(subparsers) -> None:
+    from alignment.pipeline import PipelineConfig, run_pipeline
+
+    parser = subparsers.add_parser(
+        "pipeline", help="Run the stages in order on Ray (local instance, or a cluster via RAY_ADDRESS/--address).",
+        epilog=_fields_help(PipelineConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML pipeline config.")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=/shared/runs/x.")
+    parser.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a local Ray).")
+
+    def handler(args) -> int:
+        config = load_config(PipelineConfig, args.config, args.overrides)
+        if args.address:
+            config.address = args.address
+        run_pipeline(config)
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from alignment.sft import SFTConfig, run_sft
-    from data_recipes.synthetic_math import MathDataConfig, write_splits
+    from alignment.pipeline import stage_entry
 
     parser = argparse.ArgumentParser(prog="align", description="Post-training for hybrid reasoning models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_stage(subparsers, "data", "Write the synthetic reasoning task splits.", MathDataConfig, write_splits,
+    _add_stage(subparsers, "data", "Write the synthetic reasoning task splits.", *stage_entry("data"),
                config_optional=True)
-    _add_stage(subparsers, "sft", "Supervised fine-tuning on reasoning-on/off traces.", SFTConfig, run_sft)
+    _add_stage(subparsers, "sft", "Supervised fine-tuning on reasoning-on/off traces.", *stage_entry("sft"))
     _eval_command(subparsers)
-    _not_built(subparsers, "dpo", "Preference optimisation")
-    _not_built(subparsers, "grpo", "RL with verifiable rewards")
-    _not_built(subparsers, "pipeline", "All stages on Ray")
+    for name, help_text in (("dpo", "Preference optimisation (DPO), with pairs mined on-policy."),
+                            ("grpo", "RL with verifiable rewards (GRPO), budget-aware rollouts.")):
+        try:
+            config_cls, run = stage_entry(name)
+        except ImportError:
+            _not_built(subparsers, name, help_text)
+        else:
+            _add_stage(subparsers, name, help_text, config_cls, run)
+    _pipeline_command(subparsers)
     try:
         from rewards.cli import add_rewards_parser
     except ImportError:

@@ -1,0 +1,221 @@
+"""The whole pipeline on Ray: data -> SFT -> DPO -> GRPO -> evaluation, one command locally or on a cluster.
+
+Each stage runs as Ray work (a task; SFT through Ray Train when it has workers) and hands the next stage a
+checkpoint directory with a manifest. Every stage records a fingerprint of its resolved config and its inputs (the
+fingerprint of the stage before it) in `<run_dir>/<stage>/stage.json`, so a rerun of the same command
+
+- skips a finished stage whose fingerprint matches and whose checkpoint is intact,
+- resumes an interrupted stage from its last saved training state (see `alignment/resume.py`),
+- reruns a stage (and everything after it) whose config or inputs changed.
+
+Without a cluster address it starts a local Ray instance (dashboard off, loopback only); with `RAY_ADDRESS` or
+`address=...` it joins that cluster, as `ray job submit` does.
+
+    align pipeline configs/tiny/pipeline.yaml
+    ray job submit --working-dir . -- align pipeline configs/tiny/pipeline.yaml run_dir=/shared/runs/exp1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint
+from alignment.config import load_config, option, to_dict
+from alignment.runtime import setup_logging
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("data", "sft", "dpo", "grpo", "eval")
+MODEL_STAGES = ("sft", "dpo", "grpo")
+
+
+@dataclass
+class StageSettings:
+    """One stage of the pipeline: its config file, overrides and the Ray resources it asks for."""
+
+    config: str = option("", "YAML config of the stage (empty: the stage's defaults).")
+    overrides: list = option([], "key=value overrides applied on top of the stage config.")
+    num_cpus: float = option(1.0, "CPUs reserved for the stage's Ray task (per worker when workers > 1).")
+    num_gpus: float = option(0.0, "GPUs reserved for the stage's Ray task (per worker).")
+    num_workers: int = option(0, "SFT only: data-parallel Ray Train workers (0: a plain Ray task).")
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages run, where outputs go, and how to reach Ray."""
+
+    stages: list = option(list(STAGE_ORDER), "Stages to run, in pipeline order (any subset, e.g. [data, sft, grpo, eval]).")
+    run_dir: str = option("runs/pipeline", "Output directory; on a cluster, a path every node can reach.")
+    data: StageSettings = option(StageSettings(config="configs/tiny/data.yaml"), "Data recipe stage.")
+    sft: StageSettings = option(StageSettings(config="configs/tiny/sft.yaml"), "SFT stage.")
+    dpo: StageSettings = option(StageSettings(config="configs/tiny/dpo.yaml"), "DPO stage.")
+    grpo: StageSettings = option(StageSettings(config="configs/tiny/grpo.yaml"), "GRPO stage.")
+    eval: StageSettings = option(StageSettings(config="configs/tiny/eval.yaml"), "Final evaluation of every model.")
+    address: str = option("", "Ray cluster address; empty uses RAY_ADDRESS or starts a local instance.")
+    max_retries: int = option(1, "Times a failed stage task (a dead worker) is retried before the pipeline stops.")
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+        if [s for s in STAGE_ORDER if s in self.stages] != list(self.stages):
+            raise ValueError(f"stages must be in pipeline order {list(STAGE_ORDER)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage registry: how to build each stage's config, wire its inputs and outputs, and run it.
+
+
+# Each stage: (module, config class, run function). Imported when used, so a subset runs without the others.
+STAGES = {
+    "data": ("data_recipes.synthetic_math", "MathDataConfig", "write_splits"),
+    "sft": ("alignment.sft", "SFTConfig", "run_sft"),
+    "dpo": ("alignment.dpo", "DPOConfig", "run_dpo"),
+    "grpo": ("alignment.grpo", "GRPOConfig", "run_grpo"),
+    "eval": ("alignment.evaluate", "EvalRunConfig", "run_eval"),
+}
+
+
+def stage_entry(name: str) -> tuple[type, Callable]:
+    module_name, config_name, run_name = STAGES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, run_name)
+
+
+def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, data_dir: Path | None) -> None:
+    """Point a stage config at the pipeline's directories: its inputs come from the stages before it."""
+    config.output_dir = str(run_dir / name)
+    if name == "data":
+        return
+    # Ray workers may start elsewhere (another node, a job's working dir): local paths travel as absolute paths.
+    model = getattr(config, "model", None)
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(model, key, "") if model is not None else ""
+        if value and Path(value).exists():
+            setattr(model, key, str(Path(value).resolve()))
+    if data_dir is not None:
+        train, test = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
+        if hasattr(config, "data"):
+            for key, value in (("train_path", train), ("test_path", test), ("prompts_path", train)):
+                if hasattr(config.data, key):
+                    setattr(config.data, key, value)
+        config.eval.test_path = test
+    if name in ("dpo", "grpo") and upstream_model is not None:
+        config.model.name_or_path = upstream_model
+        config.model.tokenizer = ""
+
+
+def _fingerprint(config: Any, upstream: str) -> str:
+    text = json.dumps(to_dict(config), sort_keys=True, default=str) + upstream
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finished(stage_dir: Path, fingerprint: str, has_checkpoint: bool) -> dict | None:
+    """The stage record when the stage already finished with this fingerprint and its outputs are intact."""
+    record_path = stage_dir / "stage.json"
+    if not record_path.is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("fingerprint") != fingerprint:
+        return None
+    if has_checkpoint:
+        try:
+            verify_checkpoint(stage_dir / "checkpoint")
+        except CorruptCheckpointError as exc:
+            log.warning("%s: checkpoint unusable (%s); rerunning the stage", stage_dir.name, exc)
+            return None
+    return record
+
+
+def _run_stage_body(name: str, config: Any, settings: StageSettings, checkpoints: list[str]) -> Any:
+    """Runs inside the Ray task: the stage itself (SFT with workers goes through Ray Train)."""
+    setup_logging()
+    if name == "sft" and settings.num_workers > 0:
+        from alignment.distributed import run_sft_data_parallel
+
+        return run_sft_data_parallel(config, settings.num_workers, use_gpu=settings.num_gpus > 0,
+                                     cpus_per_worker=settings.num_cpus)
+    run = stage_entry(name)[1]
+    return run(checkpoints, config) if name == "eval" else run(config)
+
+
+def _connect(address: str):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray cluster at %s", address)
+    else:
+        # A private local instance: loopback only, no dashboard (nothing listens beyond this machine).
+        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+        log.info("started a local Ray instance")
+    return ray
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    setup_logging()
+    run_dir = Path(config.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ray = _connect(config.address)
+    upstream_fp, upstream_model, data_dir = "", None, None
+    produced: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    selected = [s for s in STAGE_ORDER if s in config.stages]
+    for index, name in enumerate(selected, start=1):
+        settings: StageSettings = getattr(config, name)
+        stage_config = load_config(stage_entry(name)[0], settings.config or None, list(settings.overrides))
+        _wire(name, stage_config, run_dir, upstream_model, data_dir)
+        checkpoints = list(produced.values()) if name == "eval" else []
+        if name == "eval":
+            upstream_fp += json.dumps(produced)
+        fingerprint = _fingerprint(stage_config, upstream_fp)
+        stage_dir = run_dir / name
+        record = _finished(stage_dir, fingerprint, has_checkpoint=name in MODEL_STAGES)
+        if record is not None:
+            log.info("[%d/%d] %s: finished earlier with the same config and inputs; skipped", index, len(selected), name)
+        else:
+            log.info("[%d/%d] %s: running", index, len(selected), name)
+            started = time.time()
+            task = ray.remote(_run_stage_body).options(
+                num_cpus=settings.num_cpus if settings.num_workers == 0 else 0,
+                num_gpus=settings.num_gpus if settings.num_workers == 0 else 0,
+                max_retries=config.max_retries, retry_exceptions=False,
+            )
+            result = ray.get(task.remote(name, stage_config, settings, checkpoints))
+            record = {"stage": name, "fingerprint": fingerprint, "seconds": round(time.time() - started, 1),
+                      "result": _jsonable(result)}
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            tmp = stage_dir / "stage.json.tmp"
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(stage_dir / "stage.json")
+            log.info("[%d/%d] %s: done in %.0fs", index, len(selected), name, record["seconds"])
+        timings[name] = record["seconds"]
+        upstream_fp = fingerprint
+        if name == "data":
+            data_dir = stage_dir
+        if name in MODEL_STAGES:
+            upstream_model = str(stage_dir / "checkpoint")
+            produced[name] = upstream_model
+    from alignment.report import write_report
+
+    return write_report(run_dir, selected, timings)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)

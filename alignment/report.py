@@ -1,0 +1,126 @@
+"""The pipeline's report: `metrics.json` (per-stage held-out figures), `report.md` and `report.html` with plots of
+the loss and reward curves and of accuracy against thinking budget."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from alignment.tracking import read_metrics
+
+CURVES = {"sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
+
+
+def _plot_curves(run_dir: Path, stages: list[str]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [s for s in stages if s in CURVES and read_metrics(run_dir / s / "metrics.jsonl")]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], present):
+        rows = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if CURVES[stage] in r]
+        ax.plot([r["step"] for r in rows], [r[CURVES[stage]] for r in rows], marker=".", linewidth=1)
+        ax.set_title(f"{stage}: {CURVES[stage]}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def stage_metrics(eval_results: dict[str, dict]) -> dict:
+    """The `metrics.json` figures of every evaluated model (unlimited budget written as null)."""
+    keys = ("accuracy_think", "accuracy_no_think", "toggle_compliance", "toggle_compliance_think",
+            "toggle_compliance_no_think", "well_formed_think", "mean_thinking_tokens")
+    return {
+        name: {**{k: summary[k] for k in keys},
+               "budget_sweep": [{"budget": c["budget"], "accuracy": c["accuracy"], "well_formed": c["well_formed"],
+                                 "mean_thinking_tokens": c["mean_thinking_tokens"],
+                                 "mean_answer_tokens": c["mean_answer_tokens"]} for c in summary["budget_sweep"]]}
+        for name, summary in eval_results.items()
+    }
+
+
+def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) -> dict:
+    eval_path = run_dir / "eval" / "eval.json"
+    if eval_path.is_file():
+        evaluated = json.loads(eval_path.read_text())
+    else:  # no final evaluation stage: use each model stage's own held-out evaluation
+        evaluated = {s: json.loads((run_dir / s / "eval.json").read_text())
+                     for s in stages if (run_dir / s / "eval.json").is_file()}
+    metrics = {"stages": stage_metrics(evaluated), "seconds": timings}
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(run_dir / "metrics.json")
+
+    curves = _plot_curves(run_dir, stages)
+    budget_plot = run_dir / "eval" / "accuracy_vs_budget.png"
+    lines = ["# Pipeline report", "", f"Run directory: `{run_dir}`", "",
+             "| stage | seconds | accuracy think | accuracy no-think | toggle compliance | well-formed (think) |",
+             "|---|---|---|---|---|---|"]
+    for stage in stages:
+        m = metrics["stages"].get(stage)
+        figures = (f"{m['accuracy_think']:.3f} | {m['accuracy_no_think']:.3f} | {m['toggle_compliance']:.3f} | "
+                   f"{m['well_formed_think']:.3f}") if m else "- | - | - | -"
+        lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {figures} |")
+    if metrics["stages"]:
+        budgets = [c["budget"] for c in next(iter(metrics["stages"].values()))["budget_sweep"]]
+        lines += ["", "## Accuracy (well-formed rate) across thinking budgets", "",
+                  "| model | " + " | ".join("unlimited" if b is None else str(b) for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for name, m in metrics["stages"].items():
+            cells = " | ".join(f"{c['accuracy']:.2f} ({c['well_formed']:.2f})" for c in m["budget_sweep"])
+            lines.append(f"| {name} | {cells} |")
+    if curves:
+        lines += ["", "## Training curves", "", f"![curves]({curves.name})"]
+    if budget_plot.is_file():
+        lines += ["", "## Accuracy vs thinking budget", "", "![accuracy vs budget](eval/accuracy_vs_budget.png)"]
+    markdown = "\n".join(lines) + "\n"
+    (run_dir / "report.md").write_text(markdown)
+    (run_dir / "report.html").write_text(_html(markdown, run_dir))
+    print(f"report:  {run_dir / 'report.md'} (and report.html)\nmetrics: {run_dir / 'metrics.json'}")
+    return metrics
+
+
+def _html(markdown: str, run_dir: Path) -> str:
+    """A self-contained HTML page: tables rendered, images inlined."""
+    body, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.startswith("![") and "](" in line:
+            src = run_dir / line.split("](", 1)[1].rstrip(")")
+            if src.is_file():
+                data = base64.b64encode(src.read_bytes()).decode()
+                body.append(f'<img src="data:image/png;base64,{data}" style="max-width:100%">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Pipeline report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>"

@@ -1,0 +1,143 @@
+"""The pipeline on Ray: skip/rerun by fingerprint, resume after a kill, `ray job submit`, 1 vs 2 workers.
+
+These start Ray and train for a few steps, so they are marked slow (`make test-slow`, run by CI).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "data.overrides=[task.train_size=96,task.test_size=8,task.validation_size=4]",
+    "eval.overrides=[eval.max_samples=4,eval.max_new_tokens=24,'eval.budgets=[0,null]']",
+]
+
+
+def sft_overrides(*extra: str) -> str:
+    return "sft.overrides=[" + ",".join(["eval.max_samples=4", "eval.max_new_tokens=16", *extra]) + "]"
+
+
+def align(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DISABLE_USAGE_STATS="1", RAY_ADDRESS="")
+    return subprocess.run([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def pipeline(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = align("pipeline", "configs/tiny/pipeline.yaml", f"run_dir={run_dir}", *SMALL, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_rerun_skips_finished_stages_and_reruns_changed_ones(tmp_path):
+    stages = "stages=[data,sft,eval]"
+    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["stages"]) == {"sft"}
+    sweep = metrics["stages"]["sft"]["budget_sweep"]
+    assert [c["budget"] for c in sweep] == [0, None] and all(0 <= c["accuracy"] <= 1 for c in sweep)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").stat().st_size > 1000
+
+    again = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    log = again.stdout + again.stderr
+    for stage in ("data", "sft", "eval"):
+        assert f"{stage}: finished earlier with the same config and inputs; skipped" in log
+
+    changed = pipeline(tmp_path, stages, sft_overrides("train.max_steps=3"))
+    log = changed.stdout + changed.stderr
+    assert "data: finished earlier" in log
+    assert "sft: running" in log and "eval: running" in log  # a changed stage reruns, and so does what follows
+
+
+def test_corrupted_checkpoint_is_not_reused(tmp_path):
+    stages = "stages=[data,sft]"
+    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    weights = tmp_path / "sft" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # as if a write had been cut short
+    rerun = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    log = rerun.stdout + rerun.stderr
+    assert "checkpoint unusable" in log and "sft: running" in log
+    from alignment.checkpoint import verify_checkpoint
+
+    verify_checkpoint(tmp_path / "sft" / "checkpoint")  # written again, whole
+
+
+def test_killed_pipeline_resumes_from_last_checkpoint(tmp_path):
+    args = [sys.executable, "-m", "alignment.cli", "pipeline", "configs/tiny/pipeline.yaml", f"run_dir={tmp_path}",
+            "stages=[data,sft]", *SMALL, sft_overrides("train.max_steps=60", "train.save_every=5")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DISABLE_USAGE_STATS="1", RAY_ADDRESS="")
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    state = tmp_path / "sft" / "last" / "manifest.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), "no training state was saved before the deadline"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and the stage worker
+    driver.wait()
+    saved_step = json.loads(state.read_text())["step"]
+    assert 0 < saved_step < 60 and not (tmp_path / "sft" / "checkpoint").exists()
+
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    assert "data: finished earlier with the same config and inputs; skipped" in log
+    resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in log.splitlines() if "resumed from step" in line]
+    assert resumed and resumed[0] >= saved_step
+    steps = [json.loads(l)["step"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 60 and 59 in steps  # trained to the end, then the final evaluation row
+
+
+def test_two_workers_match_one_worker(tmp_path):
+    """Ray Train data parallel: 2 workers x 1 micro-batch == 1 worker x 2 micro-batches, step by step."""
+    losses = {}
+    for workers, accum in ((1, 2), (2, 1)):
+        run = tmp_path / f"w{workers}"
+        pipeline(run, "stages=[data,sft]", f"sft.num_workers={workers}", "sft.num_cpus=1",
+                 sft_overrides("train.max_steps=4", f"train.grad_accum={accum}", "train.log_every=1"))
+        rows = [json.loads(l) for l in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+        losses[workers] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[1]) == len(losses[2]) == 4
+    # Same data, same update; only the order of the gradient sums differs (gloo all-reduce vs local accumulation).
+    for one, two in zip(losses[1], losses[2]):
+        assert abs(one - two) <= 1e-4 * abs(one), losses
+    assert losses[1][0] != losses[1][-1]  # the model did train
+
+
+def test_ray_job_submit_runs_the_pipeline(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
+    start = subprocess.run(
+        [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-host=127.0.0.1",
+         "--dashboard-port=8276", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        submit = subprocess.run(
+            [ray, "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}), "--",
+             sys.executable, "-m", "alignment.cli", "pipeline", "configs/tiny/pipeline.yaml", f"run_dir={tmp_path}", "stages=[data,sft]", *SMALL,
+             sft_overrides("train.max_steps=2")],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    from alignment.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(tmp_path / "sft" / "checkpoint")["stage"] == "sft"
+    assert json.loads((tmp_path / "metrics.json").read_text())["stages"]["sft"]["accuracy_think"] >= 0
