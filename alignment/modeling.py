@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.config import option
+from data_recipes.template_check import check_reasoning_toggle
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer at {source} has no chat template; the reasoning toggle needs one")
+    check_reasoning_toggle(tokenizer, source)
     return tokenizer
 
 
