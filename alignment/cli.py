@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `align eval CKPT --config X key=value`: positionals after an option arrive as extras; they belong to the list.
+    if extra and args.command == "eval" and not any(e.startswith("-") for e in extra):
+        args.checkpoints += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -64,3 +64,9 @@ def test_sft_help_lists_every_field(capsys):
     for key in ("train.lr", "lora.target_modules", "data.truncation.fraction", "model.name_or_path", "eval.budgets"):
         assert key in text
     assert "Peak learning rate" in text
+
+
+def test_eval_accepts_overrides_after_the_config_option(tmp_path, capsys):
+    # `align eval CKPT --config FILE key=value`: the override must reach the config, not argparse.
+    assert main(["eval", str(tmp_path / "ckpt"), "--config", str(tmp_path / "missing.yaml"), "output_dir=x"]) == 2
+    assert "config file not found" in capsys.readouterr().err
