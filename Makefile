@@ -31,22 +31,36 @@ test-slow: setup
 	@# exit code 5 means no test carried the marker; that is not a failure.
 	$(PYTHON) -m pytest -q -m slow || [ $$? -eq 5 ]
 
+TINY_DATA   := runs/data/tiny/train.jsonl
+TINY_SFT    := runs/tiny/sft/checkpoint/manifest.json
+
 data: setup
 	$(ALIGN) data $(CONFIG_DIR)/data.yaml $(ARGS)
 
-sft: data
+$(TINY_DATA): | setup
+	$(ALIGN) data $(CONFIG_DIR)/data.yaml
+
+sft: $(TINY_DATA)
 	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml $(ARGS)
 
-eval: setup
+# DPO and GRPO start from the SFT checkpoint; it is trained first when missing.
+$(TINY_SFT): | $(TINY_DATA)
+	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml
+
+eval: $(TINY_SFT)
 	$(ALIGN) eval runs/tiny/sft/checkpoint --config $(CONFIG_DIR)/eval.yaml $(ARGS)
 
-demo: sft
-	$(ALIGN) eval runs/tiny/sft/checkpoint --config $(CONFIG_DIR)/eval.yaml output_dir=runs/demo
+# The whole pipeline on the embedded tiny default (local Ray): runs/demo/report.md, runs/demo/metrics.json.
+demo: setup
+	$(ALIGN) pipeline $(CONFIG_DIR)/pipeline.yaml run_dir=runs/demo $(ARGS)
 
-dpo grpo pipeline: setup
+dpo grpo: $(TINY_SFT)
 	$(ALIGN) $@ $(CONFIG_DIR)/$@.yaml $(ARGS)
 
-budget-ablation: data
+pipeline: setup
+	$(ALIGN) pipeline $(CONFIG_DIR)/pipeline.yaml $(ARGS)
+
+budget-ablation: $(TINY_DATA)
 	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml output_dir=runs/ablation/with-truncation $(ARGS)
 	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml output_dir=runs/ablation/without-truncation data.truncation.fraction=0 $(ARGS)
 	$(ALIGN) eval runs/ablation/with-truncation/checkpoint runs/ablation/without-truncation/checkpoint \
@@ -56,7 +70,7 @@ bench-sandbox: setup
 	$(PYTHON) bench/bench_sandbox.py
 
 bench-sft: setup
-	$(PYTHON) bench/bench_packing.py
+	$(PYTHON) bench/bench_sft.py $(ARGS)
 
 clean:
 	rm -rf runs

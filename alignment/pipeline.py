@@ -103,10 +103,10 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
             setattr(model, key, str(Path(value).resolve()))
     if data_dir is not None:
         train, test = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
-        if hasattr(config, "data"):
+        for section in (getattr(config, "data", None), getattr(config, "mining", None)):
             for key, value in (("train_path", train), ("test_path", test), ("prompts_path", train)):
-                if hasattr(config.data, key):
-                    setattr(config.data, key, value)
+                if section is not None and hasattr(section, key):
+                    setattr(section, key, value)
         config.eval.test_path = test
     if name in ("dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model

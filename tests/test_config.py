@@ -21,8 +21,9 @@ def test_defaults_and_yaml_and_overrides(tmp_path):
     assert config.model.name_or_path == "configs/tiny/model.json"  # untouched default
 
 
-def test_int_is_accepted_for_float(tmp_path):
+def test_int_and_exponent_forms_are_accepted_for_float(tmp_path):
     assert load_config(SFTConfig, write(tmp_path, "train:\n  lr: 1\n")).train.lr == 1.0
+    assert load_config(SFTConfig, write(tmp_path, "train:\n  lr: 1e-4\n"), ["train.min_lr_ratio=5e-2"]).train.lr == 1e-4
 
 
 @pytest.mark.parametrize(
