@@ -1,0 +1,647 @@
+"""DPO stage: preference optimisation from an SFT checkpoint, on a preference file or on pairs mined on-policy.
+
+Reads top to bottom: build model and tokenizer, then for each of `rounds` rounds: get pairs (read a preference file,
+or sample K completions per training prompt from the current policy, grade them with the reward plugins and keep
+the clearest contrasts), score them under the reference, train on the DPO loss plus an SFT term on the chosen side,
+measure preference accuracy on held-out pairs and task accuracy on the test split. Then write the checkpoint.
+
+    align dpo configs/tiny/dpo.yaml rounds=3 loss.beta=0.1 lora.enabled=true
+
+The reference. Each round's reference is the policy the round starts from (iterative on-policy DPO: round r+1
+samples from and is anchored to the result of round r). Its log-probs are computed once per round, before the first
+update, so no second copy of the model is ever held: with full fine-tuning the weights are still the round-start
+weights at that point; with LoRA they are taken with the adapters disabled (the base), and the adapters are merged
+into the base at the end of each round so that the next round's base is this round's result.
+
+The loss. TRL 1.16's `DPOTrainer` computes its losses inline in `DPOTrainer._compute_loss` (there is no standalone
+loss function to call), batches pairs with its own padding collator (its `padding_free` mode is switched off in that
+release) and patches a fused LM head into the model. None of that fits chosen/rejected rows packed with `seq_idx`
+for the Mamba layers, nor pairs mined between rounds, so this stage computes the loss itself in `preference_loss`:
+TRL's formulas for `sigmoid`, `ipo` (with TRL's per-token normalisation) and `hinge`, and TRL's `sft` term (mean
+NLL of the chosen tokens) weighted by `sft_weight`. It is tested against a hand-computed example, and it is the one
+place to change if the formulas are taken from TRL again.
+
+Sequences. Chosen and rejected of a step go through the model together, packed into rows by
+`SampleCollator(mode="packed")` after `enable_packed_sequences` (padded batches when the model has no correct packed
+path); `per_sample_logps` gives every sequence's summed log-prob. Mined completions are trained on exactly the
+tokens that were sampled; tokens forced by the thinking-budget rule carry no loss, because the policy did not choose
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from alignment.chat import IGNORE_INDEX, encode_for_training, encode_prompt, with_reasoning
+from alignment.checkpoint import read_manifest, save_model_checkpoint
+from alignment.config import option, to_dict
+from alignment.data import fingerprint_files, read_rows, write_rows
+from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages
+from alignment.generation import GenerationSettings, generate, line_end_token_ids
+from alignment.modeling import ModelConfig, load_model, load_tokenizer
+from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
+from alignment.packing import SampleCollator, model_inputs, per_sample_logps
+from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.sft import LoraConfig, apply_lora, learning_rate
+from alignment.tracking import MetricsLogger
+from data_recipes.preference import pair_to_row, read_pairs
+from envs.answers import THINK_CLOSE, split_thinking
+from rewards import RewardsConfig, close_scorers, score_batch
+
+log = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairsConfig:
+    """Where preference pairs come from."""
+
+    source: Literal["mined", "dataset"] = option(
+        "mined", "mined: sample and grade completions from the current policy each round; dataset: a preference file."
+    )
+    dataset_path: str = option("", "Preference JSONL for source=dataset, in any schema of data_recipes/preference.py.")
+    schema: Literal["auto", "prompt_messages", "conversations", "text", "hh"] = option(
+        "auto", "Schema of dataset_path; auto recognises each row by its columns."
+    )
+    max_bad_fraction: float = option(0.01, "Stop when more than this fraction of the preference file is malformed.")
+    heldout_fraction: float = option(0.2, "Fraction of prompts whose pairs are held out to measure preference accuracy.")
+    max_seq_len: int = option(512, "Pairs with a side longer than this (tokens, prompt included) are dropped.")
+
+    def validate(self) -> None:
+        if self.source == "dataset" and not self.dataset_path:
+            raise ValueError("dataset_path must be set when source is `dataset`")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError("heldout_fraction must be in [0, 1)")
+
+
+@dataclass
+class MiningConfig:
+    """On-policy pair mining: K samples per prompt, graded by the reward plugins."""
+
+    prompts_path: str = option(
+        "runs/data/tiny/train.jsonl", "Prompt rows with reference answers; the train split, never the test split."
+    )
+    prompts_per_round: int = option(128, "Prompts sampled per round (fresh prompts every round).")
+    samples_per_prompt: int = option(4, "K: completions sampled per prompt.")
+    temperature: float = option(1.0, "Sampling temperature (> 0: pairs need different completions).")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    reasoning_off_fraction: float = option(
+        0.1, "Fraction of prompts mined with reasoning off; the K samples of a prompt share its mode."
+    )
+    budgets: list = option(
+        [None], "Thinking budgets (tokens) drawn per reasoning-on prompt; null means unlimited. Repeat to weight."
+    )
+    max_new_tokens: int = option(192, "Most tokens per completion.")
+    max_answer_tokens: int = option(48, "A longer answer part is not well-formed (the tie-break prefers well-formed).")
+    min_margin: float = option(0.5, "Keep a pair only when the chosen score beats the rejected one by at least this.")
+    max_pairs_per_prompt: int = option(2, "Disjoint pairs per prompt: i-th best with i-th worst, while the margin holds.")
+    batch_size: int = option(128, "Samples generated together.")
+    rewards: RewardsConfig = option(
+        RewardsConfig(mode="inprocess"), "Reward plugins that grade the samples (see rewards/config.py)."
+    )
+
+    def validate(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be at least 2 to form a pair")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: greedy samples of one prompt are all the same")
+        if self.prompts_per_round < 1 or self.max_pairs_per_prompt < 1:
+            raise ValueError("prompts_per_round and max_pairs_per_prompt must be at least 1")
+        if not 0 <= self.reasoning_off_fraction <= 1:
+            raise ValueError("reasoning_off_fraction must be in [0, 1]")
+        if not self.budgets or any(b is not None and (not isinstance(b, int) or b < 0) for b in self.budgets):
+            raise ValueError(f"budgets must be a non-empty list of non-negative integers or null, got {self.budgets}")
+
+
+@dataclass
+class LossConfig:
+    """The preference loss."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", "sigmoid (DPO), ipo or hinge, as TRL defines them.")
+    beta: float = option(0.05, "Strength of the pull towards the reference (Nemotron 3 DPO: 0.05).")
+    sft_weight: float = option(0.2, "Weight of the NLL of the chosen side added to the loss (Nemotron 3 DPO: 0.2).")
+
+    def validate(self) -> None:
+        if self.beta <= 0 or self.sft_weight < 0:
+            raise ValueError("beta must be > 0 and sft_weight >= 0")
+
+
+@dataclass
+class DPOTrainConfig:
+    """Optimisation, per round."""
+
+    max_steps: int = option(10, "Optimizer steps per round (about 3 passes over the tiny setup's mined pairs).")
+    pairs_per_step: int = option(16, "Pairs per optimizer step (chosen and rejected go through the model together).")
+    # A fresh AdamW moves every weight by about `lr` on its first steps whatever the gradient, so DPO needs a far
+    # smaller rate than SFT: on the tiny model 1e-4 already broke the arithmetic (accuracy 0.27 -> 0.03 in a round).
+    lr: float = option(2e-5, "Peak learning rate (real models: ~3e-6 full as Nemotron 3 DPO, ~5e-5 LoRA).")
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = option(2, "Linear warmup steps (each round).")
+    decay_fraction: float = option(0.2, "WSD: fraction of steps spent decaying at the end.")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of the peak (cosine and WSD).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    packing: bool = option(True, "Pack sequences into rows (falls back to padding when the model cannot pack).")
+    max_tokens_per_row: int = option(1024, "Token budget of one packed row.")
+    seed: int = option(0, "Seed for prompt choice, sampling and pair order.")
+    log_every: int = option(5, "Log training metrics every this many steps.")
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.pairs_per_step < 1:
+            raise ValueError("max_steps and pairs_per_step must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation (DPO / IPO) from an SFT checkpoint."""
+
+    model: ModelConfig = option(ModelConfig(name_or_path="runs/tiny/sft/checkpoint"), "SFT checkpoint to start from.")
+    pairs: PairsConfig = option(PairsConfig(), "Pair source.")
+    mining: MiningConfig = option(MiningConfig(), "On-policy mining (pairs.source=mined).")
+    loss: LossConfig = option(LossConfig(), "Loss.")
+    train: DPOTrainConfig = option(DPOTrainConfig(), "Optimisation.")
+    lora: LoraConfig = option(LoraConfig(), "LoRA; the reference is then the base with adapters disabled.")
+    eval: EvalConfig = option(
+        EvalConfig(max_samples=100, budgets=[16, None]), "Task evaluation after every round (and at the start)."
+    )
+    rounds: int = option(2, "Rounds of get-pairs-then-train, each from the last policy.")
+    evaluate_start: bool = option(True, "Evaluate the starting checkpoint too, so one run reports before and after.")
+    output_dir: str = option("runs/tiny/dpo", "Run directory: checkpoint/, pairs/, metrics.jsonl, eval.json.")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        if self.train.packing and self.train.max_tokens_per_row < self.pairs.max_seq_len:
+            raise ValueError("train.max_tokens_per_row must be >= pairs.max_seq_len so no sequence is cut")
+        if self.pairs.source == "mined" and Path(self.mining.prompts_path).resolve() == Path(self.eval.test_path).resolve():
+            raise ValueError("mining.prompts_path is the evaluation's test split; mine from the train split")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    loss_type: str = "sigmoid",
+    beta: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and the implicit rewards beta * log(pi / ref) of both sides. All tensors [B].
+
+    Log-probs are summed over each completion's target tokens; `*_tokens` are those token counts (IPO only).
+        sigmoid: -log sigmoid(beta * delta),  delta = (logp_c - ref_c) - (logp_r - ref_r)
+        hinge:   relu(1 - beta * delta)
+        ipo:     (delta_per_token - 1 / (2 beta))^2, each side's log-ratio divided by its token count (TRL's form)
+    At the start of a round policy == reference, so delta = 0 and the sigmoid loss is ln 2 for every pair.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratios = rejected_logps - ref_rejected_logps  # [B]
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_logratios - rejected_logratios))
+    elif loss_type == "ipo":
+        delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs: from a file, or mined on-policy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, pair: dict) -> dict:
+    """Token ids and labels of both sides of a message-form pair, through the chat template."""
+    return {side: encode_for_training(tokenizer, pair["prompt"] + [pair[side]]) for side in ("chosen", "rejected")}
+
+
+def select_pairs(candidates: list[dict], min_margin: float, max_pairs: int) -> list[tuple[int, int]]:
+    """(chosen, rejected) indices among one prompt's samples, each {"score", "well_formed", "tokens", "text"}.
+
+    Samples are ranked best first by score, then well-formed before ill-formed, then shorter before longer. The i-th
+    best is paired with the i-th worst while the two are distinct and the score margin holds, so pairs are disjoint
+    and the first pair has the widest margin. A prompt whose samples all score alike gives no pair.
+    """
+    order = sorted(range(len(candidates)),
+                   key=lambda i: (-candidates[i]["score"], not candidates[i]["well_formed"], candidates[i]["tokens"], i))
+    pairs = []
+    for k in range(min(max_pairs, len(order) // 2)):
+        best, worst = candidates[order[k]], candidates[order[-1 - k]]
+        if best["score"] - worst["score"] < min_margin or best["text"] == worst["text"]:
+            break
+        pairs.append((order[k], order[-1 - k]))
+    return pairs
+
+
+def completion_message(text: str, reasoning: bool) -> dict:
+    """A sampled completion as an assistant message: the trace in `reasoning_content` when it was closed once."""
+    thinking, answer = split_thinking(text)
+    if reasoning and thinking is not None and THINK_CLOSE not in answer:
+        return {"role": "assistant", "content": answer.strip(), "reasoning_content": thinking}
+    return {"role": "assistant", "content": text}
+
+
+def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: int, tag: str) -> tuple[list[dict], dict]:
+    """Sample K completions per prompt from `model`, grade them, keep the clearest pairs.
+
+    Returns pairs (message form for the record, plus `encoded`: the exact sampled tokens for training) and counts.
+    """
+    rng = random.Random(seed)
+    k = config.samples_per_prompt
+    # One reasoning mode and budget per prompt: the two sides of a pair must share everything the model saw.
+    plans = []
+    for row in rows:
+        reasoning = rng.random() >= config.reasoning_off_fraction
+        budget = rng.choice(config.budgets) if reasoning else None
+        prompt = with_reasoning(prompt_messages(row), reasoning)
+        plans.append({"row": row, "reasoning": reasoning, "budget": budget, "prompt": prompt,
+                      "ids": encode_prompt(tokenizer, prompt)})
+    settings = GenerationSettings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
+        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size,
+    )
+    results = generate(
+        model, [p["ids"] for p in plans for _ in range(k)], settings=settings,
+        budgets=[p["budget"] for p in plans for _ in range(k)],
+        reasoning=[p["reasoning"] for p in plans for _ in range(k)], seed=seed,
+    )
+    texts = [tokenizer.decode(r.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in results]
+    score_rows = [
+        dict(p["row"], messages=p["prompt"], reasoning="on" if p["reasoning"] else "off",
+             thinking_budget=p["budget"], thinking_tokens=results[i * k + j].thinking_tokens)
+        for i, p in enumerate(plans) for j in range(k)
+    ]
+    scored = score_batch(texts, score_rows, config.rewards)
+
+    think_end = set(settings.think_end_ids)
+    pairs, stats = [], {"prompts": len(plans), "samples": len(results), "no_contrast": 0, "reward_failures": 0,
+                        "mean_score": sum(s.score for s in scored) / max(1, len(scored))}
+    for i, plan in enumerate(plans):
+        candidates = []
+        for j in range(i * k, (i + 1) * k):
+            result = results[j]
+            body = result.tokens[:-1] if result.finished else result.tokens
+            close_at = next((t for t, token in enumerate(body) if token in think_end), -1)
+            verdict = judge(texts[j], plan["reasoning"], result.finished, len(body) - close_at - 1,
+                            config.max_answer_tokens)
+            candidates.append({"score": scored[j].score, "well_formed": verdict["well_formed"],
+                               "tokens": len(result.tokens), "text": texts[j], "result": result})
+            stats["reward_failures"] += scored[j].failed
+        chosen_rejected = select_pairs(candidates, config.min_margin, config.max_pairs_per_prompt)
+        stats["no_contrast"] += not chosen_rejected
+        for n, (c, r) in enumerate(chosen_rejected):
+            chosen, rejected = candidates[c], candidates[r]
+            pairs.append({
+                "id": f"{plan['row'].get('id', i)}-{tag}-{n}",
+                "prompt": plan["prompt"],
+                "chosen": completion_message(chosen["text"], plan["reasoning"]),
+                "rejected": completion_message(rejected["text"], plan["reasoning"]),
+                "metadata": {
+                    "source": "mined", "prompt_id": plan["row"].get("id"), "round": tag,
+                    "reasoning": "on" if plan["reasoning"] else "off", "thinking_budget": plan["budget"],
+                    "chosen_score": chosen["score"], "rejected_score": rejected["score"],
+                    "chosen_well_formed": chosen["well_formed"], "rejected_well_formed": rejected["well_formed"],
+                    "chosen_text": chosen["text"], "rejected_text": rejected["text"],
+                },
+                "encoded": {side: sampled_sample(plan["ids"], cand["result"])
+                            for side, cand in (("chosen", chosen), ("rejected", rejected))},
+            })
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+def sampled_sample(prompt_ids: list[int], result) -> dict:
+    """The exact sampled tokens as a training sample; prompt and forced tokens carry no loss."""
+    labels = [IGNORE_INDEX if forced else token for token, forced in zip(result.tokens, result.forced_mask)]
+    return {"input_ids": prompt_ids + result.tokens, "labels": [IGNORE_INDEX] * len(prompt_ids) + labels}
+
+
+def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) with all pairs of one prompt on the same side, so held-out prompts are unseen."""
+    keys = sorted({json.dumps(p["prompt"], sort_keys=True) for p in pairs})
+    random.Random(seed).shuffle(keys)
+    n_heldout = math.ceil(fraction * len(keys)) if fraction > 0 and len(keys) > 1 else 0
+    heldout_keys = set(keys[:n_heldout])
+    heldout = [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) in heldout_keys]
+    return [p for p in pairs if json.dumps(p["prompt"], sort_keys=True) not in heldout_keys], heldout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probs of pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pair_logps(model, pairs: list[dict], collator: SampleCollator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs [B, 2] and target-token counts [B, 2] (columns: chosen, rejected), in one forward.
+
+    Both sides of every pair are collated together, so a packed step fills its rows with chosen and rejected alike.
+    """
+    samples = [p["encoded"]["chosen"] for p in pairs] + [p["encoded"]["rejected"] for p in pairs]
+    batch = collator(samples)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items() if k != "labels"}
+    logits = model(**inputs).logits  # [R, T, V]
+    logps, counts = per_sample_logps(logits, batch["labels"].to(device), batch["sample_ids"].to(device), len(samples))
+    return logps.view(2, -1).T, counts.view(2, -1).T  # [B, 2]
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pair_logps over many pairs, `chunk` pairs per forward, without gradients."""
+    if not pairs:
+        return torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    parts = [pair_logps(model, pairs[i : i + chunk], collator, device) for i in range(0, len(pairs), chunk)]
+    model.train(was_training)
+    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """TRL's preference accuracy: the fraction of pairs whose chosen implicit reward beats the rejected one.
+
+    A margin within float noise does not count: the same pair packed into a different row gives log-probs that differ
+    in the last bits, so at the round start (policy == reference) a strict `>` would report a coin flip, not 0.
+    """
+    return ((chosen_rewards - rejected_rewards) > 1e-6).float().mean().item()
+
+
+def reference(model):
+    """The reference policy: with LoRA the base with adapters disabled; otherwise the model as it is now."""
+    from peft import PeftModel
+
+    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+
+
+def heldout_metrics(model, pairs: list[dict], collator, device, config: DPOConfig) -> dict:
+    """Preference metrics on held-out pairs (their reference log-probs in `pair["ref"]`)."""
+    if not pairs:
+        return {}
+    logps, counts = all_pair_logps(model, pairs, collator, device, config.train.pairs_per_step)
+    ref = torch.stack([p["ref"] for p in pairs])  # [B, 2]
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
+        config.loss.loss_type, config.loss.beta,
+    )
+    per_token = logps / counts.clamp(min=1)  # [B, 2]
+    return {
+        "pairs": len(pairs),
+        "loss": losses.mean().item(),
+        "reward_accuracy": preference_accuracy(chosen_rewards, rejected_rewards),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+        # The policy's own preference, length-normalised; meaningful before training too.
+        "logp_accuracy": (per_token[:, 0] > per_token[:, 1]).float().mean().item(),
+        "chosen_logps": logps[:, 0].mean().item(),
+        "rejected_logps": logps[:, 1].mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_dpo(config: DPOConfig) -> dict:
+    setup_logging()
+    out = Path(config.output_dir)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    seed_everything(config.train.seed)
+    rng = random.Random(config.train.seed)
+
+    # Model and tokenizer: the SFT checkpoint.
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device)
+    test_rows, _ = read_rows(config.eval.test_path, "prompt")
+
+    # Pair sources: one preference file for every round, or fresh training prompts per round for mining.
+    file_pairs, file_report = [], None
+    if config.pairs.source == "dataset":
+        file_pairs, file_report = read_pairs(config.pairs.dataset_path, config.pairs.schema,
+                                             config.pairs.max_bad_fraction)
+        for pair in file_pairs:
+            pair["encoded"] = encode_pair(tokenizer, pair)
+    else:
+        prompt_rows, _ = read_rows(config.mining.prompts_path, "prompt")
+        needed = config.mining.prompts_per_round * config.rounds
+        if needed > len(prompt_rows):
+            raise ValueError(f"{config.mining.prompts_path} has {len(prompt_rows)} prompt rows; "
+                             f"{config.rounds} rounds x {config.mining.prompts_per_round} prompts need {needed}")
+        mining_order = rng.sample(range(len(prompt_rows)), needed)
+
+    metrics = MetricsLogger(out, "dpo")
+    history: list[dict] = []
+    start_eval = None
+    if config.evaluate_start:
+        start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
+        metrics.log(0, round=0, **_scalars(start_eval))
+    step = 0
+    packed_path = "padded batches"
+    started = time.time()
+    for round_index in range(1, config.rounds + 1):
+        timings = {}
+        # 1. Pairs for this round.
+        t0 = time.time()
+        if config.pairs.source == "dataset":
+            pairs, pair_stats = list(file_pairs), {"pairs": len(file_pairs), **file_report.summary()}
+        else:
+            chunk = mining_order[(round_index - 1) * config.mining.prompts_per_round :][: config.mining.prompts_per_round]
+            pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], config.mining,
+                                           seed=config.train.seed + round_index, tag=f"r{round_index}")
+            write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
+        fits = [max(len(s["input_ids"]) for s in p["encoded"].values()) <= config.pairs.max_seq_len for p in pairs]
+        too_long = len(pairs) - sum(fits)
+        pairs = [p for p, ok in zip(pairs, fits) if ok]
+        train_pairs, heldout_pairs = split_heldout(pairs, config.pairs.heldout_fraction, config.train.seed + round_index)
+        pair_stats |= {"dropped_too_long": too_long, "train_pairs": len(train_pairs),
+                       "heldout_pairs": len(heldout_pairs)}
+        timings["pairs_s"] = time.time() - t0
+        log.info("round %d: %d train / %d held-out pairs (%s)", round_index, len(train_pairs), len(heldout_pairs),
+                 {k: v for k, v in pair_stats.items() if isinstance(v, (int, float))})
+
+        # 2. The round's policy (fresh adapters on the last result with LoRA) and its batch layout.
+        if config.lora.enabled:
+            model = apply_lora(model, config.lora)
+        mode = "padded"
+        if config.train.packing:
+            try:
+                packed_path = f"packed ({enable_packed_sequences(model)})"
+                mode = "packed"
+            except PackingNotSupportedError as exc:
+                log.warning("packing not supported, using padded batches: %s", exc)
+        collator = SampleCollator(mode=mode, pad_token_id=tokenizer.pad_token_id,
+                                  max_tokens_per_row=config.train.max_tokens_per_row if mode == "packed"
+                                  else config.pairs.max_seq_len)
+
+        # 3. Reference log-probs, once, before the first update (see the module docstring). Held-out pairs are
+        # batched as `heldout_metrics` batches them, so at the round start their margins are exactly zero.
+        for group in (train_pairs, heldout_pairs):
+            with reference(model):
+                ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step)
+            for pair, ref in zip(group, ref_logps):
+                pair["ref"] = ref
+        heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config)
+
+        # 4. Train.
+        t0 = time.time()
+        train_log = train_round(model, train_pairs, collator, device, config, metrics, step, rng, round_index)
+        step += train_log.pop("steps")
+        timings["train_s"] = time.time() - t0
+        heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config)
+        if config.lora.enabled:  # the next round's base (and reference) is this round's result
+            model = model.merge_and_unload()
+
+        # 5. Task accuracy of the result.
+        t0 = time.time()
+        results = evaluate_model(model, tokenizer, test_rows, config.eval)
+        timings["eval_s"] = time.time() - t0
+        record = {"round": round_index, "pairs": pair_stats, "train": train_log,
+                  "heldout_before": heldout_before, "heldout_after": heldout_after,
+                  "eval": {k: v for k, v in results.items() if k != "examples"},
+                  "seconds": {k: round(v, 1) for k, v in timings.items()}}
+        history.append(record)
+        metrics.log(step, round=round_index, **_scalars(results), **{f"heldout_{k}": v for k, v in heldout_after.items()},
+                    pairs=len(pairs))
+        log.info("round %d: accuracy think %.3f, held-out reward accuracy %s", round_index, results["accuracy_think"],
+                 heldout_after.get("reward_accuracy"))
+    train_seconds = time.time() - started
+    metrics.close()
+    close_scorers()  # ends the reward actors when mode is `ray`
+
+    # Checkpoint (atomic) with its manifest; eval.json holds the final evaluation and the per-round history.
+    summary = {k: v for k, v in results.items() if k != "examples"}
+    report = dict(results, start={k: v for k, v in (start_eval or {}).items() if k != "examples"} or None,
+                  rounds=history)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    manifest = {
+        "stage": "dpo",
+        "config": to_dict(config),
+        "parent": _parent(config.model.name_or_path),
+        "data_fingerprint": fingerprint_files(
+            config.pairs.dataset_path if config.pairs.source == "dataset" else config.mining.prompts_path),
+        "packing": packed_path,
+        "train_seconds": round(train_seconds, 1),
+        "rounds": history,
+        "metrics": summary,
+    }
+    checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    print(f"checkpoint: {checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\neval:       {out / 'eval.json'}")
+    print(_before_after(start_eval, summary, train_seconds))
+    return summary | {"start": report["start"], "rounds": history}
+
+
+def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, metrics: MetricsLogger,
+                first_step: int, rng: random.Random, round_index: int) -> dict:
+    """`train.max_steps` optimizer steps on `pairs` (each with its reference log-probs in `pair["ref"]`)."""
+    if not pairs:
+        log.warning("round %d: no training pairs (no prompt had a contrast); the policy is left as it is", round_index)
+        return {"steps": 0}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                  weight_decay=config.train.weight_decay, betas=(0.9, 0.95))
+    model.train()
+    queue: list[int] = []
+    window: list[dict] = []
+    progress = tqdm(range(config.train.max_steps), desc=f"dpo round {round_index}", unit="step", dynamic_ncols=True)
+    for local_step in progress:
+        lr = learning_rate(local_step, config.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if len(queue) < min(config.train.pairs_per_step, len(pairs)):  # epochs over the pairs, reshuffled each time
+            order = list(range(len(pairs)))
+            rng.shuffle(order)
+            queue += order
+        batch = [pairs[i] for i in queue[: config.train.pairs_per_step]]
+        del queue[: config.train.pairs_per_step]
+
+        logps, counts = pair_logps(model, batch, collator, device)  # [B, 2]
+        ref = torch.stack([p["ref"] for p in batch]).to(device)  # [B, 2]
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
+            config.loss.loss_type, config.loss.beta,
+        )
+        # TRL's `sft` term: mean NLL per chosen token; keeps the chosen side likely while the margin grows.
+        sft_loss = -logps[:, 0].sum() / counts[:, 0].sum().clamp(min=1)
+        loss = losses.mean() + config.loss.sft_weight * sft_loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window.append({
+            "loss": loss.item(), "dpo_loss": losses.mean().item(), "sft_loss": sft_loss.item(),
+            "reward_accuracy": preference_accuracy(chosen_rewards, rejected_rewards),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "chosen_logps": logps[:, 0].mean().item(), "rejected_logps": logps[:, 1].mean().item(),
+            "grad_norm": float(grad_norm), "lr": lr,
+        })
+        progress.set_postfix(loss=f"{window[-1]['dpo_loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")
+        if local_step % config.train.log_every == 0 or local_step == config.train.max_steps - 1:
+            metrics.log(first_step + local_step, round=round_index, **_mean(window))
+            last, window = _mean(window), []
+    return {"steps": config.train.max_steps, **last}
+
+
+def _mean(records: list[dict]) -> dict:
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
+def _scalars(results: dict) -> dict:
+    flat = {k: v for k, v in results.items() if isinstance(v, float)}
+    for cell in results.get("budget_sweep", []):
+        if cell["budget"] is not None:
+            flat[f"accuracy_budget{cell['budget']}"] = cell["accuracy"]
+            flat[f"well_formed_budget{cell['budget']}"] = cell["well_formed"]
+    return flat
+
+
+def _parent(path: str) -> dict:
+    try:
+        manifest = read_manifest(path)
+    except Exception:  # a hub id or a bare model directory has no manifest; the path alone is the record
+        return {"path": path}
+    return {"path": path, "stage": manifest.get("stage"), "metrics": manifest.get("metrics")}
+
+
+def _before_after(start: dict | None, end: dict, seconds: float) -> str:
+    lines = []
+    for key in ("accuracy_think", "accuracy_no_think", "well_formed_think"):
+        before = f"{start[key]:.3f} -> " if start else ""
+        lines.append(f"{key} {before}{end[key]:.3f}")
+    for i, cell in enumerate(end["budget_sweep"]):
+        if cell["budget"] is not None:
+            old = start["budget_sweep"][i] if start else None
+            before = f"{old['accuracy']:.3f}/{old['well_formed']:.3f} -> " if old else ""
+            lines.append(f"budget {cell['budget']} accuracy/well-formed {before}{cell['accuracy']:.3f}/"
+                         f"{cell['well_formed']:.3f}")
+    return " | ".join(lines) + f" | {seconds:.0f}s"

@@ -1,0 +1,209 @@
+"""DPO stage: the loss against hand-computed values, pair schemas and their rejections, LoRA reaching the Mamba
+layers of the hybrid, and the stage end to end on a preference file (each schema) and on mined pairs (two rounds)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.checkpoint import verify_checkpoint
+from alignment.config import ConfigError, load_config
+from alignment.data import BadDataError
+from alignment.dpo import (
+    DPOConfig,
+    encode_pair,
+    pair_logps,
+    preference_loss,
+    reference,
+    run_dpo,
+    sampled_sample,
+    select_pairs,
+)
+from alignment.generation import GenerationResult
+from alignment.modeling import ModelConfig, load_model, load_tokenizer
+from alignment.packed_model import enable_packed_sequences
+from alignment.packing import IGNORE_INDEX, SampleCollator
+from alignment.sft import apply_lora
+from data_recipes.preference import SCHEMAS, read_pairs
+from tests.conftest import TINY_MODEL, TINY_TOKENIZER
+
+FIXTURES = Path(__file__).parent / "fixtures" / "preference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_preference_loss_matches_hand_computed_values():
+    # Pair 1: chosen log-ratio +1, rejected -1 (delta 2). Pair 2: chosen 0, rejected +1 (delta -1). beta 0.5.
+    args = dict(
+        chosen_logps=torch.tensor([-10.0, -4.0]), rejected_logps=torch.tensor([-12.0, -3.0]),
+        ref_chosen_logps=torch.tensor([-11.0, -4.0]), ref_rejected_logps=torch.tensor([-11.0, -4.0]),
+        chosen_tokens=torch.tensor([2, 4]), rejected_tokens=torch.tensor([4, 2]), beta=0.5,
+    )
+    sigmoid, chosen_rewards, rejected_rewards = preference_loss(**args, loss_type="sigmoid")
+    assert sigmoid.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))])
+    assert chosen_rewards.tolist() == [0.5, 0.0] and rejected_rewards.tolist() == [-0.5, 0.5]
+    hinge, _, _ = preference_loss(**args, loss_type="hinge")
+    assert hinge.tolist() == pytest.approx([0.0, 1.5])
+    # IPO, per token: pair 1: 1/2 - (-1)/4 = 0.75; pair 2: 0/4 - 1/2 = -0.5; target 1 / (2 beta) = 1.
+    ipo, _, _ = preference_loss(**args, loss_type="ipo")
+    assert ipo.tolist() == pytest.approx([0.0625, 2.25])
+    # Policy == reference: every sigmoid loss is ln 2.
+    same = torch.tensor([-3.0, -7.0])
+    at_start, _, _ = preference_loss(same, same, same, same, same, same, "sigmoid", 0.05)
+    assert at_start.tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_select_pairs_prefers_correct_then_well_formed_then_shorter():
+    def cand(score, well_formed, tokens, text):
+        return {"score": score, "well_formed": well_formed, "tokens": tokens, "text": text}
+
+    samples = [cand(1.0, True, 30, "a"), cand(0.0, True, 20, "b"), cand(1.0, True, 20, "c"), cand(0.0, False, 25, "d"),
+               cand(1.0, False, 10, "e")]
+    # Best first: c (correct, well-formed, shortest), a, e (ill-formed); worst first: d (wrong, ill-formed), b.
+    assert select_pairs(samples, min_margin=0.5, max_pairs=3) == [(2, 3), (0, 1)]
+    assert select_pairs(samples, min_margin=0.5, max_pairs=1) == [(2, 3)]
+    assert select_pairs([cand(0.0, True, 5, "x"), cand(0.0, False, 9, "y")], 0.5, 2) == []  # no contrast
+
+
+def test_forced_tokens_carry_no_loss():
+    result = GenerationResult(tokens=[7, 8, 9, 4], forced_mask=[False, True, False, False], thinking_tokens=1,
+                              forced_close=True, finished=True)
+    sample = sampled_sample([1, 2], result)
+    assert sample["input_ids"] == [1, 2, 7, 8, 9, 4]
+    assert sample["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 9, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair schemas
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_each_schema_reads_to_the_same_pair_format(schema, tokenizer):
+    pairs, report = read_pairs(FIXTURES / f"{schema}.jsonl")
+    assert len(pairs) == 3 and not report.bad
+    last = pairs[-1]
+    assert last["prompt"][-1] == {"role": "user", "content": "Start with 9. Subtract 4. What is the result?"}
+    assert last["chosen"]["role"] == last["rejected"]["role"] == "assistant"
+    assert "\\boxed{5}" in last["chosen"]["content"] and "\\boxed{6}" in last["rejected"]["content"]
+    encoded = encode_pair(tokenizer, last)
+    assert all(any(label != IGNORE_INDEX for label in s["labels"]) for s in encoded.values())
+    # Forcing the schema gives the same pairs as recognising it.
+    assert read_pairs(FIXTURES / f"{schema}.jsonl", schema=schema)[0] == pairs
+
+
+def test_malformed_pairs_are_rejected_with_row_and_reason():
+    with pytest.raises(BadDataError, match="8 of 9 pairs are bad.*line 2: not valid JSON"):
+        read_pairs(FIXTURES / "malformed.jsonl")
+    pairs, report = read_pairs(FIXTURES / "malformed.jsonl", max_bad_fraction=1.0)
+    assert len(pairs) == 1
+    reasons = dict(report.bad)
+    assert sorted(reasons) == list(range(2, 10))
+    expected = {2: "not valid JSON", 3: "missing `rejected`", 4: "identical", 5: "do not share the same prompt",
+                6: "single assistant message", 7: "unclosed <think>", 8: "no `Human:` / `Assistant:` turns",
+                9: "`prompt` must be a non-empty string"}
+    for line, fragment in expected.items():
+        assert fragment in reasons[line], (line, reasons[line])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA on the hybrid: gradients reach Mamba in_proj adapters, the loss leaves ln 2
+
+
+def test_lora_dpo_reaches_mamba_in_proj_and_moves_off_ln2(tokenizer):
+    torch.manual_seed(0)
+    config = load_config(DPOConfig)
+    model = apply_lora(load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER))),
+                       config.lora)
+    enable_packed_sequences(model)
+    collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=512)
+    pairs, _ = read_pairs(FIXTURES / "prompt_messages.jsonl")
+    for pair in pairs:
+        pair["encoded"] = encode_pair(tokenizer, pair)
+    with torch.no_grad(), reference(model):
+        ref, _ = pair_logps(model, pairs, collator, "cpu")  # [B, 2]
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(6):
+        logps, counts = pair_logps(model, pairs, collator, "cpu")
+        loss = preference_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
+                               "sigmoid", beta=0.5)[0].mean()
+        loss.backward()
+        if step == 0:
+            assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+            mamba = {n: p.grad for n, p in model.named_parameters() if "mixer.in_proj" in n and "lora_B" in n}
+            assert mamba, "no LoRA adapter on the Mamba in_proj layers"
+            # lora_B starts at zero, so only lora_B gets a gradient on the first step; it must on every Mamba layer.
+            assert all(g is not None and g.abs().sum() > 0 for g in mamba.values()), "no gradient into Mamba in_proj"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < math.log(2) - 0.05, losses
+    # The reference is the base with adapters disabled: unchanged by training, no second copy held.
+    with torch.no_grad(), reference(model):
+        assert torch.allclose(pair_logps(model, pairs, collator, "cpu")[0], ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage end to end
+
+
+def tiny_dpo_config(tiny_data, out, *extra):
+    return load_config(DPOConfig, None, [
+        f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={TINY_TOKENIZER}",
+        f"eval.test_path={tiny_data / 'test.jsonl'}", "eval.max_samples=2", "eval.max_new_tokens=8",
+        "eval.budgets=[null]", "evaluate_start=false", "train.max_steps=2", "train.pairs_per_step=2",
+        "train.warmup_steps=1", "train.log_every=1", "train.lr=1.0e-3", "rounds=1", f"output_dir={out}",
+        "device=cpu", *extra,
+    ])
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_run_dpo_trains_on_a_fixture_in_each_schema(tiny_data, tmp_path, schema):
+    # Padded batches keep this fast on CPU; the packed path is covered by the LoRA and mining tests.
+    config = tiny_dpo_config(tiny_data, tmp_path / "run", "pairs.source=dataset", "train.packing=false",
+                             f"pairs.dataset_path={FIXTURES / f'{schema}.jsonl'}", "pairs.heldout_fraction=0.3")
+    summary = run_dpo(config)
+    round_1 = summary["rounds"][0]
+    assert round_1["pairs"]["train_pairs"] == 2 and round_1["pairs"]["heldout_pairs"] == 1
+    assert round_1["train"]["dpo_loss"] > 0 and round_1["heldout_before"]["reward_accuracy"] == 0.0
+    manifest = verify_checkpoint(tmp_path / "run" / "checkpoint")
+    assert manifest["stage"] == "dpo" and manifest["packing"] == "padded batches"
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "reward_margin", "chosen_logps", "rejected_logps"} <= set(lines[0])
+
+
+def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_path):
+    # A random model never answers right, so the length reward (shorter is better within a prompt) makes contrasts.
+    config = tiny_dpo_config(
+        tiny_data, tmp_path / "run", f"mining.prompts_path={tiny_data / 'train.jsonl'}", "mining.prompts_per_round=3",
+        "mining.samples_per_prompt=3", "mining.max_new_tokens=12", "mining.budgets=[null,4]",
+        "mining.reasoning_off_fraction=0.3", "mining.rewards={rewards: [{name: length}], mode: inprocess}",
+        "rounds=2", "lora.enabled=true", "pairs.heldout_fraction=0",
+    )
+    summary = run_dpo(config)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint")["packing"].startswith("packed")
+    for n in (1, 2):
+        pairs, report = read_pairs(tmp_path / "run" / "pairs" / f"round{n}.jsonl", max_bad_fraction=1.0)
+        mined = summary["rounds"][n - 1]["pairs"]
+        assert mined["prompts"] == 3 and mined["samples"] == 9 and len(pairs) + len(report.bad) == mined["pairs"] > 0
+        assert all(p["metadata"]["chosen_score"] - p["metadata"]["rejected_score"] >= 0.5 for p in pairs)
+    eval_json = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert len(eval_json["rounds"]) == 2 and "accuracy_think" in eval_json
+    # The merged result is a plain model: no adapter weights in the checkpoint.
+    reloaded = load_model(ModelConfig(name_or_path=str(tmp_path / "run" / "checkpoint")))
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+
+
+def test_config_refuses_mining_from_the_test_split_and_greedy_sampling():
+    with pytest.raises(ConfigError, match="mine from the train split"):
+        load_config(DPOConfig, None, ["mining.prompts_path=runs/data/tiny/test.jsonl"])
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        load_config(DPOConfig, None, ["mining.temperature=0"])
+    with pytest.raises(ConfigError, match="dataset_path must be set"):
+        load_config(DPOConfig, None, ["pairs.source=dataset"])
