@@ -143,14 +143,26 @@ def apply_lora(model, config: LoraConfig):
     return model
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over the batch's target tokens, and their count."""
-    logits = model(**model_inputs(batch)).logits  # [R, T, V]
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token NLL over the batch's target tokens.
+
+    Labels stay out of the model call (transformers would compute a second, unused cross-entropy over the full
+    logits), and nothing is read back to the host, so the GPU never waits for Python here.
+    """
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    logits = model(**inputs).logits  # [R, T, V]
     targets = batch["labels"][:, 1:]  # position t predicts labels[t + 1]
-    loss = F.cross_entropy(
+    return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; on CUDA from pinned memory without blocking, so the host collates the next
+    micro-batch while the GPU still runs this one (a pageable copy waits for the GPU to drain)."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def micro_batches(samples: list[dict], config: TrainConfig, rng: random.Random, epoch: int) -> list[list[int]]:
@@ -229,11 +241,11 @@ def run_sft(config: SFTConfig) -> dict:
         mine = step_batches[rank::world]
         total = torch.zeros((), device=device)
         for i, batch in enumerate(mine):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(batch, device)
             # DDP averages gradients over workers; scaling by `world` turns that average back into the global sum.
             sync = contextlib.nullcontext() if world == 1 or i == len(mine) - 1 else trained.no_sync()
             with sync:
-                loss_sum, _ = token_loss_sum(trained, batch)
+                loss_sum = token_loss_sum(trained, batch)
                 (loss_sum * world / n_targets).backward()
             total += loss_sum.detach()
             state.tokens_seen += int(batch["input_ids"].numel()) * world
@@ -242,9 +254,10 @@ def run_sft(config: SFTConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(total) / n_targets
         state.step = step + 1
-        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        if step % config.train.log_every == 0 or step == config.train.max_steps - 1:
+            loss = float(total) / n_targets  # reading the loss back syncs with the GPU: only when logging
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         if metrics and (step % config.train.log_every == 0 or step == config.train.max_steps - 1):
             metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=state.epoch,
                         tokens_per_s=state.tokens_seen / (time.time() - started))

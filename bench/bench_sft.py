@@ -9,9 +9,9 @@ One run trains the same random-init hybrid on the same long-tailed samples along
   (b)  `SampleCollator(mode="padded")` + our loop (`alignment.sft.token_loss_sum`, AdamW, clipping), same batches.
   (c)  `SampleCollator(mode="packed")` + the same loop after `enable_packed_sequences`; rows planned over the pass
        with `plan_packed_batches`, as many tokens per step as (b) on average. Once with varlen attention
-       (`alignment.varlen_attention`, when this PyTorch has the kernel) and once with `segment_sdpa`. Two more
-       variants on the GPU: twice the rows per step (twice the samples per optimizer step), and a step that
-       overlaps host and GPU (pinned non-blocking copies, labels not handed to the model, no host sync).
+       (`alignment.varlen_attention`, when this PyTorch has the kernel) and once with `segment_sdpa`; on the GPU
+       also with twice the rows per step (twice the samples per optimizer step). Our loop is the stage's: pinned
+       non-blocking copies, labels not handed to the model, no host sync inside the step.
 
 Printed per path: real (non-pad) tokens/s (median over timed passes), ratio to (a), MFU = 6 * parameters * real
 tokens/s / peak dense bf16 FLOP/s, pad share, peak GPU memory. Loss agreement: the first `--loss-steps` optimizer
@@ -47,7 +47,7 @@ from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, plan_packed_batches
-from alignment.sft import token_loss_sum
+from alignment.sft import to_device, token_loss_sum
 from alignment.varlen_attention import use_varlen_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-trl", action="store_true", help="leave out (a) and (a0)")
     parser.add_argument("--skip-trl-checkpointing", action="store_true", help="leave out (a0)")
     parser.add_argument("--paths", type=lambda x: x.split(","), default=[],
-                        help="comma-separated subset of a,a0,b,c,c_segment,c_2x_rows,c_overlap (default all)")
+                        help="comma-separated subset of a,a0,b,c,c_segment,c_2x_rows (default all)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS, help="peak for MFU (dense bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, tokens and init")
     for name in GPU_DEFAULTS:
@@ -266,24 +266,9 @@ def run_trl(args, weights, samples, gradient_checkpointing: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def overlapped_loss_sum(model, batch: dict) -> tuple[torch.Tensor, None]:
-    """`token_loss_sum` without handing `labels` to the model (transformers would compute a second, unused
-    cross-entropy over the full logits) and without reading the target count back: no host sync in the step."""
-    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs).logits  # [R, T, V]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, None
-
-
 def our_loop(args, model, samples, groups: list[list[int]], collator: SampleCollator, passes: int,
-             loss_fn=token_loss_sum, overlap: bool = False) -> dict:
-    """The SFT stage's step (token_loss_sum, token-mean loss, clipping, AdamW) over `groups`, `passes` times.
-
-    `overlap` copies batches from pinned memory without blocking, so that the host collates and launches the next
-    step while the GPU still runs this one (a pageable copy waits for the GPU to drain first)."""
+             loss_fn=token_loss_sum) -> dict:
+    """The SFT stage's step (token_loss_sum, token-mean loss, clipping, AdamW) over `groups`, `passes` times."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=args.device == "cuda")
     seconds, losses, shapes = [], [], []
@@ -295,12 +280,8 @@ def our_loop(args, model, samples, groups: list[list[int]], collator: SampleColl
             n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             if epoch == 0:
                 shapes.append(tuple(batch["input_ids"].shape))
-            if overlap and args.device == "cuda":
-                batch = {k: v.pin_memory().to(args.device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
-            else:
-                batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss_sum, _ = loss_fn(model, batch)
+            batch = to_device(batch, torch.device(args.device))  # as the SFT stage: pinned, non-blocking on CUDA
+            loss_sum = loss_fn(model, batch)
             (loss_sum / n_targets).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -443,8 +424,6 @@ def main() -> None:
         variants.append(("c_segment", "segment", rows_per_step, token_loss_sum, ""))
     if not args.small:
         variants.append(("c_2x_rows", attention, 2 * rows_per_step, token_loss_sum, f", {2 * rows_per_step} rows/step"))
-        variants.append(("c_overlap", attention, rows_per_step, overlapped_loss_sum,
-                         ", labels not given to the model, pinned non-blocking copies, no host sync in the step"))
     for key, attn, rows, loss_fn, note in variants:
         if args.paths and key not in args.paths:
             continue
@@ -452,7 +431,7 @@ def main() -> None:
         def run_c(key=key, attn=attn, rows=rows, loss_fn=loss_fn, note=note):
             plan = plan_packed_batches(lengths, args.max_len, rows, seed=args.seed)
             model, label = packed_model(args, weights, attn)
-            run = our_loop(args, model, samples, plan, packed_collator, passes, loss_fn, overlap=key == "c_overlap")
+            run = our_loop(args, model, samples, plan, packed_collator, passes, loss_fn)
             total = sum(r * t for r, t in run["shapes"])
             results[key] = summarize(key, run, real_tokens, total, len(plan), n_params, args,
                                      peak_memory_gib(args.device), "ours, SampleCollator(packed), " + label + note)
@@ -481,7 +460,7 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
     header = f"{'path':<15}{'steps':>6}{'real tok/s':>12}{'vs (a)':>8}{'MFU':>8}{'pad':>7}{'peak mem':>10}  what"
     print(header)
     print("-" * len(header))
-    for key in ("a", "a0", "b", "c", "c_segment", "c_2x_rows", "c_overlap"):
+    for key in ("a", "a0", "b", "c", "c_segment", "c_2x_rows"):
         r = results.get(key)
         if r is None:
             if key in report["errors"]:
