@@ -159,7 +159,8 @@ def _connect(address: str):
     else:
         # A private local instance: loopback only, no dashboard (nothing listens beyond this machine).
         ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                     p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}})
         log.info("started a local Ray instance")
     return ray
 

@@ -14,7 +14,10 @@ CURVES = {"sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
 
 
 def _plot_curves(run_dir: Path, stages: list[str]) -> Path | None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the figures stay in metrics.jsonl
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,13 @@
+# Source on the lent GPU machine (no package registry there): unpack the Mamba-2 kernels and the carried wheels.
+#   . bench/gpu_env.sh && align pipeline configs/gpu/pipeline.yaml run_dir=$OUT/pipeline
+# Expects .gpu/kernels-mamba2.tar.xz, optional .gpu/*.whl and .gpu_extra/*.tar.xz (see README "GPUs").
+mkdir -p /tmp/kern /tmp/site
+[ -f /tmp/kern/.done ] || { xz -dc .gpu/kernels-mamba2.tar.xz | tar xf - -C /tmp/kern && touch /tmp/kern/.done; }
+if [ ! -f /tmp/site/.done ]; then
+  ls .gpu/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl
+  for bundle in .gpu_extra/*.tar.xz; do [ -f "$bundle" ] && xz -dc "$bundle" | tar xf - -C /tmp/site; done
+  touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/kern:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PATH=/tmp/site/bin:$PATH
+align() { python3 -m alignment.cli "$@"; }
