@@ -58,17 +58,6 @@ def _eval_command(subparsers) -> None:
     parser.set_defaults(func=handler)
 
 
-def _not_built(subparsers, name: str, help_text: str) -> None:
-    parser = subparsers.add_parser(name, help=f"{help_text} (not built yet)")
-    parser.add_argument("rest", nargs="*")
-
-    def handler(args) -> int:
-        print(f"align {name}: this stage is not built yet.", file=sys.stderr)
-        return 2
-
-    parser.set_defaults(func=handler)
-
-
 def _pipeline_command(subparsers) -> None:
     from alignment.pipeline import PipelineConfig, run_pipeline
 
@@ -99,14 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                config_optional=True)
     _add_stage(subparsers, "sft", "Supervised fine-tuning on reasoning-on/off traces.", *stage_entry("sft"))
     _eval_command(subparsers)
-    for name, help_text in (("dpo", "Preference optimisation (DPO), with pairs mined on-policy."),
-                            ("grpo", "RL with verifiable rewards (GRPO), budget-aware rollouts.")):
-        try:
-            config_cls, run = stage_entry(name)
-        except ImportError:
-            _not_built(subparsers, name, help_text)
-        else:
-            _add_stage(subparsers, name, help_text, config_cls, run)
+    _add_stage(subparsers, "dpo", "Preference optimisation (DPO), on a preference file or pairs mined on-policy.",
+               *stage_entry("dpo"))
+    _add_stage(subparsers, "grpo", "RL with verifiable rewards (GRPO), budget-aware rollouts.", *stage_entry("grpo"))
     _pipeline_command(subparsers)
     try:
         from rewards.cli import add_rewards_parser

@@ -1,0 +1,741 @@
+"""GRPO stage: RL with verifiable rewards from an SFT or DPO checkpoint, with thinking modes and budgets in rollouts.
+
+One step of `run_grpo`, top to bottom:
+
+1. Rollout. Draw prompts from the pool; give each prompt a reasoning mode (on/off, `rollout.reasoning_off_fraction`)
+   and, optionally, a thinking budget (`rollout.budget_fraction`); generate G completions per prompt with
+   `alignment.generation.generate` (batched, with the hybrid cache, applying the budget rule). Every completion is
+   scored by the reward plugins (`rewards`), routed by its row's `task`, on the Ray reward pool or in process; the
+   completions of one generation batch are scored while the next batch is generated.
+2. Filter. A group whose completions all got the same reward has advantage 0 everywhere and teaches nothing:
+   dynamic sampling drops it and refills from more prompts (a bounded number of rounds). Completions cut by
+   `max_new_tokens` before they finished get no loss (overlong filtering): their reward says nothing about the
+   answer they never wrote. Prompts every completion solved leave the pool (pass-rate curriculum).
+3. Learn. Group-relative advantages (`alignment.advantages`); log-probs of the sampling policy (and of the reference
+   when KL is on) computed once; then `loss.epochs * loss.minibatches` optimizer steps of the token-level clipped
+   loss over packed rows (`SampleCollator(mode="packed")`, exact for the Mamba layers through `seq_idx`). Tokens the
+   budget rule forced (the `</think>` of a cut trace) are not in the loss: the policy did not sample them.
+
+Every step logs rewards, filter counts, loss statistics and the time of each phase (generate, reward, learn).
+The run directory gets `metrics.jsonl`, `tensorboard/`, `samples.jsonl` (sample completions), `reward_curve.png`,
+`eval.json` (held-out accuracy before and after, with a thinking-budget sweep) and `checkpoint/`.
+
+Why this loop rather than TRL's GRPOTrainer: the rollout is where this stage differs. TRL generates through
+`model.generate` or vLLM, neither of which applies a thinking budget nor reports which tokens were forced, so the
+forced `</think>` would be trained on as if sampled; per-prompt reasoning modes, reward routing on our Ray pool with
+failure isolation, rewards overlapped with generation, and dynamic sampling with refill are not there either. TRL's
+learner pads or packs without `seq_idx`, which mixes samples in the Mamba layers (`guard_trl_config` refuses it).
+What is left of GRPO, the advantages and the clipped loss, is a few dozen lines of tensor code in
+`alignment/advantages.py`, tested against hand-computed values. TRL's GRPOTrainer stays the baseline that `bench/bench_grpo.py` measures against.
+
+    align grpo configs/tiny/grpo.yaml
+    align grpo configs/tiny/grpo.yaml rollout.budget_fraction=0 train.seed=1 output_dir=runs/tiny/grpo-seed1
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages, token_logps
+from alignment.chat import encode_prompt
+from alignment.checkpoint import read_manifest, save_model_checkpoint
+from alignment.config import option, to_dict
+from alignment.data import fingerprint_files, read_rows
+from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
+from alignment.generation import GenerationResult, GenerationSettings, generate
+from alignment.modeling import ModelConfig, load_model, load_tokenizer
+from alignment.packed_model import enable_packed_sequences
+from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
+from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.sft import LoraConfig, apply_lora
+from alignment.tracking import MetricsLogger
+from envs.code_env import CodeEnv
+from envs.code_tasks import generate_code_tasks
+from envs.instruction_env import InstructionEnv
+from envs.math_env import MathEnv
+from rewards import RewardScorer, RewardsConfig, RewardSpec
+
+log = logging.getLogger(__name__)
+
+# Rows without chat `messages` are turned into a prompt by the environment their `task` names.
+ENVIRONMENTS = {env.task: env for env in (MathEnv(), CodeEnv(), InstructionEnv())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GRPODataConfig:
+    """Prompts to train on."""
+
+    train_path: str = option("runs/data/tiny/train.jsonl", "JSONL prompt rows; `task` routes each to its rewards.")
+    max_prompts: int = option(0, "Use at most this many rows of train_path (the first ones); 0 means all.")
+    code_tasks: int = option(0, "Synthetic code tasks (envs.code_tasks) mixed into the pool; `task: code` rows.")
+    max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled."""
+
+    prompts_per_step: int = option(16, "Prompt groups per rollout batch (after dynamic sampling).")
+    group_size: int = option(8, "Completions per prompt (G).")
+    temperature: float = option(1.0, "Sampling temperature (the log-probs of the loss use the same one).")
+    top_p: float = option(1.0, "Nucleus sampling mass; 1.0 keeps the whole distribution.")
+    max_new_tokens: int = option(160, "Most tokens per completion; a completion cut here is overlong.")
+    reasoning_off_fraction: float = option(0.0, "Fraction of prompts rolled out with reasoning off (/no_think).")
+    budget_fraction: float = option(0.0, "Fraction of reasoning-on prompts rolled out with a thinking budget.")
+    budget_min: int = option(0, "Smallest sampled thinking budget (tokens).")
+    budget_max: int = option(64, "Largest sampled thinking budget (tokens); budgets are uniform in [min, max].")
+    grace_fraction: float = option(0.1, "Grace window after the budget to finish the line, as a fraction of it.")
+    batch_size: int = option(64, "Samples generated together; a batch's rewards are scored while the next one runs.")
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ValueError("rollout.group_size must be at least 2 (advantages are relative to the group)")
+        if self.prompts_per_step < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("rollout.prompts_per_step, batch_size and max_new_tokens must be at least 1")
+        for key in ("reasoning_off_fraction", "budget_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"rollout.{key} must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.budget_min <= self.budget_max:
+            raise ValueError("rollout.budget_min must be >= 0 and <= budget_max")
+        if self.temperature <= 0:
+            raise ValueError("rollout.temperature must be > 0 (GRPO needs different completions per prompt)")
+
+
+@dataclass
+class PolicyLossConfig:
+    """Advantages and the clipped policy loss."""
+
+    std_normalize: bool = option(True, "Divide advantages by the group's reward std.")
+    leave_one_out: bool = option(True, "Baseline = mean reward of the other G-1 completions (else the group mean).")
+    clip_low: float = option(0.2, "Lower clip of the ratio: 1 - clip_low.")
+    clip_high: float = option(0.28, "Upper clip of the ratio: 1 + clip_high (clip-higher keeps exploration).")
+    kl_coef: float = option(0.0, "Weight of the k3 KL to the reference (the start checkpoint; with LoRA the base).")
+    epochs: int = option(1, "Passes over each rollout batch.")
+    minibatches: int = option(2, "Optimizer steps per pass: the rollout batch is split into this many parts.")
+    overlong_filter: bool = option(True, "Completions cut by max_new_tokens get no loss.")
+
+    def validate(self) -> None:
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ValueError("loss.clip_low must be in [0, 1) and loss.clip_high >= 0")
+        if self.kl_coef < 0:
+            raise ValueError("loss.kl_coef must be >= 0")
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ValueError("loss.epochs and loss.minibatches must be at least 1")
+
+
+@dataclass
+class SamplingConfig:
+    """Which groups and prompts are kept."""
+
+    dynamic_sampling: bool = option(True, "Drop groups whose rewards are all equal and refill from more prompts.")
+    max_refill_rounds: int = option(2, "Most extra rollout rounds per step to refill dropped groups.")
+    drop_solved: bool = option(True, "Curriculum: a prompt whose last group all passed leaves the pool.")
+    pass_threshold: float = option(1.0, "A completion passes when its total reward is at least this.")
+
+    def validate(self) -> None:
+        if self.max_refill_rounds < 0:
+            raise ValueError("sampling.max_refill_rounds must be >= 0")
+
+
+@dataclass
+class GRPOTrainConfig:
+    """Optimisation."""
+
+    max_steps: int = option(30, "Rollout batches (each gives loss.epochs * loss.minibatches optimizer steps).")
+    lr: float = option(1e-4, "Learning rate, constant after warmup (real models: ~3e-6 full, ~1e-5 LoRA).")
+    warmup_steps: int = option(0, "Linear warmup of the learning rate, in rollout steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    max_tokens_per_row: int = option(2048, "Token budget of one packed row of the learner pass.")
+    rows_per_micro_batch: int = option(4, "Packed rows per forward/backward; bounds activation memory.")
+    seed: int = option(0, "Seed for prompt order, reasoning modes, budgets and sampling.")
+    sample_every: int = option(5, "Write sample completions to samples.jsonl every this many steps.")
+    samples_logged: int = option(4, "Completions written each time.")
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.rows_per_micro_batch < 1 or self.sample_every < 1:
+            raise ValueError("train.max_steps, rows_per_micro_batch and sample_every must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("train.lr must be positive")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO with verifiable rewards."""
+
+    model: ModelConfig = option(ModelConfig(name_or_path="runs/tiny/sft/checkpoint"), "Checkpoint to start from.")
+    data: GRPODataConfig = option(GRPODataConfig(), "Prompts.")
+    rollout: RolloutConfig = option(RolloutConfig(), "Sampling of completions.")
+    loss: PolicyLossConfig = option(PolicyLossConfig(), "Advantages and policy loss.")
+    sampling: SamplingConfig = option(SamplingConfig(), "Dynamic sampling and curriculum.")
+    train: GRPOTrainConfig = option(GRPOTrainConfig(), "Optimisation.")
+    lora: LoraConfig = option(LoraConfig(), "LoRA (the KL reference is then the adapters-disabled base).")
+    rewards: RewardsConfig = option(
+        RewardsConfig(rewards=[RewardSpec("math")], routes={"code": [RewardSpec("code_tests")]}),
+        "Reward plugins per task, failure score, timeout, Ray pool or in-process.",
+    )
+    eval: EvalConfig = option(EvalConfig(budgets=list(DEFAULT_SWEEP)), "Held-out evaluation (with budget sweep).")
+    evaluate_before: bool = option(True, "Also evaluate the start checkpoint, so eval.json holds before and after.")
+    output_dir: str = option("runs/tiny/grpo", "Run directory: checkpoint/, metrics.jsonl, reward_curve.png, ...")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    cpu_threads: int = option(
+        0, "Torch CPU threads; 0 keeps one per core. Small models on a shared machine run much faster with 1."
+    )
+
+    def validate(self) -> None:
+        if self.cpu_threads < 0:
+            raise ValueError("cpu_threads must be >= 0")
+        if self.rollout.max_new_tokens >= self.train.max_tokens_per_row:
+            raise ValueError("train.max_tokens_per_row must exceed rollout.max_new_tokens so no sample is cut")
+        if self.loss.minibatches > self.rollout.prompts_per_step * self.rollout.group_size:
+            raise ValueError("loss.minibatches must not exceed rollout.prompts_per_step * rollout.group_size")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts and the curriculum
+
+
+def prompt_for(row: dict) -> list[dict]:
+    """The conversation to complete, without any reasoning switch (the rollout sets the mode)."""
+    if "messages" in row:
+        return prompt_messages(row)
+    task = row.get("task", "math")
+    if task not in ENVIRONMENTS:
+        raise ValueError(f"row {row.get('id')}: no `messages` and no environment for task {task!r}")
+    return ENVIRONMENTS[task].prompt_messages({k: v for k, v in row.items() if k != "reasoning"})
+
+
+class PromptPool:
+    """Training rows drawn in shuffled passes. The curriculum retires rows whose last group all passed."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows = rows
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.retired: set[int] = set()
+        self.passes = 0
+
+    def draw(self, n: int) -> list[int]:
+        drawn: list[int] = []
+        while len(drawn) < n:
+            if not self.order:
+                live = [i for i in range(len(self.rows)) if i not in self.retired]
+                if not live:
+                    raise RuntimeError("every training prompt was solved and retired; add prompts or sampling.drop_solved=false")
+                self.rng.shuffle(live)
+                self.order = live
+                self.passes += 1
+            i = self.order.pop()
+            if i not in self.retired:
+                drawn.append(i)
+        return drawn
+
+    def record(self, index: int, pass_rate: float, drop_solved: bool) -> None:
+        """The curriculum hook: called with each group's pass rate after scoring."""
+        if drop_solved and pass_rate >= 1.0:
+            self.retired.add(index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@dataclass
+class Completion:
+    result: GenerationResult
+    text: str
+    reward: float = 0.0
+    scores: dict = field(default_factory=dict)
+    reward_failed: bool = False
+
+
+@dataclass
+class Group:
+    """G completions of one prompt, rolled out in one reasoning mode and with one thinking budget."""
+
+    row_index: int
+    row: dict
+    prompt_ids: list[int]
+    reasoning: bool
+    budget: int | None
+    completions: list[Completion] = field(default_factory=list)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [c.reward for c in self.completions]
+
+    def has_signal(self) -> bool:
+        """Rewards differ inside the group, so some advantage is non-zero."""
+        return max(self.rewards) - min(self.rewards) > 1e-6
+
+    def pass_rate(self, threshold: float) -> float:
+        return sum(r >= threshold for r in self.rewards) / len(self.rewards)
+
+
+def reward_row(group: Group, completion: Completion) -> dict:
+    """The row as the rewards see it: its own fields plus what the rollout decided and measured."""
+    return {
+        **group.row,
+        "reasoning": "on" if group.reasoning else "off",
+        "thinking_budget": group.budget,
+        "thinking_tokens": completion.result.thinking_tokens,
+    }
+
+
+def score_completions(scorer: RewardScorer, items: list[tuple[Group, Completion]]) -> float:
+    """Score completions in place (routed by each row's task); returns the seconds spent. Never raises for a
+    failing reward: the scorer gives that sample `failure_score` and counts it."""
+    started = time.perf_counter()
+    scored = scorer.score_batch([c.text for _, c in items], [reward_row(g, c) for g, c in items])
+    for (_, completion), sample in zip(items, scored):
+        completion.reward, completion.scores, completion.reward_failed = sample.score, sample.scores, sample.failed
+    return time.perf_counter() - started
+
+
+def rollout(
+    model, tokenizer, rows: list[tuple[int, dict]], config: RolloutConfig, settings: GenerationSettings,
+    scorer: RewardScorer, rng: random.Random, seed: int,
+) -> tuple[list[Group], dict[str, float]]:
+    """Generate and score G completions for each (index, row). Returns the groups and phase timings."""
+    groups = []
+    for index, row in rows:
+        # Mode and budget are per prompt, shared by its G completions, so their rewards compare like with like.
+        reasoning = rng.random() >= config.reasoning_off_fraction
+        budget = None
+        if reasoning and rng.random() < config.budget_fraction:
+            budget = rng.randint(config.budget_min, config.budget_max)
+        groups.append(Group(index, row, encode_prompt(tokenizer, prompt_for(row), reasoning), reasoning, budget))
+    flat = [group for group in groups for _ in range(config.group_size)]
+
+    timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
+    # One worker thread: scoring batch k (Ray actors or reward threads) runs while batch k+1 is generated here.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as executor:
+        pending = []
+        for start in range(0, len(flat), config.batch_size):
+            chunk = flat[start : start + config.batch_size]
+            t0 = time.perf_counter()
+            results = generate(
+                model, [g.prompt_ids for g in chunk], settings=settings,
+                budgets=[g.budget for g in chunk], reasoning=[g.reasoning for g in chunk], seed=seed + start,
+            )
+            timings["generate"] += time.perf_counter() - t0
+            items = []
+            for group, result in zip(chunk, results):
+                text = tokenizer.decode(result.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "")
+                group.completions.append(Completion(result, text))
+                items.append((group, group.completions[-1]))
+            pending.append(executor.submit(score_completions, scorer, items))
+        t0 = time.perf_counter()
+        timings["reward_busy"] = sum(f.result() for f in pending)
+        timings["reward_wait"] = time.perf_counter() - t0  # the part of reward time generation did not hide
+    return groups, timings
+
+
+def collect_groups(
+    rollout_fn: Callable[[int], list[Group]], n_groups: int, config: SamplingConfig
+) -> tuple[list[Group], list[Group], int]:
+    """Roll out until `n_groups` groups carry a learning signal (dynamic sampling) or the refill rounds run out.
+
+    `rollout_fn(n)` rolls out n fresh prompts. Returns (kept groups, every group rolled out, refill rounds used).
+    With dynamic sampling off every group is kept, signal or not (its advantages are then 0).
+    """
+    kept: list[Group] = []
+    seen: list[Group] = []
+    rounds = 0
+    need = n_groups
+    while True:
+        groups = rollout_fn(need)
+        seen += groups
+        kept += [g for g in groups if g.has_signal() or not config.dynamic_sampling]
+        if len(kept) >= n_groups or not config.dynamic_sampling or rounds >= config.max_refill_rounds:
+            return kept[:n_groups], seen, rounds
+        rounds += 1
+        need = n_groups - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learner
+
+
+def learner_samples(
+    groups: list[Group], config: PolicyLossConfig
+) -> tuple[list[dict], torch.Tensor, dict[str, int]]:
+    """Token samples for the loss and each one's advantage. [S] advantages for S samples.
+
+    Labels hold the completion tokens the policy sampled; the prompt and forced tokens are IGNORE_INDEX. Overlong
+    completions (with `overlong_filter`) are left out entirely: they still counted in their group's baseline.
+    """
+    counts = {"overlong_filtered": 0, "forced_tokens_masked": 0, "loss_tokens": 0}
+    if not groups:  # every group had equal rewards (dynamic sampling dropped them all): nothing to learn from
+        return [], torch.zeros(0), counts
+    rewards = torch.tensor([g.rewards for g in groups])  # [P, G]
+    advantages = group_advantages(rewards, config.std_normalize, config.leave_one_out)  # [P, G]
+    samples, sample_adv = [], []
+    for p, group in enumerate(groups):
+        for k, completion in enumerate(group.completions):
+            result = completion.result
+            if config.overlong_filter and not result.finished:
+                counts["overlong_filtered"] += 1
+                continue
+            labels = [IGNORE_INDEX if forced else t for t, forced in zip(result.tokens, result.forced_mask)]
+            counts["forced_tokens_masked"] += sum(result.forced_mask)
+            n_loss = sum(label != IGNORE_INDEX for label in labels)
+            if n_loss == 0:
+                continue
+            counts["loss_tokens"] += n_loss
+            samples.append({
+                "input_ids": group.prompt_ids + result.tokens,
+                "labels": [IGNORE_INDEX] * len(group.prompt_ids) + labels,
+            })
+            sample_adv.append(advantages[p, k])
+    return samples, torch.stack(sample_adv) if sample_adv else torch.zeros(0), counts
+
+
+def policy_logits(model, batch: dict) -> torch.Tensor:
+    """Logits of a packed micro-batch. [R, T, V] (labels are kept out: the model would compute an unused loss)."""
+    return model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+
+
+def policy_update(
+    model, samples: list[dict], advantages: torch.Tensor, config: GRPOConfig, collator: SampleCollator,
+    optimizer: torch.optim.Optimizer, reference: Callable | None, rng: random.Random,
+) -> dict[str, float]:
+    """`epochs * minibatches` optimizer steps of the clipped loss on one rollout batch. Returns mean statistics."""
+    device = next(model.parameters()).device
+    temperature = config.rollout.temperature
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    parts = [order[m :: config.loss.minibatches] for m in range(config.loss.minibatches)]
+    parts = [p for p in parts if p]
+
+    # Each minibatch -> micro-batches of packed rows, collated once and reused by every epoch.
+    minibatches = []
+    for part in parts:
+        lengths = [len(samples[i]["input_ids"]) for i in part]
+        plan = plan_packed_batches(lengths, config.train.max_tokens_per_row, config.train.rows_per_micro_batch, seed=None)
+        micro = []
+        for local in plan:
+            indices = [part[j] for j in local]
+            batch = collator([samples[i] for i in indices])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            owner = batch["sample_ids"][:, 1:]  # [R, T-1] sample of each target token, -1 on the tail
+            adv = advantages[indices].to(device)  # [S_micro]
+            batch["token_adv"] = torch.where(owner >= 0, adv[owner.clamp(min=0)], 0.0)  # [R, T-1]
+            batch["loss_mask"] = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, T-1]
+            micro.append(batch)
+        minibatches.append(micro)
+
+    # Log-probs of the sampling policy, computed once before any update. The first minibatch of the first epoch
+    # is still on-policy when it is trained, so its own forward gives them (logps.detach()) and one pass is saved.
+    with torch.no_grad():
+        for m, micro in enumerate(minibatches):
+            for batch in micro:
+                batch["old_logps"] = None
+                if m > 0:
+                    batch["old_logps"] = token_logps(policy_logits(model, batch), batch["labels"], temperature)
+                if reference is not None:
+                    batch["ref_logps"] = reference(batch)
+
+    totals: dict[str, float] = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "approx_kl_old": 0.0,
+                                "kl_ref": 0.0, "grad_norm": 0.0}
+    tokens_total, updates, tokens_trained = 0, 0, 0
+    model.train()
+    for _epoch in range(config.loss.epochs):
+        for micro in minibatches:
+            n_tokens = sum(int(b["loss_mask"].sum()) for b in micro)  # token-level: normalise by the step's tokens
+            for batch in micro:
+                logps = token_logps(policy_logits(model, batch), batch["labels"], temperature)  # [R, T-1]
+                if batch["old_logps"] is None:
+                    batch["old_logps"] = logps.detach()
+                mask = batch["loss_mask"]
+                ref_logps = batch["ref_logps"][mask] if reference is not None else None
+                loss, stats = clipped_policy_loss(
+                    logps[mask], batch["old_logps"][mask], batch["token_adv"][mask],  # [N] each
+                    config.loss.clip_low, config.loss.clip_high, ref_logps, config.loss.kl_coef,
+                )
+                (loss.sum() / n_tokens).backward()
+                totals["loss"] += float(loss.detach().sum())
+                for key, value in stats.items():
+                    totals[key] += float(value.sum())
+                tokens_trained += int((batch["sample_ids"] >= 0).sum())  # real tokens, row tails excluded
+            tokens_total += n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"] += float(grad_norm)
+            updates += 1
+    out = {k: v / max(tokens_total, 1) for k, v in totals.items() if k != "grad_norm"}
+    out["grad_norm"] = totals["grad_norm"] / max(updates, 1)
+    if reference is None:
+        out.pop("kl_ref")
+    out["updates"] = updates
+    out["tokens_trained"] = tokens_trained
+    return out
+
+
+def make_reference(model, config: GRPOConfig) -> Callable | None:
+    """Reference log-probs for the KL term, or None when KL is off.
+
+    With LoRA the reference is the same model with its adapters disabled (no second copy of the weights);
+    otherwise a frozen copy of the start checkpoint.
+    """
+    if not config.loss.kl_coef:
+        return None
+    temperature = config.rollout.temperature
+    if config.lora.enabled:
+        def reference(batch: dict) -> torch.Tensor:
+            with model.disable_adapter():
+                return token_logps(policy_logits(model, batch), batch["labels"], temperature)
+        return reference
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    enable_packed_sequences(frozen)
+
+    def reference(batch: dict) -> torch.Tensor:
+        return token_logps(policy_logits(frozen, batch), batch["labels"], temperature)
+
+    return reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def sample_records(groups: list[Group], tokenizer, n: int, step: int) -> list[dict]:
+    """A few completions with what decided them, for samples.jsonl: one per group, first groups first."""
+    records = []
+    for group in groups[:n]:
+        c = group.completions[0]
+        records.append({
+            "step": step, "id": group.row.get("id"), "task": group.row.get("task", "math"),
+            "reasoning": group.reasoning, "budget": group.budget,
+            "prompt": tokenizer.decode(group.prompt_ids[-48:]), "completion": c.text, "reward": c.reward,
+            "scores": c.scores, "group_rewards": group.rewards, "finished": c.result.finished,
+            "forced_close": c.result.forced_close, "thinking_tokens": c.result.thinking_tokens,
+        })
+    return records
+
+
+def plot_reward_curve(history: list[dict], path: Path) -> None:
+    """Mean reward and pass rate of the rollouts per step, and mean completion length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(steps, [h["reward_mean"] for h in history], marker=".", label="mean reward (all rollouts)")
+    axes[0].plot(steps, [h["pass_rate"] for h in history], marker=".", alpha=0.6, label="pass rate")
+    window = 5
+    smooth = [sum(h["reward_mean"] for h in history[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
+              for i in range(len(history))]
+    axes[0].plot(steps, smooth, color="black", label=f"mean reward, {window}-step average")
+    axes[0].set_title("reward")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[1].plot(steps, [h["completion_tokens_mean"] for h in history], marker=".", label="completion tokens")
+    axes[1].plot(steps, [h["thinking_tokens_mean"] for h in history], marker=".", label="thinking tokens")
+    axes[1].set_title("length")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def step_metrics(kept: list[Group], seen: list[Group], threshold: float) -> dict[str, float]:
+    completions = [c for g in seen for c in g.completions]
+    rewards = [c.reward for c in completions]
+    mean = sum(rewards) / len(rewards)
+    return {
+        "reward_mean": mean,
+        "reward_std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)),
+        "pass_rate": sum(r >= threshold for r in rewards) / len(rewards),
+        "groups_rolled_out": len(seen),
+        "groups_kept": len(kept),
+        "groups_zero_variance": sum(not g.has_signal() for g in seen),
+        "reward_failures": sum(c.reward_failed for c in completions),
+        "completion_tokens_mean": sum(len(c.result.tokens) for c in completions) / len(completions),
+        "thinking_tokens_mean": sum(c.result.thinking_tokens for c in completions) / len(completions),
+        "finished_rate": sum(c.result.finished for c in completions) / len(completions),
+        "forced_close_rate": sum(c.result.forced_close for c in completions) / len(completions),
+        "reasoning_off_rate": sum(not g.reasoning for g in seen) / len(seen),
+        "budgeted_rate": sum(g.budget is not None for g in seen) / len(seen),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_grpo(config: GRPOConfig) -> dict:
+    setup_logging()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config.device)
+    if config.cpu_threads and device.type == "cpu":
+        # Tiny matrices gain nothing from a second thread, and on a loaded machine threads that wait for each
+        # other are descheduled: one thread ran the tiny model's decoding ~20x faster than two under load.
+        torch.set_num_threads(config.cpu_threads)
+    seed_everything(config.train.seed)
+    rng = random.Random(config.train.seed)
+
+    # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
+    start = Path(config.model.name_or_path)
+    parent = read_manifest(start) if (start / "manifest.json").is_file() else {}
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device)
+    if config.lora.enabled:
+        model = apply_lora(model, config.lora)
+    packed_path = enable_packed_sequences(model)
+    reference = make_reference(model, config)
+    log.info("start: %s (stage %s); learner: packed (%s)", start, parent.get("stage", "?"), packed_path)
+
+    # Prompts: the training rows (any task), plus synthetic code tasks when asked.
+    rows, report = read_rows(config.data.train_path, "prompt", config.data.max_bad_fraction)
+    if config.data.max_prompts:
+        rows = rows[: config.data.max_prompts]
+    if config.data.code_tasks:
+        rows += generate_code_tasks(config.data.code_tasks, seed=config.train.seed)
+    pool = PromptPool(rows, seed=config.train.seed)
+    test_rows, _ = read_rows(config.eval.test_path, "prompt")
+    log.info("%d training prompts; %d held-out rows", len(rows), len(test_rows[: config.eval.max_samples or None]))
+
+    settings = dataclasses.replace(
+        generation_settings(tokenizer, config.eval), temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p, max_new_tokens=config.rollout.max_new_tokens, batch_size=config.rollout.batch_size,
+        grace_tokens=None, grace_fraction=config.rollout.grace_fraction,
+    )
+    scorer = RewardScorer(config.rewards)
+    collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id,
+                              max_tokens_per_row=config.train.max_tokens_per_row)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                  weight_decay=config.train.weight_decay, betas=(0.9, 0.99))
+    results: dict[str, dict] = {}
+    if config.evaluate_before:
+        results["before"] = evaluate_model(model, tokenizer, test_rows, config.eval)
+
+    metrics = MetricsLogger(out, "grpo")
+    samples_path = out / "samples.jsonl"
+    history: list[dict] = []
+    started = time.time()
+    rollout_calls = [0]
+    try:
+        progress = tqdm(range(config.train.max_steps), desc="grpo", unit="step", dynamic_ncols=True)
+        for step in progress:
+            t_step = time.perf_counter()
+            timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
+
+            def rollout_fn(n: int) -> list[Group]:
+                drawn = [(i, pool.rows[i]) for i in pool.draw(n)]
+                rollout_calls[0] += 1
+                groups, t = rollout(model, tokenizer, drawn, config.rollout, settings, scorer, rng,
+                                    seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007)
+                for key in timings:
+                    timings[key] += t[key]
+                for group in groups:  # curriculum hook
+                    pool.record(group.row_index, group.pass_rate(config.sampling.pass_threshold),
+                                config.sampling.drop_solved)
+                return groups
+
+            # 1-2. Rollout with dynamic sampling.
+            kept, seen, refills = collect_groups(rollout_fn, config.rollout.prompts_per_step, config.sampling)
+
+            # 3. Learn.
+            for group in optimizer.param_groups:  # constant after a linear warmup (the Nemotron RL schedule)
+                group["lr"] = config.train.lr * min(1.0, (step + 1) / max(1, config.train.warmup_steps))
+            t_learn = time.perf_counter()
+            samples, advantages, counts = learner_samples(kept, config.loss)
+            learn = {}
+            if samples:
+                learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng)
+            else:
+                log.warning("step %d: no group with a learning signal after %d refills; no update", step, refills)
+            time_learn = time.perf_counter() - t_learn
+            time_step = time.perf_counter() - t_step
+
+            tokens_generated = sum(len(c.result.tokens) for g in seen for c in g.completions)
+            record = {
+                **step_metrics(kept, seen, config.sampling.pass_threshold),
+                "refill_rounds": refills, "samples_trained": len(samples), **counts, **learn,
+                "pool_retired": len(pool.retired), "lr": optimizer.param_groups[0]["lr"],
+                "time_generate": timings["generate"], "time_reward": timings["reward_wait"],
+                "time_reward_busy": timings["reward_busy"], "time_learn": time_learn, "time_step": time_step,
+                "tokens_generated": tokens_generated,
+                "generate_tokens_per_s": tokens_generated / max(timings["generate"], 1e-9),
+                "train_tokens_per_s": learn.get("tokens_trained", 0) / max(time_learn, 1e-9),
+            }
+            metrics.log(step, **record)
+            history.append({"step": step, **record})
+            progress.set_postfix(reward=f"{record['reward_mean']:.2f}", kept=len(kept),
+                                 gen=f"{timings['generate']:.0f}s", learn=f"{time_learn:.0f}s")
+            if step % config.train.sample_every == 0 or step == config.train.max_steps - 1:
+                records = sample_records(seen, tokenizer, config.train.samples_logged, step)
+                with samples_path.open("a", encoding="utf-8") as handle:
+                    handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                log.info("step %d sample (reward %.2f, reasoning %s, budget %s): %r", step, records[0]["reward"],
+                         records[0]["reasoning"], records[0]["budget"], records[0]["completion"][:200])
+    finally:
+        scorer.close()
+    train_seconds = time.time() - started
+    plot_reward_curve(history, out / "reward_curve.png")
+
+    # Evaluate on the held-out split.
+    results["after"] = evaluate_model(model, tokenizer, test_rows, config.eval)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    metrics.log(config.train.max_steps, **{k: v for k, v in results["after"].items() if isinstance(v, float)})
+    metrics.close()
+
+    # Checkpoint (atomic) with its manifest.
+    summary = {k: v for k, v in results["after"].items() if k != "examples"}
+    if "before" in results:
+        summary["before"] = {k: v for k, v in results["before"].items() if k != "examples"}
+    phase_totals = {f"{k}_s": round(sum(h[f"time_{k}"] for h in history), 1)
+                    for k in ("generate", "reward", "reward_busy", "learn", "step")}
+    manifest = {
+        "stage": "grpo",
+        "config": to_dict(config),
+        "parent": {"path": str(start), "stage": parent.get("stage"), "created": parent.get("created")},
+        "data_fingerprint": fingerprint_files(config.data.train_path),
+        "data": {"train": report.summary(), "prompts": len(rows), "retired_by_curriculum": len(pool.retired)},
+        "packing": str(packed_path),
+        "train_seconds": round(train_seconds, 1),
+        "phase_seconds": phase_totals,
+        "reward_failures": dict(scorer.failure_counts),
+        "metrics": summary,
+    }
+    checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    print(f"checkpoint:   {checkpoint}\nmetrics:      {out / 'metrics.jsonl'}\neval:         {out / 'eval.json'}\n"
+          f"reward curve: {out / 'reward_curve.png'}\nsamples:      {samples_path}")
+    print(_summary_line(results, train_seconds, phase_totals))
+    summary["train_seconds"] = round(train_seconds, 1)
+    return summary
+
+
+def _summary_line(results: dict[str, dict], train_seconds: float, phases: dict[str, float]) -> str:
+    def cells(s: dict) -> str:
+        sweep = " ".join(f"{'inf' if c['budget'] is None else c['budget']}:{c['accuracy']:.3f}" for c in s["budget_sweep"])
+        return f"think {s['accuracy_think']:.3f} | no-think {s['accuracy_no_think']:.3f} | budgets {sweep}"
+
+    lines = [f"{name:>6}: {cells(s)}" for name, s in results.items()]
+    lines.append(f"train {train_seconds:.0f}s (generate {phases['generate_s']:.0f}s, reward wait {phases['reward_s']:.0f}s, "
+                 f"learn {phases['learn_s']:.0f}s)")
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""GRPO step time: our stage (`alignment.grpo.run_grpo`) vs TRL's GRPOTrainer with its defaults, same model, prompts
+and reward.
+
+The model is a random-init hybrid (24 blocks: 8 Mamba-2, 4 attention, 12 MLP, hidden 1024, 230M parameters with
+a 32k vocabulary and untied embeddings, bf16). A random model rarely writes its end-of-turn token, so nearly every completion runs to
+`--max-new-tokens`: the worst case for a step, and the same work for both sides. The reward is cheap and
+deterministic (a parity of the completion text) so that it has variance inside groups and takes no time of note.
+
+Both sides do one optimizer step per rollout batch of `--prompts` x `--group-size` completions. Ours: packed learner
+pass, budget-aware generation, no dynamic sampling or overlong filtering (they would change the work done, TRL has
+neither by default). TRL: GRPOConfig defaults (transformers generate, padded learner, loss_type "dapo"), with only the
+batch geometry set to match (`per_device_train_batch_size` x `gradient_accumulation_steps` = one rollout batch).
+
+Reported per side: mean step time over the steps after the first (warm-up), its split into generate / reward /
+learn, completion tokens generated per second and (prompt + completion) tokens trained per second.
+
+    python bench/bench_grpo.py --size tiny                  # CPU check, under a minute
+    python bench/bench_grpo.py --device cuda                # the GPU benchmark: 64 prompts x 8, 1024 new tokens
+    python bench/bench_grpo.py --device cuda --skip-trl     # ours only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from alignment.config import load_config  # noqa: E402
+from alignment.grpo import GRPOConfig, run_grpo  # noqa: E402
+from alignment.tracking import read_metrics  # noqa: E402
+from rewards import reward  # noqa: E402
+
+SIZES = {
+    # blocks, hidden, vocab, prompts, group size, max new tokens, generation batch, learner row tokens
+    "full": dict(layers=24, hidden=1024, vocab=32768, prompts=64, group_size=8, max_new_tokens=1024,
+                 gen_batch=512, row_tokens=16384),
+    "tiny": dict(layers=6, hidden=64, vocab=1024, prompts=4, group_size=4, max_new_tokens=16,
+                 gen_batch=16, row_tokens=512),
+}
+
+
+@reward("bench_parity")
+def bench_parity(completion: str) -> float:
+    """1 when the completion text has an even number of characters: variance in every group, no cost."""
+    return float(len(completion) % 2 == 0)
+
+
+def trl_parity(completions, **kwargs) -> list[float]:
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [bench_parity(t) for t in texts]
+
+
+def build_model_dir(args, out: Path) -> Path:
+    """A random-init hybrid and a tokenizer (the tiny one, grown to the vocabulary with filler tokens) on disk."""
+    from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
+    # Filler tokens make every id the random model can sample decodable, so rewards see real text.
+    tokenizer.add_tokens([f"<w{i}>" for i in range(args.vocab - len(tokenizer))])
+    unit = "M-*-M-"  # 8 Mamba-2, 4 attention, 12 MLP in 24 blocks
+    config = NemotronHConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+        hybrid_override_pattern=(unit * (args.layers // len(unit) + 1))[: args.layers],
+        num_attention_heads=max(args.hidden // 64, 1), num_key_value_heads=max(args.hidden // 256, 1), head_dim=64,
+        intermediate_size=4 * args.hidden, mamba_num_heads=max(args.hidden // 32, 1), mamba_head_dim=64,
+        n_groups=1, ssm_state_size=64, conv_kernel=4, chunk_size=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, use_cache=True,
+    )
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(config).to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {args.layers} blocks, "
+          f"hidden {args.hidden}, vocab {len(tokenizer)}, {args.dtype}")
+    path = out / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_prompts(args, out: Path) -> Path:
+    from alignment.data import write_rows
+    from data_recipes.synthetic_math import MathTaskConfig, generate_splits
+
+    n = args.prompts * (args.steps + 1)
+    rows = generate_splits(MathTaskConfig(train_size=n, validation_size=0, test_size=1, seed=0))
+    write_rows(out / "train.jsonl", rows["train"])
+    write_rows(out / "test.jsonl", rows["test"])
+    return out
+
+
+def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
+    config = load_config(GRPOConfig, None, [
+        f"model.name_or_path={model_dir}", f"model.dtype={args.dtype}",
+        f"data.train_path={data / 'train.jsonl'}", f"eval.test_path={data / 'test.jsonl'}",
+        f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
+        f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.batch_size={args.gen_batch}",
+        "rollout.temperature=1.0", "rollout.top_p=1.0",
+        "loss.minibatches=1", "loss.epochs=1", "loss.overlong_filter=false",
+        "sampling.dynamic_sampling=false", "sampling.drop_solved=false",
+        f"train.max_steps={args.steps}", "train.lr=1.0e-6", f"train.max_tokens_per_row={args.row_tokens}",
+        "train.rows_per_micro_batch=1", "train.sample_every=1000",
+        "rewards.rewards=[{name: bench_parity}]", "rewards.mode=inprocess",
+        "eval.max_samples=1", "eval.max_new_tokens=1", "eval.budgets=[]", "evaluate_before=false",
+        f"output_dir={out / 'ours'}", f"device={args.device}", f"cpu_threads={args.threads}",
+    ])
+    run_grpo(config)
+    steps = [m for m in read_metrics(out / "ours" / "metrics.jsonl") if "time_step" in m][1:]
+    return summarise(
+        step=[m["time_step"] for m in steps], generate=[m["time_generate"] for m in steps],
+        reward=[m["time_reward"] for m in steps], learn=[m["time_learn"] for m in steps],
+        generated=[m["tokens_generated"] for m in steps], trained=[m["tokens_trained"] for m in steps],
+    )
+
+
+def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig, GRPOTrainer
+
+    from alignment.data import read_rows
+    from alignment.evaluate import prompt_messages
+
+    rows, _ = read_rows(data / "train.jsonl", "prompt")
+    dataset = Dataset.from_list([{"prompt": prompt_messages(r)} for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    times: dict[str, list[float]] = {"step": [], "generate": [], "reward": [], "generated": [], "trained": []}
+    current = {"generate": 0.0, "reward": 0.0, "generated": 0, "trained": 0}
+
+    def timed_reward(prompts, completions, completion_ids, **kwargs):
+        start = time.perf_counter()
+        scores = trl_parity(completions)
+        current["reward"] += time.perf_counter() - start
+        current["generated"] += sum(len(c) for c in completion_ids)
+        return scores
+
+    timed_reward.__name__ = "bench_parity"
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync(args.device)
+            current.update(generate=0.0, reward=0.0, generated=0, trained=0, start=time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            sync(args.device)
+            times["step"].append(time.perf_counter() - current["start"])
+            for key in ("generate", "reward", "generated", "trained"):
+                times[key].append(current[key])
+
+    trl_args = TRLConfig(
+        output_dir=str(out / "trl"), max_steps=args.steps, learning_rate=1e-6, logging_steps=1, save_strategy="no",
+        report_to="none", num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+        # One optimizer step per rollout batch of prompts x group_size completions, as ours.
+        per_device_train_batch_size=min(8, args.prompts * args.group_size),
+        gradient_accumulation_steps=args.prompts * args.group_size // min(8, args.prompts * args.group_size),
+        bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu", temperature=1.0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=timed_reward, args=trl_args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    generate = trainer.model.generate
+
+    def timed_generate(*a, **k):
+        sync(args.device)
+        start = time.perf_counter()
+        result = generate(*a, **k)
+        sync(args.device)
+        current["generate"] += time.perf_counter() - start
+        # Prompt + completion tokens the learner trains on (padding excluded, as on our side).
+        current["trained"] += int((result != tokenizer.pad_token_id).sum())
+        return result
+
+    trainer.model.generate = timed_generate
+    trainer.train()
+    steps = slice(1, None)
+    return summarise(
+        step=times["step"][steps], generate=times["generate"][steps], reward=times["reward"][steps],
+        learn=[s - g - r for s, g, r in zip(times["step"], times["generate"], times["reward"])][steps],
+        generated=times["generated"][steps], trained=times["trained"][steps],
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def summarise(step, generate, reward, learn, generated, trained) -> dict:
+    mean = statistics.fmean
+    return {
+        "steps_measured": len(step), "step_s": mean(step), "generate_s": mean(generate), "reward_s": mean(reward),
+        "learn_s": mean(learn), "generated_tokens_per_s": sum(generated) / sum(generate),
+        "trained_tokens_per_s": sum(trained) / sum(learn),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the GPU benchmark; tiny: a CPU check")
+    parser.add_argument("--steps", type=int, default=3, help="rollout steps per side; the first is warm-up")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32 (default on CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0 keeps torch's default)")
+    parser.add_argument("--skip-trl", action="store_true", help="measure our stage only")
+    parser.add_argument("--out", default="runs/bench/grpo", help="where results.json and the runs go")
+    for key in SIZES["full"]:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the size's {key}")
+    args = parser.parse_args()
+    for key, value in SIZES[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is warm-up)")
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        model_dir, data = build_model_dir(args, tmp), write_prompts(args, tmp)
+        results = {"setup": {k: v for k, v in vars(args).items()}, "ours": run_ours(args, model_dir, data, out)}
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("TRL not importable: skipping the GRPOTrainer side")
+            results["trl"] = None
+        else:
+            results["trl"] = None if args.skip_trl else run_trl(args, model_dir, data, out)
+    if args.device.startswith("cuda"):
+        results["setup"]["gpu"] = torch.cuda.get_device_name()
+
+    rows = [("ours", results["ours"])] + ([("trl GRPOTrainer", results["trl"])] if results["trl"] else [])
+    print(f"\n{args.prompts} prompts x {args.group_size} completions, up to {args.max_new_tokens} new tokens, "
+          f"{args.device}, {args.dtype}")
+    print(f"{'':18}{'step s':>9}{'generate':>10}{'reward':>9}{'learn':>9}{'gen tok/s':>11}{'train tok/s':>12}")
+    for name, r in rows:
+        print(f"{name:18}{r['step_s']:9.2f}{r['generate_s']:10.2f}{r['reward_s']:9.3f}{r['learn_s']:9.2f}"
+              f"{r['generated_tokens_per_s']:11.0f}{r['trained_tokens_per_s']:12.0f}")
+    if results["trl"]:
+        results["speedup_step"] = results["trl"]["step_s"] / results["ours"]["step_s"]
+        print(f"speed-up (TRL step time / ours): {results['speedup_step']:.2f}x")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
