@@ -8,11 +8,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
 RowUse = Literal["train", "prompt"]
+T = TypeVar("T")
 
 
 class BadDataError(ValueError):
@@ -66,42 +67,60 @@ def row_problem(row: object, use: RowUse) -> str | None:
     return None
 
 
-def read_rows(path: str | Path, use: RowUse = "train", max_bad_fraction: float = 0.01) -> tuple[list[dict], RowReport]:
-    """Good rows of a JSONL file and a report of the bad ones. Raises BadDataError above `max_bad_fraction`."""
+def enforce_bad_fraction(report: RowReport, max_bad_fraction: float, unit: str = "rows", where: str = "line") -> None:
+    """Log the rejected rows; raise BadDataError when there are no rows or too many bad ones."""
+    for number, reason in report.bad[:10]:
+        log.warning("%s %s %d rejected: %s", report.path, where, number, reason)
+    if report.bad:
+        log.warning("%s: %d of %d %s rejected", report.path, len(report.bad), report.total, unit)
+    if report.total == 0:
+        raise BadDataError(f"{report.path}: no {unit}")
+    if report.bad_fraction > max_bad_fraction:
+        first = "; ".join(f"{where} {n}: {r}" for n, r in report.bad[:3])
+        raise BadDataError(
+            f"{report.path}: {len(report.bad)} of {report.total} {unit} are bad ({report.bad_fraction:.1%} > "
+            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}"
+        )
+
+
+def read_jsonl(
+    path: str | Path, parse: Callable[[object, int], T], max_bad_fraction: float = 0.01, unit: str = "rows"
+) -> tuple[list[T], RowReport]:
+    """Parse every line of a JSONL file with `parse(record, line_number)`; a ValueError it raises rejects the line.
+
+    Undecodable bytes and invalid JSON are rejected the same way, with the line number and reason.
+    """
     path = Path(path)
     if not path.is_file():
         raise BadDataError(f"data file not found: {path}")
     report = RowReport(path=str(path))
-    rows = []
+    items: list[T] = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             report.total += 1
             try:
-                row = json.loads(raw.decode("utf-8"))
-                problem = row_problem(row, use)
+                items.append(parse(json.loads(raw.decode("utf-8")), number))
             except UnicodeDecodeError as exc:
-                problem = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg})"
-            if problem is None:
-                rows.append(row)
-            else:
-                report.bad.append((number, problem))
-    for number, reason in report.bad[:10]:
-        log.warning("%s line %d rejected: %s", path, number, reason)
-    if report.bad:
-        log.warning("%s: %d of %d rows rejected", path, len(report.bad), report.total)
-    if report.total == 0:
-        raise BadDataError(f"{path}: no rows")
-    if report.bad_fraction > max_bad_fraction:
-        first = "; ".join(f"line {n}: {r}" for n, r in report.bad[:3])
-        raise BadDataError(
-            f"{path}: {len(report.bad)} of {report.total} rows are bad ({report.bad_fraction:.1%} > "
-            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}"
-        )
-    return rows, report
+                report.bad.append((number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+                reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                report.bad.append((number, reason))
+    enforce_bad_fraction(report, max_bad_fraction, unit)
+    return items, report
+
+
+def read_rows(path: str | Path, use: RowUse = "train", max_bad_fraction: float = 0.01) -> tuple[list[dict], RowReport]:
+    """Good rows of a JSONL file and a report of the bad ones. Raises BadDataError above `max_bad_fraction`."""
+
+    def parse(row: object, number: int) -> dict:
+        problem = row_problem(row, use)
+        if problem is not None:
+            raise ValueError(problem)
+        return row  # type: ignore[return-value]
+
+    return read_jsonl(path, parse, max_bad_fraction)
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> None:

@@ -33,7 +33,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from alignment.data import BadDataError, RowReport, row_problem
+from alignment.data import BadDataError, RowReport, read_jsonl, row_problem
 
 log = logging.getLogger(__name__)
 
@@ -115,35 +115,8 @@ def read_pairs(
 
     Raises BadDataError when the file is missing or empty, or more than `max_bad_fraction` of its rows are bad.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadDataError(f"preference file not found: {path}")
-    report = RowReport(path=str(path))
-    pairs = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            report.total += 1
-            try:
-                pairs.append(to_pair(json.loads(raw.decode("utf-8")), schema, default_id=f"{path.stem}-{number}"))
-            except UnicodeDecodeError as exc:
-                report.bad.append((number, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-            except json.JSONDecodeError as exc:
-                report.bad.append((number, f"not valid JSON ({exc.msg})"))
-            except PairError as exc:
-                report.bad.append((number, str(exc)))
-    for number, reason in report.bad[:10]:
-        log.warning("%s line %d rejected: %s", path, number, reason)
-    if report.total == 0:
-        raise BadDataError(f"{path}: no rows")
-    if report.bad_fraction > max_bad_fraction:
-        first = "; ".join(f"line {n}: {r}" for n, r in report.bad[:3])
-        raise BadDataError(
-            f"{path}: {len(report.bad)} of {report.total} pairs are bad ({report.bad_fraction:.1%} > "
-            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}"
-        )
-    return pairs, report
+    return read_jsonl(path, lambda row, number: to_pair(row, schema, default_id=f"{Path(path).stem}-{number}"),
+                      max_bad_fraction, unit="pairs")
 
 
 def pair_to_row(pair: dict) -> dict:
