@@ -54,7 +54,8 @@ from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, per_sample_logps
 from alignment.runtime import pick_device, seed_everything, setup_logging
-from alignment.sft import LoraConfig, apply_lora, learning_rate
+from alignment.lora import LoraConfig, apply_lora
+from alignment.sft import learning_rate
 from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking

@@ -60,7 +60,7 @@ from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
 from alignment.runtime import pick_device, seed_everything, setup_logging
-from alignment.sft import LoraConfig, apply_lora
+from alignment.lora import LoraConfig, apply_lora
 from alignment.tracking import MetricsLogger
 from envs.code_env import CodeEnv
 from envs.code_tasks import generate_code_tasks

@@ -29,6 +29,7 @@ from alignment.checkpoint import save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import EvalConfig, evaluate_model
+from alignment.lora import LoraConfig, apply_lora
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
@@ -79,21 +80,6 @@ class TrainConfig:
 
 
 @dataclass
-class LoraConfig:
-    """LoRA through peft. The default targets reach every kind of block of a hybrid."""
-
-    enabled: bool = option(False, "Train LoRA adapters instead of all weights.")
-    r: int = option(16, "Adapter rank.")
-    alpha: int = option(32, "Adapter scaling numerator (scale = alpha / r).")
-    dropout: float = option(0.0, "Dropout on the adapter input.")
-    # Mamba `out_proj` is left out: the fused Mamba kernel reads its weight directly and bypasses adapters.
-    target_modules: list = option(
-        ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-        "Module names to adapt: Mamba in_proj, attention q/k/v/o, MLP up/down.",
-    )
-
-
-@dataclass
 class SFTConfig:
     """Supervised fine-tuning."""
 
@@ -125,22 +111,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return config.lr
     progress = (step - decay_start) / max(1, config.max_steps - decay_start)
     return config.lr - (config.lr - floor) * min(1.0, progress)
-
-
-def apply_lora(model, config: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    present = {name.split(".")[-1] for name, _ in model.named_modules()}
-    targets = [t for t in config.target_modules if t in present]
-    if not targets:
-        raise ValueError(f"lora.target_modules {config.target_modules} match no module of this model")
-    peft_config = PeftLoraConfig(
-        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(model, peft_config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA on %s: %.2fM trainable parameters", targets, trainable / 1e6)
-    return model
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:

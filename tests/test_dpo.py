@@ -25,7 +25,7 @@ from alignment.generation import GenerationResult
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import IGNORE_INDEX, SampleCollator
-from alignment.sft import apply_lora
+from alignment.lora import apply_lora
 from data_recipes.preference import SCHEMAS, read_pairs
 from tests.conftest import TINY_MODEL, TINY_TOKENIZER
 

@@ -297,7 +297,7 @@ def test_lora_kl_reference_is_the_adapters_disabled_base(tokenizer):
     from alignment.modeling import ModelConfig, load_model
     from alignment.packed_model import enable_packed_sequences
     from alignment.packing import SampleCollator
-    from alignment.sft import apply_lora
+    from alignment.lora import apply_lora
 
     config = load_config(GRPOConfig, None, ["lora.enabled=true", "loss.kl_coef=0.1"])
     base = load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER)))

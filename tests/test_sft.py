@@ -8,7 +8,8 @@ import torch
 from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint
 from alignment.config import load_config
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
-from alignment.sft import SFTConfig, apply_lora, learning_rate, run_sft
+from alignment.lora import apply_lora
+from alignment.sft import SFTConfig, learning_rate, run_sft
 from tests.conftest import TINY_MODEL, TINY_TOKENIZER
 
 
