@@ -156,6 +156,8 @@ def run_trl(args, model_dir: Path, data: Path, out: Path) -> dict:
             times["step"].append(time.perf_counter() - current["start"])
             for key in ("generate", "reward", "generated", "trained"):
                 times[key].append(current[key])
+            # Per-step times so far, so a run cut off mid-way still leaves the TRL side's figures.
+            (out / "trl_steps.json").write_text(json.dumps(times, indent=2))
 
     trl_args = TRLConfig(
         output_dir=str(out / "trl"), max_steps=args.steps, learning_rate=1e-6, logging_steps=1, save_strategy="no",
@@ -230,6 +232,8 @@ def main() -> None:
         tmp = Path(tmp)
         model_dir, data = build_model_dir(args, tmp), write_prompts(args, tmp)
         results = {"setup": {k: v for k, v in vars(args).items()}, "ours": run_ours(args, model_dir, data, out)}
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # ours alone, in case TRL is cut off
+        print(f"ours: {json.dumps(results['ours'])}", flush=True)
         try:
             import trl  # noqa: F401
         except ImportError:
