@@ -56,7 +56,7 @@ class SFTDataConfig:
 class TrainConfig:
     """Optimisation."""
 
-    max_steps: int = option(900, "Optimizer steps.")
+    max_steps: int = option(750, "Optimizer steps.")
     batch_size: int = option(32, "Samples per optimizer step (padded) or the token equivalent when packing.")
     grad_accum: int = option(1, "Micro-batches per optimizer step; the loss is normalised over all their tokens.")
     packing: bool = option(True, "Pack samples into rows (correct for Mamba layers via seq_idx); false pads.")
