@@ -90,6 +90,8 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated subset of a,a0,b,c,c_segment,c_2x_rows (default all)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS, help="peak for MFU (dense bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, tokens and init")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the paths, profile STEPS packed steps: host vs GPU time, top ops (profile.txt)")
     for name in GPU_DEFAULTS:
         if name not in ("samples", "min_len", "max_len", "batch_size", "epochs", "loss_steps"):
             kind = str if name in ("unit", "dtype") else int
@@ -444,9 +446,65 @@ def main() -> None:
         results["c_on_trl_batches"] = {"step_losses_first_pass": run["step_losses"]}
     attempt("c_on_trl_batches", run_c_aligned)
 
+    if args.profile:
+        attempt("profile", lambda: results.update(profile=profile_packed(args, weights, samples, lengths,
+                                                                         packed_collator, attention, out)))
     (out / "bench_sft.json").write_text(json.dumps(report, indent=2))
     print_tables(report, args)
     print(f"wrote {out / 'bench_sft.json'}")
+
+
+def profile_packed(args, weights, samples, lengths, collator, attention: str, out: Path) -> dict:
+    """Where a packed step's time goes: seconds the host takes to issue it vs the GPU's busy time, and top ops.
+
+    A step is host-bound when issuing its kernels takes longer than running them; then the GPU idles between them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = plan_packed_batches(lengths, args.max_len, max(1, round(args.batch_size * statistics.mean(lengths)
+                                                                    / args.max_len)), seed=args.seed)
+    model, _ = packed_model(args, weights, attention)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=args.device == "cuda")
+    device = torch.device(args.device)
+    host, wall = [], []
+
+    def step(group):
+        batch = collator([samples[i] for i in group])
+        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = to_device(batch, device)
+        (token_loss_sum(model, batch) / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for group in plan[: 2]:  # warm-up (autotuned shapes are cached from the timed paths)
+        step(group)
+    groups = plan[2: 2 + args.profile]
+    for group in groups:
+        sync(args.device)
+        start = time.perf_counter()
+        step(group)
+        host.append(time.perf_counter() - start)  # the step is issued: nothing inside it waits for the GPU
+        sync(args.device)
+        wall.append(time.perf_counter() - start)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for group in groups:
+            step(group)
+        sync(args.device)
+    events = prof.key_averages()
+    busy_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    sort = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    (out / "profile.txt").write_text(events.table(sort_by=sort, row_limit=30) + "\n\n"
+                                     + events.table(sort_by="self_cpu_time_total", row_limit=30))
+    result = {"steps": len(groups), "host_issue_s_median": statistics.median(host),
+              "wall_s_median": statistics.median(wall), "gpu_busy_s_per_step": busy_us / 1e6 / len(groups)}
+    print(f"[profile] per packed step: host issue {result['host_issue_s_median'] * 1e3:.1f} ms, wall "
+          f"{result['wall_s_median'] * 1e3:.1f} ms, GPU kernels busy {result['gpu_busy_s_per_step'] * 1e3:.1f} ms "
+          f"(tables in {out / 'profile.txt'})")
+    del model, optimizer
+    return result
 
 
 def print_tables(report: dict, args: argparse.Namespace) -> None:
