@@ -1,6 +1,10 @@
 # Source on the lent GPU machine (no package registry there): unpack the Mamba-2 kernels and the carried wheels.
 #   . bench/gpu_env.sh && align pipeline configs/gpu/pipeline.yaml run_dir=$OUT/pipeline
 # Expects .gpu/kernels-mamba2.tar.xz, optional .gpu/*.whl and .gpu_extra/*.tar.xz (see README "GPUs").
+if [ ! -f .gpu/kernels-mamba2.tar.xz ]; then
+  echo "bench/gpu_env.sh: .gpu/kernels-mamba2.tar.xz is missing (carry .gpu and .gpu_extra to the GPU machine)" >&2
+  return 1 2>/dev/null || exit 1
+fi
 mkdir -p /tmp/kern /tmp/site
 [ -f /tmp/kern/.done ] || { xz -dc .gpu/kernels-mamba2.tar.xz | tar xf - -C /tmp/kern && touch /tmp/kern/.done; }
 if [ ! -f /tmp/site/.done ]; then
