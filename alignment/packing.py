@@ -267,3 +267,52 @@ def per_sample_logps(
         0, owner, torch.ones_like(owner)
     )
     return logp_sum, counts
+
+
+
+def pad_packed_batch(batch: dict, rows: int, tokens_per_row: int, max_segments: int) -> dict | None:
+    """A packed batch grown to a fixed shape ([rows, tokens_per_row], `max_segments` + 1 boundaries), or None.
+
+    A CUDA graph replays fixed shapes only. Each row's extension and each extra row is a padding segment of its
+    own (token 0, no target, the next seq_idx, positions from 0); unused boundaries repeat the last one (empty
+    segments), and `max_length_*` becomes `tokens_per_row`, an upper bound the varlen kernel accepts. Loss and
+    gradients are those of the original batch. None when it does not fit (more rows, longer rows, more segments).
+    """
+    R, T = batch["input_ids"].shape
+    if R > rows or T > tokens_per_row:
+        return None
+    tail = tokens_per_row - T
+    bounds = batch["cu_seq_lens_q"].tolist()
+    segs: list[int] = []
+    for r in range(R):  # the original segments, row by row, then the row's extension
+        starts = [b for b in bounds if r * T <= b < (r + 1) * T]
+        segs += [e - s for s, e in zip(starts, starts[1:] + [(r + 1) * T])] + ([tail] if tail else [])
+    segs += [tokens_per_row] * (rows - R)
+    if len(segs) > max_segments:
+        return None
+
+    def grow(x: torch.Tensor, fill: int | bool) -> torch.Tensor:
+        out = torch.full((rows, tokens_per_row), fill, dtype=x.dtype)
+        out[:R, :T] = x
+        return out
+
+    seq_idx, position_ids = grow(batch["seq_idx"], 0), grow(batch["position_ids"], 0)
+    if tail:
+        seq_idx[:R, T:] = batch["seq_idx"][:, -1:] + 1
+        position_ids[:R, T:] = torch.arange(tail)
+    position_ids[R:] = torch.arange(tokens_per_row)
+    cu = torch.full((max_segments + 1,), rows * tokens_per_row, dtype=torch.int32)
+    cu[0] = 0
+    cu[1 : len(segs) + 1] = torch.tensor(segs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return dict(batch) | {
+        "input_ids": grow(batch["input_ids"], 0),
+        "labels": grow(batch["labels"], IGNORE_INDEX),
+        "position_ids": position_ids,
+        "seq_idx": seq_idx,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": tokens_per_row,
+        "max_length_k": tokens_per_row,
+        "sample_ids": grow(batch["sample_ids"], -1),
+        "loss_mask": grow(batch["loss_mask"], False),
+    }

@@ -41,3 +41,11 @@ def distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to `device`; on CUDA from pinned memory without blocking, so the host collates the next
+    micro-batch while the GPU still runs this one (a pageable copy waits for the GPU to drain)."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -33,7 +33,7 @@ from alignment.lora import LoraConfig, apply_lora
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
-from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
+from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging, to_device
 from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
 from alignment.tracking import MetricsLogger
 from data_recipes.truncation import TruncationConfig, truncate_rows
@@ -125,14 +125,6 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to `device`; on CUDA from pinned memory without blocking, so the host collates the next
-    micro-batch while the GPU still runs this one (a pageable copy waits for the GPU to drain)."""
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def micro_batches(samples: list[dict], config: TrainConfig, rng: random.Random, epoch: int) -> list[list[int]]:

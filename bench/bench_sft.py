@@ -45,9 +45,11 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 
+from alignment.graphed_step import GraphedTrainStep, capturable_adamw
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, plan_packed_batches
-from alignment.sft import to_device, token_loss_sum
+from alignment.runtime import to_device
+from alignment.sft import token_loss_sum
 from alignment.varlen_attention import use_varlen_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-trl", action="store_true", help="leave out (a) and (a0)")
     parser.add_argument("--skip-trl-checkpointing", action="store_true", help="leave out (a0)")
     parser.add_argument("--paths", type=lambda x: x.split(","), default=[],
-                        help="comma-separated subset of a,a0,b,c,c_segment,c_2x_rows (default all)")
+                        help="comma-separated subset of a,a0,b,c,c_segment,c_graph,c_2x_rows,c_2x_rows_graph (default all)")
     parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS, help="peak for MFU (dense bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, tokens and init")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -295,6 +297,32 @@ def our_loop(args, model, samples, groups: list[list[int]], collator: SampleColl
     return {"pass_seconds": seconds, "step_losses": [float(x) for x in losses], "shapes": shapes}
 
 
+def graphed_loop(args, model, samples, groups: list[list[int]], collator: SampleCollator, passes: int,
+                 rows: int) -> dict:
+    """(c) with the whole step captured once as a CUDA graph and replayed (`alignment.graphed_step`)."""
+    device = torch.device(args.device)
+    optimizer = capturable_adamw([p for p in model.parameters() if p.requires_grad], args.lr, device,
+                                 weight_decay=0.0)
+    max_segments = max(len(g) for g in groups) + 2 * rows  # samples + each row's tail + its extension
+    # A planned group almost always packs into `rows` rows (see plan_packed_batches); a rare extra row runs eagerly.
+    step = GraphedTrainStep(model, optimizer, token_loss_sum, rows=rows, tokens_per_row=args.max_len,
+                            max_segments=max_segments, max_grad_norm=1.0)
+    seconds, losses, shapes = [], [], []
+    for epoch in range(passes):
+        sync(args.device)
+        start = time.perf_counter()
+        for group in groups:
+            batch = collator([samples[i] for i in group])
+            loss_sum, n_targets, _ = step(batch)
+            if epoch == 0:
+                shapes.append((rows, args.max_len))
+                losses.append(loss_sum.float() / n_targets)  # a new tensor: the static outputs are overwritten
+        sync(args.device)
+        seconds.append(time.perf_counter() - start)
+    print(f"  graphed: {step.replayed_steps} replayed, {step.eager_steps} eager (too large), {step.warmed} warm-up")
+    return {"pass_seconds": seconds, "step_losses": [float(x) for x in losses], "shapes": shapes}
+
+
 def packed_model(args, weights, attention: str) -> tuple[NemotronHForCausalLM, str]:
     model = fresh_model(args, weights)
     path = enable_packed_sequences(model)
@@ -421,19 +449,27 @@ def main() -> None:
 
     # (c) and its variants: key, attention, rows per step, loss function, what the variant changes.
     attention = "varlen" if has_varlen and args.device == "cuda" else "segment"
-    variants = [("c", attention, rows_per_step, token_loss_sum, "")]
+    variants = [("c", attention, rows_per_step, False, "")]
     if attention == "varlen":
-        variants.append(("c_segment", "segment", rows_per_step, token_loss_sum, ""))
+        variants.append(("c_segment", "segment", rows_per_step, False, ""))
+    if args.device == "cuda":
+        variants.append(("c_graph", attention, rows_per_step, True, ", CUDA graph"))
     if not args.small:
-        variants.append(("c_2x_rows", attention, 2 * rows_per_step, token_loss_sum, f", {2 * rows_per_step} rows/step"))
-    for key, attn, rows, loss_fn, note in variants:
+        variants.append(("c_2x_rows", attention, 2 * rows_per_step, False, f", {2 * rows_per_step} rows/step"))
+    if args.device == "cuda":
+        variants.append(("c_2x_rows_graph", attention, 2 * rows_per_step, True,
+                         f", {2 * rows_per_step} rows/step, CUDA graph"))
+    for key, attn, rows, graphed, note in variants:
         if args.paths and key not in args.paths:
             continue
 
-        def run_c(key=key, attn=attn, rows=rows, loss_fn=loss_fn, note=note):
+        def run_c(key=key, attn=attn, rows=rows, graphed=graphed, note=note):
             plan = plan_packed_batches(lengths, args.max_len, rows, seed=args.seed)
             model, label = packed_model(args, weights, attn)
-            run = our_loop(args, model, samples, plan, packed_collator, passes, loss_fn)
+            if graphed:
+                run = graphed_loop(args, model, samples, plan, packed_collator, passes, rows)
+            else:
+                run = our_loop(args, model, samples, plan, packed_collator, passes)
             total = sum(r * t for r, t in run["shapes"])
             results[key] = summarize(key, run, real_tokens, total, len(plan), n_params, args,
                                      peak_memory_gib(args.device), "ours, SampleCollator(packed), " + label + note)
@@ -518,7 +554,7 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
     header = f"{'path':<15}{'steps':>6}{'real tok/s':>12}{'vs (a)':>8}{'MFU':>8}{'pad':>7}{'peak mem':>10}  what"
     print(header)
     print("-" * len(header))
-    for key in ("a", "a0", "b", "c", "c_segment", "c_2x_rows"):
+    for key in ("a", "a0", "b", "c", "c_segment", "c_graph", "c_2x_rows", "c_2x_rows_graph"):
         r = results.get(key)
         if r is None:
             if key in report["errors"]:

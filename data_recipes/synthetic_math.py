@@ -30,6 +30,11 @@ class MathTaskConfig:
     train_size: int = field(default=6000, metadata={"help": "Number of training rows."})
     validation_size: int = field(default=200, metadata={"help": "Number of validation rows."})
     test_size: int = field(default=300, metadata={"help": "Number of held-out test rows."})
+    rl_size: int = field(
+        default=0,
+        metadata={"help": "Number of `rl` rows: fresh prompts for DPO mining and GRPO, disjoint from the SFT rows "
+                          "(RL on prompts the SFT model has memorised gives it almost no learning signal)."},
+    )
     min_steps: int = field(default=2, metadata={"help": "Fewest operations in a problem (difficulty knob)."})
     max_steps: int = field(default=6, metadata={"help": "Most operations in a problem (difficulty knob)."})
     reasoning_off_fraction: float = field(
@@ -42,6 +47,8 @@ class MathTaskConfig:
             raise ValueError("min_steps must be >= 1 and <= max_steps")
         if not 0.0 <= self.reasoning_off_fraction <= 1.0:
             raise ValueError("reasoning_off_fraction must be in [0, 1]")
+        if min(self.train_size, self.validation_size, self.test_size, self.rl_size) < 0:
+            raise ValueError("split sizes must be >= 0")
 
 
 @dataclass
@@ -110,13 +117,15 @@ def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool
 
 
 def generate_splits(config: MathTaskConfig) -> dict[str, list[dict]]:
-    """Train/validation/test rows with no question shared between splits (nor repeated within one)."""
+    """Train/validation/test(/rl) rows with no question shared between splits (nor repeated within one)."""
     config.validate()
     rng = random.Random(config.seed)
     seen: set[str] = set()
     splits: dict[str, list[dict]] = {}
-    # Held-out splits first so that they keep the full difficulty distribution even if the space is crowded.
-    for split, size in (("test", config.test_size), ("validation", config.validation_size), ("train", config.train_size)):
+    # Held-out splits first so that they keep the full difficulty distribution even if the space is crowded; the RL
+    # prompts last, so that adding them leaves the other splits as they were.
+    sizes = [("test", config.test_size), ("validation", config.validation_size), ("train", config.train_size)]
+    for split, size in sizes + ([("rl", config.rl_size)] if config.rl_size else []):
         rows: list[dict] = []
         attempts = 0
         while len(rows) < size:
@@ -138,7 +147,7 @@ class MathDataConfig:
     """The `align data` stage: write the synthetic splits as JSONL."""
 
     task: MathTaskConfig = field(default_factory=MathTaskConfig, metadata={"help": "Task generator settings."})
-    output_dir: str = field(default="runs/data/tiny", metadata={"help": "Where train/validation/test.jsonl go."})
+    output_dir: str = field(default="runs/data/tiny", metadata={"help": "Where train/validation/test(/rl).jsonl go."})
 
 
 def write_splits(config: MathDataConfig) -> dict[str, str]:

@@ -18,6 +18,16 @@ def test_splits_do_not_overlap_and_are_deterministic():
     assert generate_splits(config) == splits
 
 
+def test_rl_prompts_are_fresh_and_leave_the_other_splits_unchanged():
+    base = generate_splits(MathTaskConfig(train_size=300, validation_size=20, test_size=20))
+    with_rl = generate_splits(MathTaskConfig(train_size=300, validation_size=20, test_size=20, rl_size=100))
+    assert {k: v for k, v in with_rl.items() if k != "rl"} == base
+    rl_questions = {r["messages"][-2]["content"] for r in with_rl["rl"]}
+    others = {r["messages"][-2]["content"] for rows in base.values() for r in rows}
+    assert len(rl_questions) == 100 and not rl_questions & others
+    assert all(r["metadata"]["reasoning"] == "on" for r in with_rl["rl"])
+
+
 def test_reasoning_off_fraction_and_format():
     rows = generate_splits(MathTaskConfig(train_size=2000, validation_size=1, test_size=1, reasoning_off_fraction=0.1))["train"]
     off = [r for r in rows if r["metadata"]["reasoning"] == "off"]

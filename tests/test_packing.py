@@ -26,6 +26,7 @@ from alignment.packing import (
     SampleCollator,
     first_fit_decreasing,
     model_inputs,
+    pad_packed_batch,
     per_sample_logps,
     plan_packed_batches,
 )
@@ -251,6 +252,37 @@ def test_hf_loss_on_packed_batch_equals_token_mean_of_samples():
         alone = one_by_one(model, samples)
     total = sum(sum(y != IGNORE_INDEX for y in s["labels"][1:]) for s in samples)
     torch.testing.assert_close(loss, -alone.sum() / total, atol=1e-6, rtol=1e-6)
+
+
+def test_fixed_shape_batch_keeps_loss_and_gradients():
+    """`pad_packed_batch` (the CUDA-graph shape) adds only padding segments: same per-sample sums and gradients."""
+    model = tiny_hybrid(seed=5)
+    enable_packed_sequences(model)
+    samples = make_samples(LENGTHS, seed=5)
+    batch = SampleCollator("packed", PAD, BUDGET)(samples)
+    R, T = batch["input_ids"].shape
+    fixed = pad_packed_batch(batch, rows=R + 1, tokens_per_row=T + 7, max_segments=32)
+    assert fixed["input_ids"].shape == (R + 1, T + 7) and fixed["cu_seq_lens_q"].shape == (33,)
+    cu = fixed["cu_seq_lens_q"]
+    assert cu[0] == 0 and cu[-1] == (R + 1) * (T + 7) and bool((cu[1:] >= cu[:-1]).all())
+    assert fixed["max_length_q"] == T + 7 and int(fixed["loss_mask"].sum()) == int(batch["loss_mask"].sum())
+    # seq_idx never decreases within a row and the padding tail is a segment of its own.
+    assert bool((fixed["seq_idx"][:, 1:] >= fixed["seq_idx"][:, :-1]).all())
+
+    results = []
+    for b in (batch, fixed):
+        model.zero_grad()
+        sums, counts = per_sample_sums(model, b, len(samples))
+        (-sums.sum()).backward()
+        results.append((sums.detach(), counts, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-6)
+    assert results[1][1].tolist() == results[0][1].tolist()
+    for k in results[0][2]:
+        torch.testing.assert_close(results[1][2][k], results[0][2][k], atol=1e-5, rtol=1e-4, msg=k)
+
+    assert pad_packed_batch(batch, rows=R - 1, tokens_per_row=T, max_segments=64) is None  # too many rows
+    assert pad_packed_batch(batch, rows=R, tokens_per_row=T - 1, max_segments=64) is None  # rows too long
+    assert pad_packed_batch(batch, rows=R, tokens_per_row=T, max_segments=2) is None  # too many segments
 
 
 def test_padded_and_packed_modes_agree():
