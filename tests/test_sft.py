@@ -92,3 +92,17 @@ def test_learning_rate_schedules():
     assert learning_rate(99, config) < 0.01
     config.schedule = "wsd"
     assert learning_rate(50, config) == 1.0 and learning_rate(90, config) == pytest.approx(0.5)
+
+
+def test_cuda_graphs_are_refused_with_the_reason():
+    from alignment.packed_model import PackedPath
+    from alignment.sft import TrainConfig, cuda_graphs_unusable
+
+    cuda, kernels = torch.device("cuda"), PackedPath(mamba="cuda-kernels", attention="varlen")
+    assert cuda_graphs_unusable(TrainConfig(), torch.device("cpu"), kernels, 1) == "not on CUDA"
+    assert cuda_graphs_unusable(TrainConfig(), cuda, None, 1) == "packing is off"
+    assert "segment-sdpa" in cuda_graphs_unusable(TrainConfig(), cuda, PackedPath("cuda-kernels", "segment-sdpa"), 1)
+    assert "gpu extra" in cuda_graphs_unusable(TrainConfig(), cuda, PackedPath("reference-seq_idx", "varlen"), 1)
+    assert "data-parallel" in cuda_graphs_unusable(TrainConfig(), cuda, kernels, 2)
+    assert cuda_graphs_unusable(TrainConfig(grad_accum=2), cuda, kernels, 1) == "grad_accum > 1"
+    assert cuda_graphs_unusable(TrainConfig(), cuda, kernels, 1) is None
