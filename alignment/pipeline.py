@@ -101,13 +101,11 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
         value = getattr(model, key, "") if model is not None else ""
         if value and Path(value).exists():
             setattr(model, key, str(Path(value).resolve()))
-    if data_dir is not None:
-        train, test = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
-        for section in (getattr(config, "data", None), getattr(config, "mining", None)):
-            for key, value in (("train_path", train), ("test_path", test), ("prompts_path", train)):
-                if section is not None and hasattr(section, key):
-                    setattr(section, key, value)
-        config.eval.test_path = test
+    if data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
+        for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval):
+            for key in ("train_path", "test_path", "prompts_path"):
+                if section is not None and getattr(section, key, None):
+                    setattr(section, key, str(data_dir / Path(getattr(section, key)).name))
     if name in ("dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""

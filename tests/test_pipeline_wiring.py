@@ -1,0 +1,21 @@
+"""How the pipeline points each stage at the run's own data and upstream model (no Ray needed)."""
+
+from pathlib import Path
+
+from alignment.config import load_config
+from alignment.dpo import DPOConfig
+from alignment.grpo import GRPOConfig
+from alignment.pipeline import _wire
+
+
+def test_stages_read_the_runs_data_files_by_name(tmp_path):
+    data_dir = tmp_path / "run" / "data"
+    dpo = load_config(DPOConfig, "configs/tiny/dpo.yaml", [])
+    _wire("dpo", dpo, tmp_path / "run", "/models/sft", data_dir)
+    assert Path(dpo.mining.prompts_path) == data_dir / "rl.jsonl"  # fresh prompts stay fresh prompts
+    assert Path(dpo.eval.test_path) == data_dir / "test.jsonl"
+    assert dpo.model.name_or_path == "/models/sft" and dpo.output_dir == str(tmp_path / "run" / "dpo")
+
+    grpo = load_config(GRPOConfig, "configs/tiny/grpo.yaml", ["data.train_path=somewhere/train.jsonl"])
+    _wire("grpo", grpo, tmp_path / "run", "/models/dpo", data_dir)
+    assert Path(grpo.data.train_path) == data_dir / "train.jsonl"
