@@ -100,6 +100,9 @@ class GraphedTrainStep:
             if self.eager_steps == 1:
                 log.warning("a batch larger than the captured shape %s runs eagerly (counted in eager_steps)",
                             self.shape)
+            # After a capture the parameters' .grad are the graph's output buffers: drop them so that this eager
+            # backward starts from zero instead of adding to the last replay's gradients.
+            self.optimizer.zero_grad(set_to_none=True)
             return self._step(to_device(batch, self.device))
         if self.static is None:
             self.static = to_device(fixed, self.device)

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_graphed_steps_follow_the_eager_steps():
-    """Same init, same batches: losses and weights after 8 steps agree; some steps replay the captured graph.
+    """Same init, same batches: losses and weights after 9 steps agree; replays and an eager step in between.
 
     bf16 with the kernel paths a graph can hold (Mamba CUDA kernels, varlen attention); the replay runs the same
     kernels as the eager step, so only the Mamba backward's atomics make them differ.
@@ -43,6 +43,7 @@ def test_graphed_steps_follow_the_eager_steps():
     graphed = copy.deepcopy(reference)
     collate = SampleCollator("packed", PAD, max_tokens_per_row=64)
     batches = [collate(make_samples([5, 40, 17, 9, 33, 2, 21][: 3 + i % 4], seed=i)) for i in range(8)]
+    batches.insert(5, collate(make_samples([60, 60, 60, 60], seed=9)))  # 4 rows: runs eagerly between replays
 
     eager_opt = capturable_adamw(reference.parameters(), 1e-3, device)
     step = GraphedTrainStep(graphed, capturable_adamw(graphed.parameters(), 1e-3, device), token_loss_sum,
@@ -62,7 +63,7 @@ def test_graphed_steps_follow_the_eager_steps():
         eager_losses.append(float(loss_sum.detach() / n))
         g_sum, g_n, _ = step(batch)
         graphed_losses.append(float(g_sum / g_n))
-    assert step.replayed_steps >= 5 and step.eager_steps == 0
+    assert step.replayed_steps >= 5 and step.eager_steps == 1
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=2e-3, atol=0)
     for (name, a), b in zip(reference.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=1e-3, msg=name)
