@@ -68,7 +68,10 @@ def row_problem(row: object, use: RowUse) -> str | None:
 
 
 def enforce_bad_fraction(report: RowReport, max_bad_fraction: float, unit: str = "rows", where: str = "line") -> None:
-    """Log the rejected rows; raise BadDataError when there are no rows or too many bad ones."""
+    """Log the rejected rows; raise BadDataError when there are no rows or too many bad ones.
+
+    Any report with `path`, `total`, `bad` and `bad_fraction` works (the dataset adapters pass theirs).
+    """
     for number, reason in report.bad[:10]:
         log.warning("%s %s %d rejected: %s", report.path, where, number, reason)
     if report.bad:

@@ -9,14 +9,12 @@ same validation `read_rows` applies, and raises `BadDataError` when too many rec
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from alignment.data import BadDataError, row_problem
+from alignment.data import enforce_bad_fraction, row_problem
 
-log = logging.getLogger(__name__)
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -48,6 +46,11 @@ class AdapterReport:
     @property
     def bad_fraction(self) -> float:
         return len(self.bad) / self.total if self.total else 0.0
+
+    @property
+    def path(self) -> str:
+        """What the rejection messages name: the source and its schema."""
+        return f"{self.source} ({self.schema})"
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "schema": self.schema, "records": self.total, "bad": len(self.bad),
@@ -108,18 +111,7 @@ def adapt(
             report.bad.append((index, str(exc)))
             continue
         rows.append(row)
-    for index, reason in report.bad[:10]:
-        log.warning("%s (%s) record %d rejected: %s", source, schema, index, reason)
-    if report.bad:
-        log.warning("%s (%s): %d of %d records rejected", source, schema, len(report.bad), report.total)
-    if report.total == 0:
-        raise BadDataError(f"{source} ({schema}): no records")
-    if report.bad_fraction > max_bad_fraction:
-        first = "; ".join(f"record {i}: {r}" for i, r in report.bad[:3])
-        raise BadDataError(
-            f"{source} ({schema}): {len(report.bad)} of {report.total} records are bad ({report.bad_fraction:.1%} > "
-            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}"
-        )
+    enforce_bad_fraction(report, max_bad_fraction, unit="records", where="record")
     return rows, report
 
 
