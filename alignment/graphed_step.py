@@ -110,29 +110,29 @@ class GraphedTrainStep:
             for key, value in fixed.items():
                 if torch.is_tensor(value):
                     self.static[key].copy_(value.pin_memory(), non_blocking=True)
-        if self.graph is not None:
-            self.graph.replay()
-            self.replayed_steps += 1
-            return self.outputs
+        if self.graph is None and self.warmed < self.warmup_steps:
+            self.warmed += 1
+            return self._warm_up_step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        self.replayed_steps += 1
+        return self.outputs
+
+    def _warm_up_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An eager step on the static inputs, on a side stream as capture requires of the calls before it."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            if self.warmed < self.warmup_steps:
-                self.warmed += 1
-                result = self._step(self.static)
-            else:
-                result = None
+            result = self._step(self.static)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        if result is not None:
-            return result
-        # Capture. Gradients are None here, so the captured backward writes (not accumulates) them on each replay.
+        return result
+
+    def _capture(self) -> None:
+        # Gradients are None here, so the captured backward writes (not accumulates) them on each replay.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.outputs = self._step(self.static, zero_grad=False)
         self.graph = graph
         log.info("training step captured as a CUDA graph: %d rows x %d tokens, up to %d segments", *self.shape)
-        graph.replay()
-        self.replayed_steps += 1
-        return self.outputs
-

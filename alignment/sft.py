@@ -234,10 +234,11 @@ def run_sft(config: SFTConfig) -> dict:
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    graphs_off_because = cuda_graphs_unusable(config.train, device, packed, world)
-    if config.train.cuda_graphs and graphs_off_because:
-        log.warning("cuda_graphs: off, %s", graphs_off_because)
-    if config.train.cuda_graphs and not graphs_off_because:
+    use_graphs = config.train.cuda_graphs
+    if use_graphs and (why_not := cuda_graphs_unusable(config.train, device, packed, world)):
+        log.warning("cuda_graphs: off, %s", why_not)
+        use_graphs = False
+    if use_graphs:
         optimizer = capturable_adamw(trainable, config.train.lr, device, weight_decay=config.train.weight_decay,
                                      betas=(0.9, 0.95))
         graphed_step = graphed_sft_step(model, optimizer, samples, config.train)
