@@ -10,8 +10,9 @@ One run trains the same random-init hybrid on the same long-tailed samples along
   (c)  `SampleCollator(mode="packed")` + the same loop after `enable_packed_sequences`; rows planned over the pass
        with `plan_packed_batches`, as many tokens per step as (b) on average. Once with varlen attention
        (`alignment.varlen_attention`, when this PyTorch has the kernel) and once with `segment_sdpa`; on the GPU
-       also with twice the rows per step (twice the samples per optimizer step). Our loop is the stage's: pinned
-       non-blocking copies, labels not handed to the model, no host sync inside the step.
+       also with twice the rows per step (twice the samples per optimizer step), and each of those with the whole
+       step captured as a CUDA graph (`c_graph`, `c_2x_rows_graph`). Our step is the stage's: pinned non-blocking
+       copies, labels not handed to the model, no host sync inside the step.
 
 Printed per path: real (non-pad) tokens/s (median over timed passes), ratio to (a), MFU = 6 * parameters * real
 tokens/s / peak dense bf16 FLOP/s, pad share, peak GPU memory. Loss agreement: the first `--loss-steps` optimizer
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -270,56 +272,52 @@ def run_trl(args, weights, samples, gradient_checkpointing: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def our_loop(args, model, samples, groups: list[list[int]], collator: SampleCollator, passes: int,
-             loss_fn=token_loss_sum) -> dict:
-    """The SFT stage's step (token_loss_sum, token-mean loss, clipping, AdamW) over `groups`, `passes` times."""
+def eager_step(args, model) -> Callable[[dict], tuple[torch.Tensor, int]]:
+    """The SFT stage's step (token_loss_sum, token-mean loss, clipping, AdamW) on a collated batch.
+
+    As in the stage: pinned non-blocking copies, nothing read back inside the step. Returns (loss sum, targets).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=args.device == "cuda")
-    seconds, losses, shapes = [], [], []
-    for epoch in range(passes):
-        sync(args.device)
-        start = time.perf_counter()
-        for group in groups:
-            batch = collator([samples[i] for i in group])
-            n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if epoch == 0:
-                shapes.append(tuple(batch["input_ids"].shape))
-            batch = to_device(batch, torch.device(args.device))  # as the SFT stage: pinned, non-blocking on CUDA
-            loss_sum = loss_fn(model, batch)
-            (loss_sum / n_targets).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if epoch == 0:
-                losses.append(loss_sum.detach().float() / n_targets)
-        sync(args.device)
-        seconds.append(time.perf_counter() - start)
-    return {"pass_seconds": seconds, "step_losses": [float(x) for x in losses], "shapes": shapes}
-
-
-def graphed_loop(args, model, samples, groups: list[list[int]], collator: SampleCollator, passes: int,
-                 rows: int) -> dict:
-    """(c) with the whole step captured once as a CUDA graph and replayed (`alignment.graphed_step`)."""
     device = torch.device(args.device)
-    optimizer = capturable_adamw([p for p in model.parameters() if p.requires_grad], args.lr, device,
-                                 weight_decay=0.0)
+
+    def step(batch: dict) -> tuple[torch.Tensor, int]:
+        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch = to_device(batch, device)
+        loss_sum = token_loss_sum(model, batch)
+        (loss_sum / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum.detach(), n_targets
+
+    return step
+
+
+def graphed_step(args, model, groups: list[list[int]], rows: int) -> GraphedTrainStep:
+    """(c)'s step captured once as a CUDA graph and replayed (`alignment.graphed_step`)."""
+    optimizer = capturable_adamw([p for p in model.parameters() if p.requires_grad], args.lr,
+                                 torch.device(args.device), weight_decay=0.0)
     max_segments = max(len(g) for g in groups) + 2 * rows  # samples + each row's tail + its extension
     # A planned group almost always packs into `rows` rows (see plan_packed_batches); a rare extra row runs eagerly.
-    step = GraphedTrainStep(model, optimizer, token_loss_sum, rows=rows, tokens_per_row=args.max_len,
+    return GraphedTrainStep(model, optimizer, token_loss_sum, rows=rows, tokens_per_row=args.max_len,
                             max_segments=max_segments, max_grad_norm=1.0)
+
+
+def timed_passes(args, samples, groups: list[list[int]], collator: SampleCollator, passes: int, step) -> dict:
+    """`step(batch)` -> (loss sum, targets, ...) over `groups`, `passes` times; seconds per pass, first-pass losses."""
     seconds, losses, shapes = [], [], []
     for epoch in range(passes):
         sync(args.device)
         start = time.perf_counter()
         for group in groups:
             batch = collator([samples[i] for i in group])
-            loss_sum, n_targets, _ = step(batch)
+            loss_sum, n_targets, *_ = step(batch)
             if epoch == 0:
-                shapes.append((rows, args.max_len))
-                losses.append(loss_sum.float() / n_targets)  # a new tensor: the static outputs are overwritten
+                shapes.append(tuple(batch["input_ids"].shape))
+                losses.append(loss_sum.float() / n_targets)  # a new tensor: a graph's outputs are overwritten
         sync(args.device)
         seconds.append(time.perf_counter() - start)
-    print(f"  graphed: {step.replayed_steps} replayed, {step.eager_steps} eager (too large), {step.warmed} warm-up")
     return {"pass_seconds": seconds, "step_losses": [float(x) for x in losses], "shapes": shapes}
 
 
@@ -441,7 +439,7 @@ def main() -> None:
 
     def run_b():
         model = fresh_model(args, weights)
-        run = our_loop(args, model, samples, groups, padded_collator, passes)
+        run = timed_passes(args, samples, groups, padded_collator, passes, eager_step(args, model))
         results["b"] = summarize("b", run, real_tokens, padded_tokens, len(groups), n_params, args,
                                  peak_memory_gib(args.device), "ours, SampleCollator(padded)")
     if not args.paths or "b" in args.paths:
@@ -466,10 +464,12 @@ def main() -> None:
         def run_c(key=key, attn=attn, rows=rows, graphed=graphed, note=note):
             plan = plan_packed_batches(lengths, args.max_len, rows, seed=args.seed)
             model, label = packed_model(args, weights, attn)
-            if graphed:
-                run = graphed_loop(args, model, samples, plan, packed_collator, passes, rows)
-            else:
-                run = our_loop(args, model, samples, plan, packed_collator, passes)
+            step = graphed_step(args, model, plan, rows) if graphed else eager_step(args, model)
+            run = timed_passes(args, samples, plan, packed_collator, passes, step)
+            if graphed:  # every batch ran at the captured shape
+                run["shapes"] = [(rows, args.max_len)] * len(plan)
+                print(f"  graphed: {step.replayed_steps} replayed, {step.eager_steps} eager (too large), "
+                      f"{step.warmed} warm-up")
             total = sum(r * t for r, t in run["shapes"])
             results[key] = summarize(key, run, real_tokens, total, len(plan), n_params, args,
                                      peak_memory_gib(args.device), "ours, SampleCollator(packed), " + label + note)
@@ -478,41 +478,32 @@ def main() -> None:
     # Loss agreement: (c) on TRL's first batches, each packed into rows, from the same init.
     def run_c_aligned():
         model, _ = packed_model(args, weights, attention)
-        run = our_loop(args, model, samples, groups[: args.loss_steps], packed_collator, 1)
+        run = timed_passes(args, samples, groups[: args.loss_steps], packed_collator, 1, eager_step(args, model))
         results["c_on_trl_batches"] = {"step_losses_first_pass": run["step_losses"]}
     attempt("c_on_trl_batches", run_c_aligned)
 
     if args.profile:
-        attempt("profile", lambda: results.update(profile=profile_packed(args, weights, samples, lengths,
+        attempt("profile", lambda: results.update(profile=profile_packed(args, weights, samples, packed_plan,
                                                                          packed_collator, attention, out)))
     (out / "bench_sft.json").write_text(json.dumps(report, indent=2))
     print_tables(report, args)
     print(f"wrote {out / 'bench_sft.json'}")
 
 
-def profile_packed(args, weights, samples, lengths, collator, attention: str, out: Path) -> dict:
+def profile_packed(args, weights, samples, plan: list[list[int]], collator, attention: str, out: Path) -> dict:
     """Where a packed step's time goes: seconds the host takes to issue it vs the GPU's busy time, and top ops.
 
     A step is host-bound when issuing its kernels takes longer than running them; then the GPU idles between them.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    plan = plan_packed_batches(lengths, args.max_len, max(1, round(args.batch_size * statistics.mean(lengths)
-                                                                    / args.max_len)), seed=args.seed)
     model, _ = packed_model(args, weights, attention)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=args.device == "cuda")
-    device = torch.device(args.device)
+    run_step = eager_step(args, model)
     host, wall = [], []
 
     def step(group):
-        batch = collator([samples[i] for i in group])
-        n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batch = to_device(batch, device)
-        (token_loss_sum(model, batch) / n_targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        run_step(collator([samples[i] for i in group]))
 
     for group in plan[: 2]:  # warm-up (autotuned shapes are cached from the timed paths)
         step(group)
@@ -530,7 +521,9 @@ def profile_packed(args, weights, samples, lengths, collator, attention: str, ou
             step(group)
         sync(args.device)
     events = prof.key_averages()
-    busy_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+    # Kernel events only: op events also carry the time of the kernels they launched (the profiler's own total).
+    busy_us = sum(e.self_device_time_total for e in events
+                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
     sort = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     (out / "profile.txt").write_text(events.table(sort_by=sort, row_limit=30) + "\n\n"
                                      + events.table(sort_by="self_cpu_time_total", row_limit=30))
@@ -539,7 +532,7 @@ def profile_packed(args, weights, samples, lengths, collator, attention: str, ou
     print(f"[profile] per packed step: host issue {result['host_issue_s_median'] * 1e3:.1f} ms, wall "
           f"{result['wall_s_median'] * 1e3:.1f} ms, GPU kernels busy {result['gpu_busy_s_per_step'] * 1e3:.1f} ms "
           f"(tables in {out / 'profile.txt'})")
-    del model, optimizer
+    del model, run_step
     return result
 
 
