@@ -29,9 +29,9 @@ from alignment.checkpoint import save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import EvalConfig, evaluate_model
+from alignment.graphed_step import GraphedTrainStep, capturable_adamw, set_learning_rate
 from alignment.lora import LoraConfig, apply_lora
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
-from alignment.graphed_step import GraphedTrainStep, capturable_adamw, set_learning_rate
 from alignment.packed_model import PackedPath, enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging, to_device
@@ -173,6 +173,8 @@ def graphed_sft_step(model, optimizer, samples: list[dict], config: TrainConfig)
     plan = micro_batches(samples, config, random.Random(config.seed), 0)
     return GraphedTrainStep(
         model, optimizer, token_loss_sum, rows=rows, tokens_per_row=config.max_tokens_per_row,
+        # Room for twice the first pass's fullest micro-batch (later passes group samples differently) plus each
+        # row's tail and extension; a batch beyond it runs eagerly.
         max_segments=2 * max(len(g) for g in plan) + 2 * rows, max_grad_norm=config.max_grad_norm,
     )
 
