@@ -119,13 +119,23 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
-    start = subprocess.run(
-        [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8276", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120,
+    # --block keeps `ray start` in the foreground; terminating it stops this head's processes only (`ray stop`
+    # would stop every Ray instance of the user on this machine, e.g. a pipeline running beside the tests).
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-host=127.0.0.1",
+         "--dashboard-port=8276", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
+         "--dashboard-agent-listen-port=52399"],  # not the default 52365, which another local Ray may hold
+        env=env, stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
     )
-    assert start.returncode == 0, start.stderr[-2000:]
     try:
+        ready = None
+        for _ in range(90):  # the job agent comes up after the head; a loaded machine takes a while
+            ready = subprocess.run([ray, "job", "list", "--address", "http://127.0.0.1:8276"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+            if ready.returncode == 0 or head.poll() is not None:
+                break
+            time.sleep(2)
+        assert head.poll() is None and ready.returncode == 0, (ready.stderr or "")[-2000:]
         submit = subprocess.run(
             [ray, "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".",
              "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}), "--",
@@ -136,7 +146,11 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.terminate()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
     from alignment.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(tmp_path / "sft" / "checkpoint")["stage"] == "sft"
