@@ -155,8 +155,9 @@ def _connect(address: str):
         ray.init(address=address, log_to_driver=True)
         log.info("joined Ray cluster at %s", address)
     else:
-        # A private local instance: loopback only, no dashboard (nothing listens beyond this machine).
-        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+        # A private local instance: loopback only, no dashboard (nothing listens beyond this machine). "local" also
+        # ignores the address a `ray start` left in /tmp/ray/ray_current_cluster, which may be a dead head.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                      p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}})
         log.info("started a local Ray instance")
