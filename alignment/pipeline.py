@@ -136,6 +136,7 @@ def _finished(stage_dir: Path, fingerprint: str, has_checkpoint: bool) -> dict |
 def _run_stage_body(name: str, config: Any, settings: StageSettings, checkpoints: list[str]) -> Any:
     """Runs inside the Ray task: the stage itself (SFT with workers goes through Ray Train)."""
     setup_logging()
+    _use_assigned_cpus()
     if name == "sft" and settings.num_workers > 0:
         from alignment.distributed import run_sft_data_parallel
 
@@ -143,6 +144,18 @@ def _run_stage_body(name: str, config: Any, settings: StageSettings, checkpoints
                                      cpus_per_worker=settings.num_cpus)
     run = stage_entry(name)[1]
     return run(checkpoints, config) if name == "eval" else run(config)
+
+
+def _use_assigned_cpus() -> None:
+    """Give torch as many threads as CPUs this task holds. Ray sets OMP_NUM_THREADS when it starts a worker, from
+    the first task's CPUs, and reuses the worker: without this SFT (2 CPUs) ran on the data stage's single thread."""
+    import ray
+    import torch
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    if cpus >= 1:
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
+        torch.set_num_threads(cpus)
 
 
 def _connect(address: str):
