@@ -97,7 +97,53 @@ def write_prompts(args, out: Path) -> Path:
     return out
 
 
+def profile_generation_call(out: Path, call: int) -> None:
+    """Profile the stage's `call`-th `generate` call: Python functions by cumulative time, time spent in garbage
+    collection and CUDA allocator retries, to explain where generation time goes inside the stage."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+
+    import alignment.grpo as grpo
+
+    original, calls = grpo.generate, [0]
+
+    def profiled(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] != call:
+            return original(*args, **kwargs)
+        gc_time, started = [0.0], [0.0]
+
+        def on_gc(phase, info):
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                gc_time[0] += time.perf_counter() - started[0]
+
+        gc.callbacks.append(on_gc)
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        try:
+            return profiler.runcall(original, *args, **kwargs)
+        finally:
+            wall = time.perf_counter() - t0
+            gc.callbacks.remove(on_gc)
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+            retries = torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None
+            summary = f"generate wall {wall:.2f} s, gc {gc_time[0]:.2f} s, gc tracked objects {len(gc.get_objects())}, " \
+                      f"allocator retries {retries}\n"
+            print(summary, flush=True)
+            (out / "grpo_generate_profile.txt").write_text(summary + text.getvalue())
+
+    grpo.generate = profiled
+
+
 def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
+    steps = args.steps + args.profile_generate  # the profiled step comes last and is not timed
+    if args.profile_generate:
+        profile_generation_call(out, steps)
     config = load_config(GRPOConfig, None, [
         f"model.name_or_path={model_dir}", f"model.dtype={args.dtype}",
         f"data.train_path={data / 'train.jsonl'}", f"eval.test_path={data / 'test.jsonl'}",
@@ -106,14 +152,14 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
         "rollout.temperature=1.0", "rollout.top_p=1.0",
         "loss.minibatches=1", "loss.epochs=1", "loss.overlong_filter=false",
         "sampling.dynamic_sampling=false", "sampling.drop_solved=false",
-        f"train.max_steps={args.steps}", "train.lr=1.0e-6", f"train.max_tokens_per_row={args.row_tokens}",
+        f"train.max_steps={steps}", "train.lr=1.0e-6", f"train.max_tokens_per_row={args.row_tokens}",
         "train.rows_per_micro_batch=1", "train.sample_every=1000",
         "rewards.rewards=[{name: bench_parity}]", "rewards.mode=inprocess",
         "eval.max_samples=1", "eval.max_new_tokens=1", "eval.budgets=[]", "evaluate_before=false",
         f"output_dir={out / 'ours'}", f"device={args.device}", f"cpu_threads={args.threads}",
     ])
     run_grpo(config)
-    steps = [m for m in read_metrics(out / "ours" / "metrics.jsonl") if "time_step" in m][1:]
+    steps = [m for m in read_metrics(out / "ours" / "metrics.jsonl") if "time_step" in m][1 : args.steps]
     return summarise(
         step=[m["time_step"] for m in steps], generate=[m["time_generate"] for m in steps],
         reward=[m["time_reward"] for m in steps], learn=[m["time_learn"] for m in steps],
@@ -213,6 +259,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32 (default on CPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0 keeps torch's default)")
     parser.add_argument("--skip-trl", action="store_true", help="measure our stage only")
+    parser.add_argument("--profile-generate", action="store_true",
+                        help="profile the generate call of one extra step of ours (not timed)")
     parser.add_argument("--out", default="runs/bench/grpo", help="where results.json and the runs go")
     for key in SIZES["full"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the size's {key}")
