@@ -3,7 +3,8 @@
 Reads top to bottom: build model and tokenizer, then for each of `rounds` rounds: get pairs (read a preference file,
 or sample K completions per training prompt from the current policy, grade them with the reward plugins and keep
 the clearest contrasts), score them under the reference, train on the DPO loss plus an SFT term on the chosen side,
-measure preference accuracy on held-out pairs and task accuracy on the test split. Then write the checkpoint.
+measure preference accuracy on held-out pairs and task accuracy on the test split. Then keep the best round by
+validation accuracy (the start included; `selection`), and write the checkpoint.
 
     align dpo configs/tiny/dpo.yaml rounds=3 loss.beta=0.1 lora.enabled=true
 
@@ -48,7 +49,7 @@ from alignment.chat import IGNORE_INDEX, encode_for_training, encode_prompt, wit
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
-from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages
+from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
 from alignment.generation import GenerationSettings, generate, line_end_token_ids
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
@@ -173,6 +174,18 @@ class DPOTrainConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which round's policy the stage keeps."""
+
+    validation_path: str = option(
+        "", "Prompt rows (the validation split, never the test split) on which every round's policy and the start "
+            "are scored (accuracy, reasoning on); the best is kept. Empty: keep the last round."
+    )
+    max_samples: int = option(200, "Score on at most this many validation rows.")
+    min_gain: float = option(0.0, "A round replaces the best so far only when its accuracy is higher by more than this.")
+
+
+@dataclass
 class DPOConfig:
     """Preference optimisation (DPO / IPO) from an SFT checkpoint."""
 
@@ -186,6 +199,7 @@ class DPOConfig:
         EvalConfig(max_samples=100, budgets=[16, None]), "Task evaluation after every round (and at the start)."
     )
     rounds: int = option(2, "Rounds of get-pairs-then-train, each from the last policy.")
+    selection: SelectionConfig = option(SelectionConfig(), "Keep the best round (or the start) by validation accuracy.")
     evaluate_start: bool = option(True, "Evaluate the starting checkpoint too, so one run reports before and after.")
     output_dir: str = option("runs/tiny/dpo", "Run directory: checkpoint/, pairs/, metrics.jsonl, eval.json.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
@@ -195,8 +209,11 @@ class DPOConfig:
             raise ValueError("rounds must be at least 1")
         if self.train.packing and self.train.max_tokens_per_row < self.pairs.max_seq_len:
             raise ValueError("train.max_tokens_per_row must be >= pairs.max_seq_len so no sequence is cut")
-        if self.pairs.source == "mined" and Path(self.mining.prompts_path).resolve() == Path(self.eval.test_path).resolve():
+        test = Path(self.eval.test_path).resolve()
+        if self.pairs.source == "mined" and Path(self.mining.prompts_path).resolve() == test:
             raise ValueError("mining.prompts_path is the evaluation's test split; mine from the train split")
+        if self.selection.validation_path and Path(self.selection.validation_path).resolve() == test:
+            raise ValueError("selection.validation_path is the evaluation's test split; select on the validation split")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,6 +484,8 @@ def run_dpo(config: DPOConfig) -> dict:
     if config.evaluate_start:
         start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
         metrics.log(0, round=0, **_scalars(start_eval))
+    selection = RoundSelection(config, tokenizer)
+    selection.offer(model, 0, start_eval)
     step = 0
     packed_path = "padded batches"
     started = time.time()
@@ -527,10 +546,11 @@ def run_dpo(config: DPOConfig) -> dict:
         t0 = time.time()
         results = evaluate_model(model, tokenizer, test_rows, config.eval)
         timings["eval_s"] = time.time() - t0
+        validation = selection.offer(model, round_index, results)
         record = {"round": round_index, "pairs": pair_stats, "train": train_log,
                   "heldout_before": heldout_before, "heldout_after": heldout_after,
                   "eval": {k: v for k, v in results.items() if k != "examples"},
-                  "seconds": {k: round(v, 1) for k, v in timings.items()}}
+                  "validation_accuracy": validation, "seconds": {k: round(v, 1) for k, v in timings.items()}}
         history.append(record)
         metrics.log(step, round=round_index, **_scalars(results), **{f"heldout_{k}": v for k, v in heldout_after.items()},
                     pairs=len(pairs))
@@ -539,11 +559,14 @@ def run_dpo(config: DPOConfig) -> dict:
     train_seconds = time.time() - started
     metrics.close()
     close_scorers()  # ends the reward actors when mode is `ray`
+    selected_round, results = selection.restore_best(model, config.rounds, results)
+    if results is None:  # the start was kept and was not evaluated on the test split yet
+        results = evaluate_model(model, tokenizer, test_rows, config.eval)
 
     # Checkpoint (atomic) with its manifest; eval.json holds the final evaluation and the per-round history.
     summary = {k: v for k, v in results.items() if k != "examples"}
     report = dict(results, start={k: v for k, v in (start_eval or {}).items() if k != "examples"} or None,
-                  rounds=history)
+                  rounds=history, selected_round=selected_round)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     manifest = {
         "stage": "dpo",
@@ -554,12 +577,50 @@ def run_dpo(config: DPOConfig) -> dict:
         "packing": packed_path,
         "train_seconds": round(train_seconds, 1),
         "rounds": history,
+        "selected_round": selected_round,
         "metrics": summary,
     }
     checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
     print(f"checkpoint: {checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\neval:       {out / 'eval.json'}")
     print(_before_after(start_eval, summary, train_seconds))
-    return summary | {"start": report["start"], "rounds": history}
+    return summary | {"start": report["start"], "rounds": history, "selected_round": selected_round}
+
+
+class RoundSelection:
+    """Keeps the policy (start or a round's result) with the best validation accuracy, as a CPU copy of its weights.
+
+    A DPO round can make a small model worse (a learning rate or a pair set too aggressive for it); scoring each
+    round on the validation split and keeping the best means the stage never hands on a model worse than its start,
+    by that measure. Off (the last round is kept, nothing is copied) when `selection.validation_path` is empty.
+    """
+
+    def __init__(self, config: DPOConfig, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.rows = []
+        if config.selection.validation_path:
+            rows, _ = read_rows(config.selection.validation_path, "prompt")
+            self.rows = rows[: config.selection.max_samples or None]
+        self.best: dict | None = None
+
+    def offer(self, model, round_index: int, test_results: dict | None) -> float | None:
+        """Score the current policy; remember it when it beats the best so far. Returns its validation accuracy."""
+        if not self.rows:
+            return None
+        accuracy = run_cell(model, self.tokenizer, self.rows, True, None, self.config.eval)["accuracy"]
+        log.info("round %d: validation accuracy %.3f (%d rows)", round_index, accuracy, len(self.rows))
+        if self.best is None or accuracy > self.best["accuracy"] + self.config.selection.min_gain:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = {"round": round_index, "accuracy": accuracy, "state": state, "results": test_results}
+        return accuracy
+
+    def restore_best(self, model, last_round: int, last_results: dict) -> tuple[int, dict | None]:
+        """Load the best policy into `model` if it is not the last one. Returns (its round, its test results)."""
+        if self.best is None or self.best["round"] == last_round:
+            return last_round, last_results
+        log.warning("keeping round %d (validation accuracy %.3f): no later round beat it", self.best["round"],
+                    self.best["accuracy"])
+        model.load_state_dict(self.best["state"])
+        return self.best["round"], self.best["results"]
 
 
 def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, metrics: MetricsLogger,

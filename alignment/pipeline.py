@@ -102,8 +102,9 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
         if value and Path(value).exists():
             setattr(model, key, str(Path(value).resolve()))
     if data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
-        for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval):
-            for key in ("train_path", "test_path", "prompts_path"):
+        for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
+                        getattr(config, "selection", None)):
+            for key in ("train_path", "test_path", "prompts_path", "validation_path"):
                 if section is not None and getattr(section, key, None):
                     setattr(section, key, str(data_dir / Path(getattr(section, key)).name))
     if name in ("dpo", "grpo") and upstream_model is not None:

@@ -13,6 +13,7 @@ from alignment.config import ConfigError, load_config
 from alignment.data import BadDataError
 from alignment.dpo import (
     DPOConfig,
+    RoundSelection,
     encode_pair,
     pair_logps,
     preference_loss,
@@ -184,9 +185,11 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
         "mining.samples_per_prompt=3", "mining.max_new_tokens=12", "mining.budgets=[null,4]",
         "mining.reasoning_off_fraction=0.3", "mining.rewards={rewards: [{name: length}], mode: inprocess}",
         "rounds=2", "lora.enabled=true", "pairs.heldout_fraction=0",
+        f"selection.validation_path={tiny_data / 'validation.jsonl'}", "selection.max_samples=4",
     )
     summary = run_dpo(config)
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["validation_accuracy"] is not None for r in summary["rounds"]) and summary["selected_round"] in (0, 1, 2)
     assert verify_checkpoint(tmp_path / "run" / "checkpoint")["packing"].startswith("packed")
     for n in (1, 2):
         pairs, report = read_pairs(tmp_path / "run" / "pairs" / f"round{n}.jsonl", max_bad_fraction=1.0)
@@ -200,6 +203,49 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
 
 
+def test_round_selection_keeps_the_best_validation_accuracy_and_restores_its_weights(tiny_data, monkeypatch):
+    config = load_config(DPOConfig, None, [f"selection.validation_path={tiny_data / 'validation.jsonl'}",
+                                           f"eval.test_path={tiny_data / 'test.jsonl'}", "selection.max_samples=3"])
+    scores = iter([0.5, 0.7, 0.6])  # start, round 1, round 2
+    seen_rows = []
+
+    def scripted_cell(model, tokenizer, rows, reasoning, budget, eval_config):
+        seen_rows.append(len(rows))
+        return {"accuracy": next(scores)}
+
+    monkeypatch.setattr("alignment.dpo.run_cell", scripted_cell)
+    model = torch.nn.Linear(2, 2)
+    selection = RoundSelection(config, tokenizer=None)
+    weights = {}
+    for round_index in range(3):
+        with torch.no_grad():
+            model.weight.fill_(float(round_index))
+        weights[round_index] = model.weight.clone()
+        selection.offer(model, round_index, {"round": round_index})
+    assert seen_rows == [3, 3, 3]
+    assert selection.restore_best(model, 2, {"round": 2}) == (1, {"round": 1})
+    assert torch.equal(model.weight, weights[1])
+
+    # The start is kept when no round beats it by more than min_gain.
+    config.selection.min_gain = 0.25
+    scores = iter([0.5, 0.7])
+    selection = RoundSelection(config, tokenizer=None)
+    start_weights = model.weight.clone()
+    selection.offer(model, 0, None)
+    model.weight.data.fill_(9.0)
+    selection.offer(model, 1, {"round": 1})
+    assert selection.restore_best(model, 1, {"round": 1}) == (0, None)
+    assert torch.equal(model.weight, start_weights)
+
+
+def test_round_selection_is_off_without_a_validation_split(monkeypatch):
+    monkeypatch.setattr("alignment.dpo.run_cell", lambda *a: pytest.fail("nothing is scored without validation rows"))
+    selection = RoundSelection(load_config(DPOConfig, None, []), tokenizer=None)
+    model = torch.nn.Linear(2, 2)
+    assert selection.offer(model, 0, None) is None
+    assert selection.restore_best(model, 2, {"round": 2}) == (2, {"round": 2})
+
+
 def test_config_refuses_mining_from_the_test_split_and_greedy_sampling():
     with pytest.raises(ConfigError, match="mine from the train split"):
         load_config(DPOConfig, None, ["mining.prompts_path=runs/data/tiny/test.jsonl"])
@@ -207,3 +253,5 @@ def test_config_refuses_mining_from_the_test_split_and_greedy_sampling():
         load_config(DPOConfig, None, ["mining.temperature=0"])
     with pytest.raises(ConfigError, match="dataset_path must be set"):
         load_config(DPOConfig, None, ["pairs.source=dataset"])
+    with pytest.raises(ConfigError, match="select on the validation split"):
+        load_config(DPOConfig, None, ["selection.validation_path=runs/data/tiny/test.jsonl"])
