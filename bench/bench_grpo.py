@@ -121,6 +121,11 @@ def profile_generation_call(out: Path, call: int) -> None:
             else:
                 gc_time[0] += time.perf_counter() - started[0]
 
+        def allocator() -> dict:
+            stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+            return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
+
+        before = allocator()
         gc.callbacks.append(on_gc)
         profiler = cProfile.Profile()
         t0 = time.perf_counter()
@@ -131,9 +136,9 @@ def profile_generation_call(out: Path, call: int) -> None:
             gc.callbacks.remove(on_gc)
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
-            retries = torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None
+            during = {k: v - before[k] for k, v in allocator().items()}
             summary = f"generate wall {wall:.2f} s, gc {gc_time[0]:.2f} s, gc tracked objects {len(gc.get_objects())}, " \
-                      f"allocator retries {retries}\n"
+                      f"allocator during the call {during}\n"
             print(summary, flush=True)
             (out / "grpo_generate_profile.txt").write_text(summary + text.getvalue())
 
