@@ -8,9 +8,13 @@ fi
 mkdir -p /tmp/kern /tmp/site
 [ -f /tmp/kern/.done ] || { xz -dc .gpu/kernels-mamba2.tar.xz | tar xf - -C /tmp/kern && touch /tmp/kern/.done; }
 if [ ! -f /tmp/site/.done ]; then
-  ls .gpu/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl
+  # Marked done only when every wheel installed (pip installs none when one does not fit this Python).
+  installed=1
+  if ls .gpu/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl || installed=0
+  fi
   for bundle in .gpu_extra/*.tar.xz; do [ -f "$bundle" ] && xz -dc "$bundle" | tar xf - -C /tmp/site; done
-  touch /tmp/site/.done
+  [ "$installed" = 1 ] && touch /tmp/site/.done
 fi
 export PYTHONPATH=/tmp/kern:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from alignment.generation import GenerationResult, GenerationSettings, generate, line_end_token_ids
+from alignment.generation import (
+    GenerationResult, GenerationSettings, decode_attention_backends, generate, line_end_token_ids,
+)
 
 # Token ids of the scripted vocabulary.
 PAD, EOS, THINK, CLOSE, NL = 0, 1, 2, 3, 4
@@ -312,3 +314,15 @@ def test_tiny_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_model):
     assert first != generate(tiny_model, prompts, settings=sampled, budgets=[4] * 4, seed=8)
     nucleus_of_one = generate(tiny_model, prompts, settings=tiny_settings(temperature=1.0, top_p=1e-6), seed=3)
     assert nucleus_of_one == generate(tiny_model, prompts, settings=tiny_settings())
+
+
+def test_decoding_on_cuda_leaves_cudnn_attention_out_and_restores_it():
+    # cuDNN plans every new key length (one per decode step); generation must not pick it, and must not change the
+    # caller's backend choice for the rest of the program.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode_attention_backends(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with decode_attention_backends(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
