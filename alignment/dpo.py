@@ -140,6 +140,12 @@ class LossConfig:
     loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", "sigmoid (DPO), ipo or hinge, as TRL defines them.")
     beta: float = option(0.05, "Strength of the pull towards the reference (Nemotron 3 DPO: 0.05).")
     sft_weight: float = option(0.2, "Weight of the NLL of the chosen side added to the loss (Nemotron 3 DPO: 0.2).")
+    score_until: Literal["end", "divergent_line", "divergent_token"] = option(
+        "end", "How much of each side the loss scores: all of it, or only up to the end of the line (step-level DPO) "
+               "or the token where the two sides first differ. For reasoning pairs sampled from one policy: after a "
+               "wrong step the rest of the rejected trace is often right given that step, and pushing it down "
+               "teaches wrong steps. Keep `end` for pairs that differ throughout."
+    )
 
     def validate(self) -> None:
         if self.beta <= 0 or self.sft_weight < 0:
@@ -261,6 +267,24 @@ def preference_loss(
 def encode_pair(tokenizer, pair: dict) -> dict:
     """Token ids and labels of both sides of a message-form pair, through the chat template."""
     return {side: encode_for_training(tokenizer, pair["prompt"] + [pair[side]]) for side in ("chosen", "rejected")}
+
+
+def until_divergence(encoded: dict, line_end_ids: frozenset[int] | None) -> dict:
+    """Both sides' labels cut after the token where the two token sequences first differ, or after the end of that
+    line when `line_end_ids` is given (see `LossConfig.score_until`). The shared prefix cancels in the preference
+    margin, so what is left is each side's first differing token or step. Sides that never differ (one a prefix of
+    the other) are kept whole."""
+    chosen, rejected = encoded["chosen"]["input_ids"], encoded["rejected"]["input_ids"]
+    first = next((t for t, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+    if first is None:
+        return encoded
+    cut = {}
+    for side, sample in encoded.items():
+        ids = sample["input_ids"]
+        end = first if line_end_ids is None else \
+            next((t for t in range(first, len(ids)) if ids[t] in line_end_ids), len(ids) - 1)
+        cut[side] = {"input_ids": ids, "labels": sample["labels"][: end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1)}
+    return cut
 
 
 def select_pairs(candidates: list[dict], min_margin: float, max_pairs: int) -> list[tuple[int, int]]:
@@ -462,6 +486,7 @@ def run_dpo(config: DPOConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     test_rows, _ = read_rows(config.eval.test_path, "prompt")
+    line_ends = line_end_token_ids(tokenizer)
 
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining.
     file_pairs, file_report = [], None
@@ -500,6 +525,10 @@ def run_dpo(config: DPOConfig) -> dict:
             pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], config.mining,
                                            seed=config.train.seed + round_index, tag=f"r{round_index}")
             write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
+        if config.loss.score_until != "end":
+            ends = line_ends if config.loss.score_until == "divergent_line" else None
+            for pair in pairs:
+                pair["encoded"] = until_divergence(pair["encoded"], ends)
         fits = [max(len(s["input_ids"]) for s in p["encoded"].values()) <= config.pairs.max_seq_len for p in pairs]
         too_long = len(pairs) - sum(fits)
         pairs = [p for p, ok in zip(pairs, fits) if ok]

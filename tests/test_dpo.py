@@ -21,6 +21,7 @@ from alignment.dpo import (
     run_dpo,
     sampled_sample,
     select_pairs,
+    until_divergence,
 )
 from alignment.generation import GenerationResult
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
@@ -76,6 +77,26 @@ def test_forced_tokens_carry_no_loss():
     sample = sampled_sample([1, 2], result)
     assert sample["input_ids"] == [1, 2, 7, 8, 9, 4]
     assert sample["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, 9, 4]
+
+
+def test_until_divergence_scores_each_side_only_to_its_first_differing_token_or_line():
+    NL, P = 9, IGNORE_INDEX  # 9 ends a line; the prompt (ids 1, 2) carries no labels
+    chosen = [1, 2, 5, 6, NL, 7, 8, NL, 3, 4]
+    rejected = [1, 2, 5, 6, NL, 7, 0, 0, NL, 4, 4, 4]
+    encoded = {"chosen": {"input_ids": chosen, "labels": [P, P] + chosen[2:]},
+               "rejected": {"input_ids": rejected, "labels": [P, P] + rejected[2:]}}
+    cut = until_divergence(encoded, frozenset({NL}))
+    # They first differ at index 6 (8 vs 0); chosen's line ends at 7, rejected's at 8.
+    assert cut["chosen"]["labels"] == [P, P, 5, 6, NL, 7, 8, NL, P, P]
+    assert cut["rejected"]["labels"] == [P, P, 5, 6, NL, 7, 0, 0, NL, P, P, P]
+    assert cut["chosen"]["input_ids"] == chosen and cut["rejected"]["input_ids"] == rejected
+    token = until_divergence(encoded, None)
+    assert token["chosen"]["labels"] == [P, P, 5, 6, NL, 7, 8, P, P, P]
+    assert token["rejected"]["labels"] == [P, P, 5, 6, NL, 7, 0] + [P] * 5
+    # A side that is a prefix of the other, or a difference on a line that never ends, keeps every label.
+    prefix = {"chosen": encoded["chosen"], "rejected": {"input_ids": chosen[:6], "labels": [P, P] + chosen[2:6]}}
+    assert until_divergence(prefix, frozenset({NL})) == prefix
+    assert until_divergence(encoded, frozenset())["rejected"]["labels"] == encoded["rejected"]["labels"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +207,7 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
         "mining.reasoning_off_fraction=0.3", "mining.rewards={rewards: [{name: length}], mode: inprocess}",
         "rounds=2", "lora.enabled=true", "pairs.heldout_fraction=0",
         f"selection.validation_path={tiny_data / 'validation.jsonl'}", "selection.max_samples=4",
+        "loss.score_until=divergent_line",
     )
     summary = run_dpo(config)
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
