@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -286,7 +287,7 @@ def _supervise(
             os.close(info_write)
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: [], info_read: []}
-    total, killed_for = 0, None
+    total, killed_for, namespace = 0, None, None
     with selectors.DefaultSelector() as selector:
         for fd in (out_fd, err_fd, info_read) if isolated else (out_fd, err_fd):
             selector.register(fd, selectors.EVENT_READ)
@@ -302,6 +303,7 @@ def _supervise(
                     continue
                 if key.fd == info_read:
                     chunks[info_read].append(data)
+                    namespace = namespace or _pid_namespace(_sandbox_init_pid(b"".join(chunks[info_read])))
                     continue
                 chunks[key.fd].append(data[: max(0, limits.max_output_bytes - total)])
                 total += len(data)
@@ -318,8 +320,10 @@ def _supervise(
             killed_for = SandboxStatus.TIMEOUT
     if killed_for is not None:
         _kill(proc, _sandbox_init_pid(b"".join(chunks[info_read])))
-    _kill_group(proc)  # unisolated runs: children still in the group; isolated runs have none left by now
+    _kill_group(proc)  # unisolated runs: children still in the group
     proc.wait()
+    if namespace:
+        _empty_namespace(namespace)
     duration = time.monotonic() - start
     proc.stdout.close()
     proc.stderr.close()
@@ -340,11 +344,55 @@ def _sandbox_init_pid(info: bytes) -> int | None:
         return None
 
 
+def _pid_namespace(pid: int | None) -> str | None:
+    """The PID namespace of a live process (e.g. 'pid:[4026532512]'), None if it cannot be read."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") if pid else None
+    except OSError:
+        return None
+
+
+def _empty_namespace(namespace: str, timeout_s: float = 5.0) -> None:
+    """Kill whatever is still in the sandbox's PID namespace and wait until those processes are gone.
+
+    The kernel kills the namespace when its PID 1 exits, but bwrap returns when the program exits, not when that
+    PID 1 has finished: under load a forked child was seen still running after bwrap had gone. The run is over when
+    nothing in the namespace has yet to exit (the PID 1 itself stays a zombie until the host reaps it).
+    """
+    seen: set[str] = set()  # "pid starttime", so a reused pid is not waited for
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            key = _process_key(entry)
+            if key and (key in seen or _pid_namespace(int(entry)) == namespace):
+                seen.add(key)
+                alive.append(int(entry))
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if not alive:
+            return
+        time.sleep(0.005)
+
+
+def _process_key(pid: str) -> str | None:
+    """'pid starttime' of a process that has not exited yet; None for a zombie (dead, waiting to be reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else f"{pid} {fields[19]}"  # fields 3 (state) and 22 (start time)
+
+
 def _kill(proc: subprocess.Popen, init_pid: int | None) -> None:
     """End a run that is still going, and return only once every process of it is gone.
 
-    Killing the sandbox's PID 1 makes the kernel kill everything else in its PID namespace, and that PID 1 only
-    finishes exiting (letting bwrap, our child, exit) once they are all gone; so bwrap's exit means nothing is left.
+    Killing the sandbox's PID 1 makes the kernel kill everything else in its PID namespace; `_empty_namespace`
+    then waits until those processes have exited.
     """
     if init_pid is not None:
         try:
