@@ -486,7 +486,8 @@ def run_dpo(config: DPOConfig) -> dict:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     test_rows, _ = read_rows(config.eval.test_path, "prompt")
-    line_ends = line_end_token_ids(tokenizer)
+    # Decoding the whole vocabulary takes a while for real tokenizers: only when the loss needs line ends.
+    line_ends = line_end_token_ids(tokenizer) if config.loss.score_until == "divergent_line" else None
 
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining.
     file_pairs, file_report = [], None
@@ -526,9 +527,8 @@ def run_dpo(config: DPOConfig) -> dict:
                                            seed=config.train.seed + round_index, tag=f"r{round_index}")
             write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
         if config.loss.score_until != "end":
-            ends = line_ends if config.loss.score_until == "divergent_line" else None
             for pair in pairs:
-                pair["encoded"] = until_divergence(pair["encoded"], ends)
+                pair["encoded"] = until_divergence(pair["encoded"], line_ends)
         fits = [max(len(s["input_ids"]) for s in p["encoded"].values()) <= config.pairs.max_seq_len for p in pairs]
         too_long = len(pairs) - sum(fits)
         pairs = [p for p, ok in zip(pairs, fits) if ok]

@@ -31,10 +31,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-from pathlib import Path
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,8 @@ def _supervise(
             os.close(info_write)
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: [], info_read: []}
-    total, killed_for, namespace = 0, None, None
+    total, killed_for = 0, None
+    init_pid, namespace = None, None  # the sandbox's PID 1 as the host sees it, and its PID namespace
     with selectors.DefaultSelector() as selector:
         for fd in (out_fd, err_fd, info_read) if isolated else (out_fd, err_fd):
             selector.register(fd, selectors.EVENT_READ)
@@ -303,7 +304,9 @@ def _supervise(
                     continue
                 if key.fd == info_read:
                     chunks[info_read].append(data)
-                    namespace = namespace or _pid_namespace(_sandbox_init_pid(b"".join(chunks[info_read])))
+                    if init_pid is None:
+                        init_pid = _sandbox_init_pid(b"".join(chunks[info_read]))
+                        namespace = _pid_namespace(init_pid)
                     continue
                 chunks[key.fd].append(data[: max(0, limits.max_output_bytes - total)])
                 total += len(data)
@@ -319,7 +322,7 @@ def _supervise(
         except subprocess.TimeoutExpired:
             killed_for = SandboxStatus.TIMEOUT
     if killed_for is not None:
-        _kill(proc, _sandbox_init_pid(b"".join(chunks[info_read])))
+        _kill(proc, init_pid)
     _kill_group(proc)  # unisolated runs: children still in the group
     proc.wait()
     if namespace:
