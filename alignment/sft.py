@@ -72,6 +72,11 @@ class TrainConfig:
     seed: int = option(0, "Seed for data order and dropout.")
     save_every: int = option(0, "Save a resumable training state every this many steps (0: only at the end).")
     log_every: int = option(20, "Log metrics every this many steps.")
+    deepspeed: str = option(
+        "",
+        "DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json): shard weights, gradients and AdamW states with "
+        "ZeRO over the workers (what full fine-tuning of a 9B model needs). Empty: plain data parallel (DDP).",
+    )
     cuda_graphs: bool = option(
         False,
         "Capture the packed training step once as a CUDA graph and replay it (about 2x faster for small models "
@@ -84,6 +89,9 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.deepspeed and self.save_every:
+            raise ValueError("train.save_every is not supported with train.deepspeed (ZeRO shards the optimizer "
+                             "state); set train.save_every=0")
 
 
 @dataclass
@@ -162,6 +170,8 @@ def cuda_graphs_unusable(config: TrainConfig, device: torch.device, packed: Pack
         return f"Mamba path {packed.mamba!r} is not capturable (install the gpu extra: mamba-ssm, causal-conv1d)"
     if world > 1:
         return "data-parallel steps are not captured"
+    if config.deepspeed:
+        return "DeepSpeed runs its own step"
     if config.grad_accum != 1:
         return "grad_accum > 1"
     return None
@@ -200,6 +210,26 @@ def eager_step(trained, model, optimizer, mine: list[dict], n_targets: int, worl
     return total, grad_norm
 
 
+def zero_step(zero, mine: list[dict], n_targets: int, world: int, device: torch.device,
+              state: TrainState) -> tuple[torch.Tensor, float]:
+    """`eager_step` under DeepSpeed ZeRO: the engine reduces (and shards) gradients, clips and steps."""
+    total = torch.zeros((), device=device)
+    for batch in mine:
+        batch = to_device(batch, device)
+        loss_sum = token_loss_sum(zero, batch)
+        zero.backward(loss_sum * world / n_targets)  # ZeRO averages gradients over workers, like DDP
+        total += loss_sum.detach()
+        state.tokens_seen += int(batch["input_ids"].numel()) * world
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return total, zero.grad_norm()
+
+
+def build_model(config: SFTConfig, device: torch.device):
+    model = load_model(config.model, device)
+    return apply_lora(model, config.lora) if config.lora.enabled else model
+
+
 def run_sft(config: SFTConfig) -> dict:
     setup_logging()
     out = Path(config.output_dir)
@@ -209,9 +239,7 @@ def run_sft(config: SFTConfig) -> dict:
 
     # Model and tokenizer.
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, device)
-    if config.lora.enabled:
-        model = apply_lora(model, config.lora)
+    model = build_model(config, device)
     packed = enable_packed_sequences(model) if config.train.packing else None
     packed_path = f"packed ({packed})" if packed else "padded batches"
     log.info("device %s; batches: %s", device, packed_path)
@@ -230,10 +258,10 @@ def run_sft(config: SFTConfig) -> dict:
         max_tokens_per_row=config.train.max_tokens_per_row if config.train.packing else config.data.max_seq_len,
     )
 
-    # Train (data parallel when launched by Ray Train: same code for 1 and N workers).
+    # Train (data parallel when launched by Ray Train: same code for 1 and N workers; sharded with DeepSpeed).
     rank, world = distributed_rank_world()
-    trained = model
-    if world > 1:
+    trained, zero = model, None  # DeepSpeed wraps the model below, together with its optimizer
+    if world > 1 and not config.train.deepspeed:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     use_graphs = config.train.cuda_graphs
@@ -249,6 +277,14 @@ def run_sft(config: SFTConfig) -> dict:
         optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                       betas=(0.9, 0.95))
         graphed_step = None
+    if config.train.deepspeed:
+        from alignment.zero import ZeroEngine, deepspeed_config
+
+        settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
+                                    grad_accum=config.train.grad_accum, world=world,
+                                    bf16=next(model.parameters()).dtype == torch.bfloat16)
+        zero = ZeroEngine(model, optimizer, settings)
+        trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
     fingerprint = run_fingerprint(config, config.data.train_path)
     if resume_training(out / "last", fingerprint, model, optimizer, state):
@@ -274,6 +310,8 @@ def run_sft(config: SFTConfig) -> dict:
             loss_sum, _, grad_norm = graphed_step(step_batches[0])
             total = loss_sum.clone()
             state.tokens_seen += int(step_batches[0]["input_ids"].numel())
+        elif zero is not None:
+            total, grad_norm = zero_step(zero, step_batches[rank::world], n_targets, world, device, state)
         else:
             total, grad_norm = eager_step(trained, model, optimizer, step_batches[rank::world], n_targets, world,
                                           device, config.train.max_grad_norm, state)
@@ -289,6 +327,13 @@ def run_sft(config: SFTConfig) -> dict:
             state.seconds = time.time() - started
             save_training_state(out / "last", fingerprint, model, optimizer, state)
     train_seconds = time.time() - started
+    if zero is not None:  # gather the shards into a plain model on rank 0 for evaluation and the checkpoint
+        weights = zero.full_state_dict(rank)
+        zero.close()
+        trained = optimizer = zero = None
+        if rank == 0:
+            model = build_model(config, device)
+            model.load_state_dict(weights)
     if rank != 0:
         return {}
 

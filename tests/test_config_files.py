@@ -1,6 +1,5 @@
 """Every config file under configs/ loads: stage configs through the typed loader, the others as YAML/JSON."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,14 @@ def test_other_config_parses_or_loads(path):
         load_config(getattr(module, class_name), path)
 
 
-def test_deepspeed_config_is_zero3_bf16():
-    config = json.loads((CONFIGS / "deepspeed" / "zero3.json").read_text())
+def test_deepspeed_config_is_zero3_and_follows_the_stage():
+    from alignment.zero import deepspeed_config
+
+    path = str(CONFIGS / "deepspeed" / "zero3.json")
+    config = deepspeed_config(path, max_grad_norm=1.0, grad_accum=32, world=8, bf16=True)
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
+    assert config["train_batch_size"] == 256 and config["gradient_accumulation_steps"] == 32
+    assert deepspeed_config(path, max_grad_norm=1.0, grad_accum=1, world=1, bf16=False)["bf16"]["enabled"] is False
 
 
 def test_qwen_template_expresses_the_reasoning_toggle():

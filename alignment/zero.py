@@ -1,0 +1,119 @@
+"""DeepSpeed ZeRO for SFT: the one module that calls DeepSpeed, so an upstream API change touches only this file.
+
+ZeRO-3 shards weights, gradients and AdamW states over the data-parallel workers: that is what makes full
+fine-tuning of a 9B model fit 80 GB GPUs. The stage keeps its own loop and loss: each micro-batch goes through the
+engine's forward/backward, the optimizer is the stage's AdamW (its learning rate set every step from the stage's
+schedule), and the engine clips and steps at the end of each step's micro-batches. The loss is normalised exactly
+as in the plain data-parallel path, so a ZeRO run follows the same trajectory as one process with the same global
+batch (tests/test_zero.py checks this on 2 CPU processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The stage owns these; a DeepSpeed config that sets them would silently fight the stage's own settings.
+OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def deepspeed_config(path: str, *, max_grad_norm: float, grad_accum: int, world: int, bf16: bool) -> dict:
+    """Read a DeepSpeed JSON config and fill the values the stage decides ("auto", or absent)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"train.deepspeed: cannot read DeepSpeed config {path}: {exc}") from exc
+    if owned := [k for k in OWNED_SECTIONS if k in config]:
+        raise ValueError(f"{path}: remove {owned}: SFT uses its own AdamW and learning-rate schedule "
+                         "(train.lr, train.schedule, train.weight_decay)")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
+
+    def fill(key: str, value):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ValueError(f"{path}: {key}={config[key]!r} disagrees with the stage's {value!r}; set it to \"auto\"")
+
+    # A "micro-batch" is one packed batch of the stage; DeepSpeed only uses these numbers for bookkeeping.
+    fill("train_micro_batch_size_per_gpu", 1)
+    fill("gradient_accumulation_steps", grad_accum)
+    fill("train_batch_size", grad_accum * world)
+    fill("gradient_clipping", max_grad_norm)
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = bf16
+    config.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW is the client optimizer
+    return config
+
+
+def _ensure_process_group() -> None:
+    """A single process started without a launcher (`align sft` alone) becomes a world of one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+
+
+class ZeroEngine:
+    """A model and its AdamW under a DeepSpeed engine; `forward`, `backward` and `step` are the engine's."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        if config["zero_optimization"]["stage"] == 3:
+            # Mamba mixers read their children's weights directly (conv1d.weight into the conv kernel), so ZeRO-3
+            # must gather a mixer's parameters as one unit instead of per child module.
+            mixers = sorted({type(m) for m in model.modules() if hasattr(m, "conv1d") and hasattr(m, "in_proj")},
+                            key=lambda c: c.__name__)
+            if mixers:
+                set_z3_leaf_modules(model, mixers)
+        _ensure_process_group()
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.stage = config["zero_optimization"]["stage"]
+        log.info("DeepSpeed ZeRO-%d over %d worker(s), bf16 %s", self.stage, torch.distributed.get_world_size(),
+                 config.get("bf16", {}).get("enabled", False))
+
+    def __call__(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The stage already normalised the loss over every micro-batch of the step: no division by grad_accum.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # steps the optimizer (clipping first) only after the step's last micro-batch
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """Every weight, unsharded, on rank 0's CPU (None elsewhere). All ranks must call it, in step."""
+        import deepspeed
+
+        module = self.engine.module
+        keys = set(module.state_dict())  # persistent buffers only; sharded weights show as empty tensors here
+        state = {}
+        for name, param in module.named_parameters(remove_duplicate=False):  # tied weights under each name
+            with deepspeed.zero.GatheredParameters([param], enabled=self.stage == 3):
+                if rank == 0:
+                    state[name] = param.detach().to("cpu", copy=True)
+        if rank == 0:
+            state.update({n: b.detach().to("cpu", copy=True) for n, b in module.named_buffers() if n in keys})
+        return state if rank == 0 else None
+
+    def close(self) -> None:
+        self.engine.destroy()
