@@ -321,8 +321,9 @@ def run_sft(config: SFTConfig) -> dict:
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         if metrics and (step % config.train.log_every == 0 or step == config.train.max_steps - 1):
             memory = {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+            elapsed = time.time() - started
             metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=state.epoch,
-                        tokens_per_s=state.tokens_seen / (time.time() - started), **memory)
+                        tokens_per_s=state.tokens_seen / elapsed, elapsed_s=round(elapsed, 3), **memory)
         if rank == 0 and config.train.save_every and state.step % config.train.save_every == 0:
             state.seconds = time.time() - started
             save_training_state(out / "last", fingerprint, model, optimizer, state)

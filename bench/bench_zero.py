@@ -6,9 +6,10 @@
 Runs, each through the stage itself (`alignment.sft.run_sft`):
   plain-fp32 / zero3-fp32   loss agreement: the same trajectory is expected (ZeRO only moves where weights live)
   plain-bf16 / zero3-bf16   speed and memory in the dtype one trains in (ZeRO keeps fp32 master weights and AdamW
-                            states, the plain loop steps bf16 weights, so their losses are not compared)
+                            states, the plain loop steps bf16 weights, so their losses differ a little)
 A short warm-up run per dtype comes first (Triton autotunes the Mamba kernels on first use). Printed per run:
-losses of the first steps, tokens/s over the run (padded packed rows, the same for both), peak GPU memory.
+losses of the first steps, tokens/s and seconds per step after the first 5 steps (padded packed rows, the same for
+both), peak GPU memory.
 On one GPU ZeRO-3 shards over a world of one: this checks the path and its cost, not the memory saving of N GPUs.
 Results go to `<out>/bench_zero.json` (`--out`, default $OUT when set, else runs/bench_zero).
 """
@@ -32,6 +33,7 @@ from alignment.sft import SFTConfig, run_sft  # noqa: E402
 from data_recipes.synthetic_math import MathDataConfig, MathTaskConfig, write_splits  # noqa: E402
 
 ZERO3 = "configs/deepspeed/zero3.json"
+SKIP = 5  # steps left out of the speed figures
 
 
 def run(name: str, out: Path, data: Path, base: list[str], extra: list[str]) -> dict:
@@ -45,10 +47,14 @@ def run(name: str, out: Path, data: Path, base: list[str], extra: list[str]) -> 
     seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
+    # Steady state: tokens/s between the end of step SKIP and the last step (a new packed shape autotunes once).
+    first, last = steps[SKIP - 1], steps[-1]
+    tokens = last["tokens_per_s"] * last["elapsed_s"] - first["tokens_per_s"] * first["elapsed_s"]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"losses": [round(r["loss"], 6) for r in steps], "tokens_per_s": steps[-1]["tokens_per_s"],
+    return {"losses": [round(r["loss"], 6) for r in steps], "tokens_per_s": tokens / (last["elapsed_s"] - first["elapsed_s"]),
+            "seconds_per_step": (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"]),
             "peak_memory_gb": steps[-1].get("peak_memory_gb"), "seconds": round(seconds, 1)}
 
 
@@ -56,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model on CPU")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_zero", help="output directory")
     args = parser.parse_args()
     out = Path(args.out)
@@ -72,21 +79,25 @@ def main() -> None:
     zero = [f"train.deepspeed={ZERO3}"]
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.small else "cpu",
                "torch": torch.__version__, "steps": args.steps, "runs": {}}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
         short = "fp32" if dtype == "float32" else "bf16"
-        run(f"warmup-{short}", out, data, [*base, "train.max_steps=3"], [f"model.dtype={dtype}"])
+        run(f"warmup-{short}", out, data, [*base, "train.max_steps=10"], [f"model.dtype={dtype}"])
         for name, extra in ((f"plain-{short}", []), (f"zero3-{short}", zero)):
             results["runs"][name] = run(name, out, data, base, [f"model.dtype={dtype}", *extra])
             (out / "bench_zero.json").write_text(json.dumps(results, indent=2))
-    plain, sharded = results["runs"]["plain-fp32"]["losses"], results["runs"]["zero3-fp32"]["losses"]
-    results["fp32_max_relative_loss_difference"] = max(abs(a - b) / abs(a) for a, b in zip(plain, sharded))
+    for short in ("fp32", "bf16"):
+        if f"plain-{short}" in results["runs"]:
+            plain, sharded = results["runs"][f"plain-{short}"]["losses"], results["runs"][f"zero3-{short}"]["losses"]
+            results[f"{short}_max_relative_loss_difference"] = max(abs(a - b) / abs(a) for a, b in zip(plain, sharded))
     (out / "bench_zero.json").write_text(json.dumps(results, indent=2))
-    print(f"{'run':<12} {'tokens/s':>10} {'peak GB':>8} {'seconds':>8}  first losses")
+    print(f"{'run':<12} {'tokens/s':>10} {'s/step':>7} {'peak GB':>8} {'seconds':>8}  first losses")
     for name, r in results["runs"].items():
         memory = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
-        print(f"{name:<12} {r['tokens_per_s']:>10.0f} {memory:>8} {r['seconds']:>8.1f}  {r['losses'][:4]}")
-    print(f"fp32 loss agreement (max relative difference over {args.steps} steps): "
-          f"{results['fp32_max_relative_loss_difference']:.2e}")
+        print(f"{name:<12} {r['tokens_per_s']:>10.0f} {r['seconds_per_step']:>7.3f} {memory:>8} {r['seconds']:>8.1f}  "
+              f"{r['losses'][:4]}")
+    for short in ("fp32", "bf16"):
+        if (key := f"{short}_max_relative_loss_difference") in results:
+            print(f"{short} loss agreement (max relative difference over {args.steps} steps): {results[key]:.2e}")
 
 
 if __name__ == "__main__":

@@ -99,19 +99,24 @@ def test_killed_pipeline_resumes_from_last_checkpoint(tmp_path):
 
 
 def test_two_workers_match_one_worker(tmp_path):
-    """Ray Train data parallel: 2 workers x 1 micro-batch == 1 worker x 2 micro-batches, step by step."""
+    """Ray Train data parallel: 2 workers x 1 micro-batch == 1 worker x 2 micro-batches, step by step; the same with
+    the 2 workers under DeepSpeed ZeRO-3 (as configs/nano9b/pipeline_full.yaml runs full fine-tuning)."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
     losses = {}
-    for workers, accum in ((1, 2), (2, 1)):
-        run = tmp_path / f"w{workers}"
+    for name, workers, accum, extra in (("one", 1, 2, []), ("ddp", 2, 1, []),
+                                         ("zero3", 2, 1, [f"train.deepspeed={zero3}"])):
+        run = tmp_path / name
         pipeline(run, "stages=[data,sft]", f"sft.num_workers={workers}", "sft.num_cpus=1",
-                 sft_overrides("train.max_steps=4", f"train.grad_accum={accum}", "train.log_every=1"))
+                 sft_overrides("train.max_steps=4", f"train.grad_accum={accum}", "train.log_every=1", *extra))
         rows = [json.loads(l) for l in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
-        losses[workers] = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses[1]) == len(losses[2]) == 4
+        losses[name] = [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert len(losses["one"]) == len(losses["ddp"]) == len(losses["zero3"]) == 4
     # Same data, same update; only the order of the gradient sums differs (gloo all-reduce vs local accumulation).
-    for one, two in zip(losses[1], losses[2]):
-        assert abs(one - two) <= 1e-4 * abs(one), losses
-    assert losses[1][0] != losses[1][-1]  # the model did train
+    for one, ddp, zero in zip(losses["one"], losses["ddp"], losses["zero3"]):
+        assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(one, ddp)), losses
+        assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(one, zero)), losses
+    assert losses["one"][0][0] != losses["one"][-1][0]  # the model did train
 
 
 def test_ray_job_submit_runs_the_pipeline(tmp_path):
