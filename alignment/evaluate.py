@@ -134,6 +134,22 @@ def prompt_messages(row: dict) -> list[dict]:
     ]
 
 
+def reference_fits(tokenizer, rows: list[dict], budget: int | None, config: EvalConfig) -> float | None:
+    """Share of rows whose reference trace ends within `budget` plus its grace window (None: no reference traces).
+
+    A model that needs a trace as long as the reference's cannot do better than this at that budget; accuracy above
+    it comes from answering without finishing the trace.
+    """
+    traces = [row["messages"][-1].get("reasoning_content") for row in rows if row["messages"][-1]["role"] == "assistant"]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in traces if t]
+    if not lengths:
+        return None
+    if budget is None:
+        return 1.0
+    limit = budget + generation_settings(tokenizer, config).grace_window(budget)
+    return sum(n <= limit for n in lengths) / len(lengths)
+
+
 def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> dict:
     """Reasoning on (unlimited), reasoning off, and the budget sweep. Returns the summary `metrics.json` uses."""
     if config.max_samples:
@@ -155,8 +171,9 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "well_formed_no_think": no_think["well_formed"],
         "mean_thinking_tokens": think["mean_thinking_tokens"],
         "budget_sweep": [
-            {k: cell[k] for k in ("budget", "accuracy", "well_formed", "mean_thinking_tokens", "mean_answer_tokens",
-                                  "forced_fraction")}
+            {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "mean_thinking_tokens", "mean_answer_tokens",
+                                     "forced_fraction")},
+             "reference_fits": reference_fits(tokenizer, rows, cell["budget"], config)}
             for cell in sweep
         ],
         "examples": {"think": think["examples"], "no_think": no_think["examples"]},
@@ -200,6 +217,10 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    first = next(iter(results.values()))["budget_sweep"]
+    if all(c.get("reference_fits") is not None for c in first):
+        axes[0].plot(range(len(first)), [c["reference_fits"] for c in first], linestyle="--", color="gray",
+                     label="reference trace fits the budget")
     for name, summary in results.items():
         sweep = summary["budget_sweep"]
         labels = [budget_label(c["budget"]) for c in sweep]
@@ -226,11 +247,13 @@ def markdown_report(results: dict[str, dict]) -> str:
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():
-        lines += [f"### {name}", "", "| budget | accuracy | well-formed | thinking tokens | answer tokens | forced |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", "| budget | accuracy | well-formed | thinking tokens | answer tokens | forced | "
+                  "reference trace fits |", "|---|---|---|---|---|---|---|"]
         for c in s["budget_sweep"]:
+            fits = "-" if c.get("reference_fits") is None else f"{c['reference_fits']:.3f}"
             lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | "
-                         f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} |")
+                         f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} | "
+                         f"{fits} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from alignment.data import enforce_bad_fraction, row_problem
+from envs.answers import THINK_CLOSE, THINK_OPEN
 
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 SWITCH_ON = "/think"
 SWITCH_OFF = "/no_think"
 # Llama-Nemotron writes its toggle as a system prompt; Nano 2 uses the keywords. Both are control text, not content.

@@ -1,0 +1,40 @@
+"""Evaluation grading: the well-formed rule and the share of reference traces that fit a thinking budget."""
+
+from envs.answers import THINK_CLOSE
+from alignment.evaluate import EvalConfig, judge, markdown_report, reference_fits
+
+
+def test_well_formed_needs_one_close_a_boxed_answer_and_an_end():
+    ok = judge(f"12 + 3 = 15\n{THINK_CLOSE}The result is \\boxed{{15}}.", True, True, 9, 64)
+    assert ok["well_formed"] and ok["boxed"] == "15"
+    assert not judge(f"a{THINK_CLOSE}b{THINK_CLOSE}\\boxed{{1}}", True, True, 5, 64)["well_formed"]  # two closes
+    assert not judge(f"a{THINK_CLOSE}no answer", True, True, 3, 64)["well_formed"]
+    assert not judge(f"a{THINK_CLOSE}\\boxed{{1}}", True, False, 3, 64)["well_formed"]  # cut at max_new_tokens
+    assert not judge(f"a{THINK_CLOSE}\\boxed{{1}}", True, True, 65, 64)["well_formed"]  # answer too long
+    assert judge("\\boxed{1}", False, True, 3, 64)["well_formed"]  # reasoning off: no close at all
+
+
+def test_reference_fits_counts_traces_within_budget_and_grace(tokenizer):
+    def row(trace):
+        return {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a", "reasoning_content": trace}]}
+
+    rows = [row("1 + 2 = 3\n"), row("12 * 3 = 36\n" * 3)]  # 8 and 30 tokens
+    assert [len(tokenizer(r["messages"][-1]["reasoning_content"])["input_ids"]) for r in rows] == [8, 30]
+    config = EvalConfig(grace_fraction=0.0)
+    assert reference_fits(tokenizer, rows, 8, config) == 0.5
+    assert reference_fits(tokenizer, rows, 7, config) == 0.0
+    assert reference_fits(tokenizer, rows, 30, config) == 1.0 and reference_fits(tokenizer, rows, None, config) == 1.0
+    # The grace window counts: budget 28 + int(2.8) = 30 tokens fit the long trace, budget 26 + 2 do not.
+    assert reference_fits(tokenizer, rows, 28, EvalConfig(grace_fraction=0.1)) == 1.0
+    assert reference_fits(tokenizer, rows, 26, EvalConfig(grace_fraction=0.1)) == 0.5
+    assert reference_fits(tokenizer, [{"messages": [{"role": "user", "content": "q"}]}], 8, config) is None
+
+
+def test_report_shows_the_reference_column():
+    cell = {"budget": 8, "accuracy": 0.1, "well_formed": 1.0, "mean_thinking_tokens": 8.0, "mean_answer_tokens": 9.0,
+            "forced_fraction": 1.0, "reference_fits": 0.25}
+    summary = {"accuracy_think": 0.5, "accuracy_no_think": 0.0, "toggle_compliance": 1.0, "mean_thinking_tokens": 30.0,
+               "budget_sweep": [cell, dict(cell, budget=None, reference_fits=None)]}
+    report = markdown_report({"m": summary})
+    assert "| 8 | 0.100 | 1.000 | 8.0 | 9.0 | 1.00 | 0.250 |" in report and "| unlimited |" in report
