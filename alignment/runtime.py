@@ -24,6 +24,8 @@ def pick_device(name: str = "auto") -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # the current device (a Ray Train worker's own GPU)
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     log.info("device: %s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else

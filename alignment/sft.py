@@ -283,7 +283,7 @@ def run_sft(config: SFTConfig) -> dict:
         settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
                                     grad_accum=config.train.grad_accum, world=world,
                                     bf16=next(model.parameters()).dtype == torch.bfloat16)
-        zero = ZeroEngine(model, optimizer, settings)
+        zero = ZeroEngine(model, optimizer, settings, device)
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
     fingerprint = run_fingerprint(config, config.data.train_path)

@@ -70,7 +70,7 @@ def _ensure_process_group() -> None:
 class ZeroEngine:
     """A model and its AdamW under a DeepSpeed engine; `forward`, `backward` and `step` are the engine's."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, device: torch.device):
         import deepspeed
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -84,6 +84,9 @@ class ZeroEngine:
         _ensure_process_group()
         deepspeed.init_distributed(auto_mpi_discovery=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if self.engine.device != device:  # DeepSpeed picks cuda:LOCAL_RANK; the stage's batches go to `device`
+            raise RuntimeError(f"DeepSpeed placed the model on {self.engine.device} but this worker trains on {device} "
+                               f"(LOCAL_RANK={os.environ.get('LOCAL_RANK')}): give each worker the GPU of its local rank")
         self.stage = config["zero_optimization"]["stage"]
         log.info("DeepSpeed ZeRO-%d over %d worker(s), bf16 %s", self.stage, torch.distributed.get_world_size(),
                  config.get("bf16", {}).get("enabled", False))
