@@ -32,26 +32,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_table(directory: Path) -> dict[str, dict]:
+def _file_table(directory: Path, checksums: bool = True) -> dict[str, dict]:
     return {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, **({"sha256": _sha256(p)} if checksums else {})}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
 
 
-def write_checkpoint(directory: str | Path, write_files: Callable[[Path], None], manifest: dict) -> Path:
+def write_checkpoint(directory: str | Path, write_files: Callable[[Path], None], manifest: dict,
+                     tmp: Path | None = None, checksums: bool = True) -> Path:
     """Call `write_files(tmp_dir)`, add the manifest, then atomically put the result at `directory`.
 
-    An existing checkpoint at `directory` is replaced only after the new one is complete.
+    An existing checkpoint at `directory` is replaced only after the new one is complete. `tmp`: a directory other
+    processes have already written part of the checkpoint into (sharded training states); `checksums=False` records
+    sizes only, for states too large to hash at every save.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     write_files(tmp)
-    manifest = dict(manifest, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=_file_table(tmp))
+    manifest = dict(manifest, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), files=_file_table(tmp, checksums))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -83,7 +87,7 @@ def verify_checkpoint(directory: str | Path, check_hashes: bool = True) -> dict:
             raise CorruptCheckpointError(f"{directory}: file {name} listed in the manifest is missing")
         if path.stat().st_size != expected["bytes"]:
             raise CorruptCheckpointError(f"{directory}: file {name} has the wrong size (truncated write?)")
-        if check_hashes and _sha256(path) != expected["sha256"]:
+        if check_hashes and "sha256" in expected and _sha256(path) != expected["sha256"]:
             raise CorruptCheckpointError(f"{directory}: file {name} does not match its checksum")
     return manifest
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,34 +47,74 @@ def run_fingerprint(config, *input_files: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _progress(state: TrainState) -> dict:
+    return {"step": state.step, "epoch": state.epoch, "queue": state.queue, "rng": state.rng.getstate(),
+            "tokens_seen": state.tokens_seen, "seconds": state.seconds}
+
+
+def _restore_progress(state: TrainState, saved: dict) -> None:
+    state.step, state.epoch, state.queue = saved["step"], saved["epoch"], saved["queue"]
+    state.tokens_seen, state.seconds = saved["tokens_seen"], saved["seconds"]
+    state.rng.setstate(saved["rng"])
+
+
 def save_training_state(directory: Path, fingerprint: str, model, optimizer, state: TrainState) -> None:
     def write(tmp: Path) -> None:
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
-             "epoch": state.epoch, "queue": state.queue, "rng": state.rng.getstate(),
-             "tokens_seen": state.tokens_seen, "seconds": state.seconds},
-            tmp / STATE_FILE,
-        )
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **_progress(state)},
+                   tmp / STATE_FILE)
 
     write_checkpoint(directory, write, {"kind": "training-state", "fingerprint": fingerprint, "step": state.step})
 
 
-def resume_training(directory: Path, fingerprint: str, model, optimizer, state: TrainState) -> bool:
-    """Load the saved state into `model`, `optimizer` and `state` when it exists, is intact and matches."""
+def _usable_state(directory: Path, fingerprint: str, check_hashes: bool = True) -> bool:
+    """Whether `directory` holds an intact training state of this config and data."""
     if not directory.exists():
         return False
     try:
-        manifest = verify_checkpoint(directory)
+        manifest = verify_checkpoint(directory, check_hashes=check_hashes)
     except CorruptCheckpointError as exc:
         log.warning("ignoring unusable training state: %s", exc)
         return False
     if manifest.get("fingerprint") != fingerprint:
         log.info("training state at %s is for another config or data; starting fresh", directory)
         return False
+    return True
+
+
+def resume_training(directory: Path, fingerprint: str, model, optimizer, state: TrainState) -> bool:
+    """Load the saved state into `model`, `optimizer` and `state` when it exists, is intact and matches."""
+    if not _usable_state(directory, fingerprint):
+        return False
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    state.step, state.epoch, state.queue = saved["step"], saved["epoch"], saved["queue"]
-    state.tokens_seen, state.seconds = saved["tokens_seen"], saved["seconds"]
-    state.rng.setstate(saved["rng"])
+    _restore_progress(state, saved)
+    return True
+
+
+# Sharded (DeepSpeed ZeRO) states: every worker writes its own shard of weights and optimizer states into one shared
+# directory, rank 0 adds the progress and the manifest and renames it into place. All workers call these in step.
+SHARDS = "shards"
+
+
+def save_sharded_training_state(directory: Path, fingerprint: str, zero, state: TrainState, rank: int) -> None:
+    tmp = directory.with_name(f".{directory.name}.sharded-tmp")  # the same path on every worker
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    zero.save_state(tmp / SHARDS)
+    torch.distributed.barrier()
+    if rank == 0:
+        write_checkpoint(directory, lambda t: torch.save(_progress(state), t / STATE_FILE),
+                         {"kind": "sharded-training-state", "fingerprint": fingerprint, "step": state.step},
+                         tmp=tmp, checksums=False)  # sizes only: hashing a 9B model's states would take minutes
+    torch.distributed.barrier()
+
+
+def resume_sharded_training(directory: Path, fingerprint: str, zero, state: TrainState) -> bool:
+    if not _usable_state(directory, fingerprint, check_hashes=False):
+        return False
+    zero.load_state(directory / SHARDS)
+    _restore_progress(state, torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False))
     return True

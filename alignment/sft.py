@@ -35,7 +35,8 @@ from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackedPath, enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging, to_device
-from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
+from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
+                              save_sharded_training_state, save_training_state)
 from alignment.tracking import MetricsLogger
 from data_recipes.truncation import TruncationConfig, truncate_rows
 
@@ -89,9 +90,6 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
-        if self.deepspeed and self.save_every:
-            raise ValueError("train.save_every is not supported with train.deepspeed (ZeRO shards the optimizer "
-                             "state); set train.save_every=0")
 
 
 @dataclass
@@ -287,7 +285,11 @@ def run_sft(config: SFTConfig) -> dict:
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
     fingerprint = run_fingerprint(config, config.data.train_path)
-    if resume_training(out / "last", fingerprint, model, optimizer, state):
+    if zero is not None:
+        resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
+    else:
+        resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
+    if resumed:
         log.info("resumed from step %d (%s)", state.step, out / "last")
     metrics = MetricsLogger(out, "sft") if rank == 0 else None
     model.train()
@@ -324,9 +326,12 @@ def run_sft(config: SFTConfig) -> dict:
             elapsed = time.time() - started
             metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=state.epoch,
                         tokens_per_s=state.tokens_seen / elapsed, elapsed_s=round(elapsed, 3), **memory)
-        if rank == 0 and config.train.save_every and state.step % config.train.save_every == 0:
+        if config.train.save_every and state.step % config.train.save_every == 0:
             state.seconds = time.time() - started
-            save_training_state(out / "last", fingerprint, model, optimizer, state)
+            if zero is not None:  # every worker writes its shard
+                save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
+            elif rank == 0:
+                save_training_state(out / "last", fingerprint, model, optimizer, state)
     train_seconds = time.time() - started
     if zero is not None:  # gather the shards into a plain model on rank 0 for evaluation and the checkpoint
         weights = zero.full_state_dict(rank)

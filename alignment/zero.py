@@ -103,6 +103,15 @@ class ZeroEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def save_state(self, directory: Path) -> None:
+        """This worker's shard of weights and optimizer states (every worker calls it, into one shared directory)."""
+        self.engine.save_checkpoint(str(directory), tag="state")
+
+    def load_state(self, directory: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(directory), tag="state")
+        if client is None:
+            raise RuntimeError(f"{directory}: DeepSpeed could not load the sharded training state")
+
     def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
         """Every weight, unsharded, on rank 0's CPU (None elsewhere). All ranks must call it, in step."""
         import deepspeed

@@ -85,3 +85,46 @@ def test_deepspeed_config_is_checked(tmp_path):
     path.write_text(json.dumps(ZERO3_FP32))
     filled = deepspeed_config(str(path), max_grad_norm=0.5, grad_accum=2, world=4, bf16=True)
     assert filled["train_batch_size"] == 8 and filled["gradient_clipping"] == 0.5 and filled["bf16"]["enabled"]
+
+
+def _interrupted_rank(rank: int, world: int, port: int, config, stop_after: int) -> None:
+    """`_zero_rank`, but every worker fails after `stop_after` optimizer steps (a crash mid-stage)."""
+    import alignment.sft as sft
+
+    real_step, calls = sft.zero_step, []
+
+    def failing_step(*args, **kwargs):
+        if len(calls) == stop_after:
+            raise RuntimeError("simulated crash")
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    sft.zero_step = failing_step
+    try:
+        _zero_rank(rank, world, port, config)
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+
+
+@pytest.mark.slow
+def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
+    """Crash after 3 of 4 steps with a state saved every 2: the rerun continues from step 2 and ends where an
+    uninterrupted run ends."""
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_FP32))
+    settings = ("train.max_steps=4", "train.lr=1e-2", "train.save_every=2", f"train.deepspeed={ds_config}")
+    straight = tiny_sft_config(tiny_data, tmp_path / "straight", *settings)
+    mp.spawn(_zero_rank, args=(2, _free_port(), straight), nprocs=2, join=True)
+
+    resumed = tiny_sft_config(tiny_data, tmp_path / "resumed", *settings)
+    mp.spawn(_interrupted_rank, args=(2, _free_port(), resumed, 3), nprocs=2, join=True)
+    state = tmp_path / "resumed" / "last"
+    assert json.loads((state / "manifest.json").read_text())["step"] == 2 and (state / "shards").is_dir()
+    mp.spawn(_zero_rank, args=(2, _free_port(), resumed), nprocs=2, join=True)
+
+    assert not state.exists()  # the finished checkpoint replaced the resumable state
+    last_two = [value for pair in logged(tmp_path / "resumed")[-2:] for value in pair]  # steps 2 and 3, rerun
+    assert last_two == pytest.approx([value for pair in logged(tmp_path / "straight")[-2:] for value in pair], rel=1e-6)
+    a = load_model(ModelConfig(name_or_path=str(tmp_path / "straight" / "checkpoint"))).state_dict()
+    b = load_model(ModelConfig(name_or_path=str(tmp_path / "resumed" / "checkpoint"))).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
