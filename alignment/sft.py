@@ -234,6 +234,14 @@ def run_sft(config: SFTConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     seed_everything(config.train.seed)
+    rank, world = distributed_rank_world()
+    zero_settings = None
+    if config.train.deepspeed:  # read before the model loads: a bad file fails in seconds, not after minutes
+        from alignment.zero import deepspeed_config
+
+        zero_settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
+                                         grad_accum=config.train.grad_accum, world=world,
+                                         bf16=config.model.dtype == "bfloat16")
 
     # Model and tokenizer.
     tokenizer = load_tokenizer(config.model)
@@ -257,7 +265,6 @@ def run_sft(config: SFTConfig) -> dict:
     )
 
     # Train (data parallel when launched by Ray Train: same code for 1 and N workers; sharded with DeepSpeed).
-    rank, world = distributed_rank_world()
     trained, zero = model, None  # DeepSpeed wraps the model below, together with its optimizer
     if world > 1 and not config.train.deepspeed:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -275,13 +282,10 @@ def run_sft(config: SFTConfig) -> dict:
         optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                       betas=(0.9, 0.95))
         graphed_step = None
-    if config.train.deepspeed:
-        from alignment.zero import ZeroEngine, deepspeed_config
+    if zero_settings is not None:
+        from alignment.zero import ZeroEngine
 
-        settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
-                                    grad_accum=config.train.grad_accum, world=world,
-                                    bf16=next(model.parameters()).dtype == torch.bfloat16)
-        zero = ZeroEngine(model, optimizer, settings, device)
+        zero = ZeroEngine(model, optimizer, zero_settings, device)
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
     fingerprint = run_fingerprint(config, config.data.train_path)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from alignment.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The stage owns these; a DeepSpeed config that sets them would silently fight the stage's own settings.
@@ -28,19 +30,19 @@ def deepspeed_config(path: str, *, max_grad_norm: float, grad_accum: int, world:
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"train.deepspeed: cannot read DeepSpeed config {path}: {exc}") from exc
+        raise ConfigError(f"train.deepspeed: cannot read DeepSpeed config {path}: {exc}") from exc
     if owned := [k for k in OWNED_SECTIONS if k in config]:
-        raise ValueError(f"{path}: remove {owned}: SFT uses its own AdamW and learning-rate schedule "
+        raise ConfigError(f"{path}: remove {owned}: SFT uses its own AdamW and learning-rate schedule "
                          "(train.lr, train.schedule, train.weight_decay)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
-        raise ValueError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage!r})")
 
     def fill(key: str, value):
         if config.get(key, "auto") == "auto":
             config[key] = value
         elif config[key] != value:
-            raise ValueError(f"{path}: {key}={config[key]!r} disagrees with the stage's {value!r}; set it to \"auto\"")
+            raise ConfigError(f"{path}: {key}={config[key]!r} disagrees with the stage's {value!r}; set it to \"auto\"")
 
     # A "micro-batch" is one packed batch of the stage; DeepSpeed only uses these numbers for bookkeeping.
     fill("train_micro_batch_size_per_gpu", 1)
