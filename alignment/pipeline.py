@@ -101,12 +101,17 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
         value = getattr(model, key, "") if model is not None else ""
         if value and Path(value).exists():
             setattr(model, key, str(Path(value).resolve()))
-    if data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
-        for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
-                        getattr(config, "selection", None)):
-            for key in ("train_path", "test_path", "prompts_path", "validation_path"):
-                if section is not None and getattr(section, key, None):
-                    setattr(section, key, str(data_dir / Path(getattr(section, key)).name))
+    train = getattr(config, "train", None)
+    if getattr(train, "deepspeed", "") and Path(train.deepspeed).exists():
+        train.deepspeed = str(Path(train.deepspeed).resolve())
+    for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
+                    getattr(config, "selection", None)):
+        for key in ("train_path", "test_path", "prompts_path", "validation_path"):
+            value = getattr(section, key, None) if section is not None else None
+            if value and data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
+                setattr(section, key, str(data_dir / Path(value).name))
+            elif value and Path(value).exists():
+                setattr(section, key, str(Path(value).resolve()))
     if name in ("dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""

@@ -37,11 +37,11 @@ class TrainState:
     seconds: float = 0.0
 
 
-def run_fingerprint(config, *input_files: str) -> str:
-    """Hash of the resolved config (less where outputs go) and the bytes of the inputs."""
+def run_fingerprint(config, *input_files: str, salt: str = "") -> str:
+    """Hash of the resolved config (less where outputs go), the bytes of the inputs and `salt`."""
     data = to_dict(config)
     data.pop("output_dir", None)
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256((json.dumps(data, sort_keys=True, default=str) + salt).encode())
     for path in input_files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]

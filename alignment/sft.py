@@ -10,6 +10,7 @@ template's think prefill are masked.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -288,7 +289,9 @@ def run_sft(config: SFTConfig) -> dict:
         zero = ZeroEngine(model, optimizer, zero_settings, device)
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
-    fingerprint = run_fingerprint(config, config.data.train_path)
+    # A sharded state only loads on the same number of workers with the same DeepSpeed settings.
+    sharding = [config.train.deepspeed] if zero is not None else []
+    fingerprint = run_fingerprint(config, config.data.train_path, *sharding, salt=f"world={world}" if sharding else "")
     if zero is not None:
         resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
     else:
@@ -340,7 +343,10 @@ def run_sft(config: SFTConfig) -> dict:
     if zero is not None:  # gather the shards into a plain model on rank 0 for evaluation and the checkpoint
         weights = zero.full_state_dict(rank)
         zero.close()
-        trained = optimizer = zero = None
+        trained = optimizer = zero = model = None
+        gc.collect()  # the sharded parameters and the optimizer hold each other: free their memory before rebuilding
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if rank == 0:
             model = build_model(config, device)
             model.load_state_dict(weights)

@@ -51,6 +51,11 @@ def deepspeed_config(path: str, *, max_grad_norm: float, grad_accum: int, world:
     fill("gradient_clipping", max_grad_norm)
     if config.get("bf16", {}).get("enabled") == "auto":
         config["bf16"]["enabled"] = bf16
+    if config.get("bf16", {}).get("enabled", False) != bf16:
+        raise ConfigError(f"{path}: bf16.enabled={config['bf16'].get('enabled')} but model.dtype is "
+                          f"{'bfloat16' if bf16 else 'not bfloat16'}; set it to \"auto\"")
+    if config.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16 is not supported (no loss scaling in the stage); use bf16")
     config.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW is the client optimizer
     return config
 
@@ -85,10 +90,11 @@ class ZeroEngine:
                 set_z3_leaf_modules(model, mixers)
         _ensure_process_group()
         deepspeed.init_distributed(auto_mpi_discovery=False)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda" and device.index != local_rank:  # DeepSpeed would move the model to cuda:LOCAL_RANK
+            raise RuntimeError(f"this worker trains on {device} but DeepSpeed would use cuda:{local_rank} "
+                               "(LOCAL_RANK): give each worker the GPU of its local rank")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        if self.engine.device != device:  # DeepSpeed picks cuda:LOCAL_RANK; the stage's batches go to `device`
-            raise RuntimeError(f"DeepSpeed placed the model on {self.engine.device} but this worker trains on {device} "
-                               f"(LOCAL_RANK={os.environ.get('LOCAL_RANK')}): give each worker the GPU of its local rank")
         self.stage = config["zero_optimization"]["stage"]
         log.info("DeepSpeed ZeRO-%d over %d worker(s), bf16 %s", self.stage, torch.distributed.get_world_size(),
                  config.get("bf16", {}).get("enabled", False))

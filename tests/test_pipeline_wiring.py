@@ -19,3 +19,15 @@ def test_stages_read_the_runs_data_files_by_name(tmp_path):
     grpo = load_config(GRPOConfig, "configs/tiny/grpo.yaml", ["data.train_path=somewhere/train.jsonl"])
     _wire("grpo", grpo, tmp_path / "run", "/models/dpo", data_dir)
     assert Path(grpo.data.train_path) == data_dir / "train.jsonl"
+
+
+def test_without_a_data_stage_local_paths_travel_as_absolute_paths(tmp_path):
+    """Ray Train workers start in their own directory: relative paths would point nowhere there."""
+    from alignment.sft import SFTConfig
+
+    sft = load_config(SFTConfig, "configs/tiny/sft.yaml", ["train.deepspeed=configs/deepspeed/zero3.json",
+                                                           "data.train_path=configs/tiny/data.yaml"])
+    _wire("sft", sft, tmp_path / "run", None, None)
+    assert sft.train.deepspeed == str(Path("configs/deepspeed/zero3.json").resolve())
+    assert sft.data.train_path == str(Path("configs/tiny/data.yaml").resolve())  # any existing file will do
+    assert sft.model.name_or_path == str(Path("configs/tiny/model.json").resolve())

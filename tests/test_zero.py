@@ -79,6 +79,12 @@ def test_deepspeed_config_is_checked(tmp_path):
     path.write_text(json.dumps({**ZERO3_FP32, "gradient_accumulation_steps": 8}))
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         deepspeed_config(str(path), max_grad_norm=1.0, grad_accum=2, world=2, bf16=False)
+    path.write_text(json.dumps({**ZERO3_FP32, "bf16": {"enabled": False}}))
+    with pytest.raises(ValueError, match="bf16"):  # a bf16 model must not be trained as fp32 by DeepSpeed
+        deepspeed_config(str(path), max_grad_norm=1.0, grad_accum=2, world=2, bf16=True)
+    path.write_text(json.dumps({**ZERO3_FP32, "fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="fp16"):
+        deepspeed_config(str(path), max_grad_norm=1.0, grad_accum=2, world=2, bf16=False)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="ds.json"):
         deepspeed_config(str(path), max_grad_norm=1.0, grad_accum=2, world=2, bf16=False)
