@@ -38,3 +38,20 @@ def test_report_shows_the_reference_column():
                "budget_sweep": [cell, dict(cell, budget=None, reference_fits=None)]}
     report = markdown_report({"m": summary})
     assert "| 8 | 0.100 | 1.000 | 8.0 | 9.0 | 1.00 | 0.250 |" in report and "| unlimited |" in report
+
+
+def test_pipeline_report_carries_the_reference_line(tmp_path):
+    import json
+
+    from alignment.report import write_report
+
+    cell = {"budget": 8, "accuracy": 0.1, "well_formed": 1.0, "mean_thinking_tokens": 8.0, "mean_answer_tokens": 9.0,
+            "forced_fraction": 1.0, "reference_fits": 0.25}
+    summary = {"accuracy_think": 0.5, "accuracy_no_think": 0.0, "toggle_compliance": 1.0, "toggle_compliance_think": 1.0,
+               "toggle_compliance_no_think": 1.0, "well_formed_think": 1.0, "mean_thinking_tokens": 30.0,
+               "budget_sweep": [cell]}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps({"sft": summary}))
+    metrics = write_report(tmp_path, ["sft"], {"sft": 1.0})
+    assert metrics["stages"]["sft"]["budget_sweep"][0]["reference_fits"] == 0.25
+    assert "| reference trace fits | 0.25 |" in (tmp_path / "report.md").read_text()
