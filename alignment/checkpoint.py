@@ -67,6 +67,28 @@ def write_checkpoint(directory: str | Path, write_files: Callable[[Path], None],
     return final
 
 
+def restore_interrupted_replace(directory: str | Path) -> bool:
+    """Finish a replacement that a crash cut short between its two renames (no checkpoint under the final name):
+    the complete new one if it is there, else the previous one, goes back under the name, and the other leftovers
+    are removed. Returns whether it did. One process of a run calls it."""
+    final = Path(directory)
+    if final.exists():
+        return False
+    def newest_first(pattern: str) -> list[Path]:
+        return sorted(final.parent.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    for candidate in newest_first(f".{final.name}.*tmp*") + newest_first(f".{final.name}.old-*"):
+        try:
+            verify_checkpoint(candidate, check_hashes=False)
+        except CorruptCheckpointError:
+            continue
+        candidate.rename(final)
+        for stale in [*final.parent.glob(f".{final.name}.*tmp*"), *final.parent.glob(f".{final.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # leftovers of the cut-short write: superseded now
+        return True
+    return False
+
+
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint, write_checkpoint
+from alignment.checkpoint import (CorruptCheckpointError, restore_interrupted_replace, verify_checkpoint,
+                                  write_checkpoint)
 from alignment.config import to_dict
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ def save_training_state(directory: Path, fingerprint: str, model, optimizer, sta
     write_checkpoint(directory, write, {"kind": "training-state", "fingerprint": fingerprint, "step": state.step})
 
 
+def _restore(directory: Path) -> None:
+    """Rank 0 finishes a save a crash cut short; the other workers wait for it."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if (not distributed or torch.distributed.get_rank() == 0) and restore_interrupted_replace(directory):
+        log.warning("%s: restored the training state a crash left under a temporary name", directory)
+    if distributed:
+        torch.distributed.barrier()
+
+
 def _usable_state(directory: Path, fingerprint: str, check_hashes: bool = True) -> bool:
     """Whether `directory` holds an intact training state of this config and data."""
     if not directory.exists():
@@ -83,6 +93,7 @@ def _usable_state(directory: Path, fingerprint: str, check_hashes: bool = True) 
 
 def resume_training(directory: Path, fingerprint: str, model, optimizer, state: TrainState) -> bool:
     """Load the saved state into `model`, `optimizer` and `state` when it exists, is intact and matches."""
+    _restore(directory)
     if not _usable_state(directory, fingerprint):
         return False
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
@@ -113,6 +124,7 @@ def save_sharded_training_state(directory: Path, fingerprint: str, zero, state: 
 
 
 def resume_sharded_training(directory: Path, fingerprint: str, zero, state: TrainState) -> bool:
+    _restore(directory)
     if not _usable_state(directory, fingerprint, check_hashes=False):
         return False
     zero.load_state(directory / SHARDS)

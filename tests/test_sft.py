@@ -70,6 +70,27 @@ def test_corrupted_checkpoint_is_detected(tmp_path):
         verify_checkpoint(ckpt)
 
 
+def test_a_replacement_cut_between_its_renames_is_finished(tmp_path):
+    from alignment.checkpoint import read_manifest, restore_interrupted_replace, write_checkpoint
+
+    def state(step):
+        return write_checkpoint(tmp_path / "last", lambda d: (d / "w.bin").write_bytes(b"x" * step), {"step": step})
+
+    state(1)
+    assert not restore_interrupted_replace(tmp_path / "last")  # nothing to do
+    # A crash after `last` moved aside and before the new state took its name: the complete new state wins.
+    (tmp_path / "last").rename(tmp_path / ".last.old-7")
+    state(2).rename(tmp_path / ".last.tmp-7")
+    assert restore_interrupted_replace(tmp_path / "last") and read_manifest(tmp_path / "last")["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # the superseded previous state is gone
+    # Without a complete new state (its manifest not yet written), the previous one comes back.
+    (tmp_path / "last").rename(tmp_path / ".last.old-8")
+    state(3).rename(tmp_path / ".last.tmp-8")
+    (tmp_path / ".last.tmp-8" / "manifest.json").unlink()
+    assert restore_interrupted_replace(tmp_path / "last") and read_manifest(tmp_path / "last")["step"] == 2
+    verify_checkpoint(tmp_path / "last")
+
+
 def test_lora_reaches_mamba_attention_and_mlp():
     config = ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER))
     model = apply_lora(load_model(config), load_config(SFTConfig).lora)
