@@ -134,8 +134,9 @@ def prompt_messages(row: dict) -> list[dict]:
     ]
 
 
-def reference_fits(tokenizer, rows: list[dict], budget: int | None, config: EvalConfig) -> float | None:
-    """Share of rows whose reference trace ends within `budget` plus its grace window (None: no reference traces).
+def reference_fits(tokenizer, rows: list[dict], budgets: list[int | None], config: EvalConfig) -> list[float | None]:
+    """Per budget, the share of rows whose reference trace ends within it plus its grace window (None: the rows
+    carry no reference traces).
 
     A model that needs a trace as long as the reference's cannot do better than this at that budget; accuracy above
     it comes from answering without finishing the trace.
@@ -143,11 +144,9 @@ def reference_fits(tokenizer, rows: list[dict], budget: int | None, config: Eval
     traces = [row["messages"][-1].get("reasoning_content") for row in rows if row["messages"][-1]["role"] == "assistant"]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in traces if t]
     if not lengths:
-        return None
-    if budget is None:
-        return 1.0
-    limit = budget + generation_settings(tokenizer, config).grace_window(budget)
-    return sum(n <= limit for n in lengths) / len(lengths)
+        return [None] * len(budgets)
+    grace_window = generation_settings(tokenizer, config).grace_window
+    return [1.0 if b is None else sum(n <= b + grace_window(b) for n in lengths) / len(lengths) for b in budgets]
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> dict:
@@ -173,8 +172,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "budget_sweep": [
             {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "mean_thinking_tokens", "mean_answer_tokens",
                                      "forced_fraction")},
-             "reference_fits": reference_fits(tokenizer, rows, cell["budget"], config)}
-            for cell in sweep
+             "reference_fits": fits}
+            for cell, fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config))
         ],
         "examples": {"think": think["examples"], "no_think": no_think["examples"]},
     }

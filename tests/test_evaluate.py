@@ -22,13 +22,10 @@ def test_reference_fits_counts_traces_within_budget_and_grace(tokenizer):
     rows = [row("1 + 2 = 3\n"), row("12 * 3 = 36\n" * 3)]  # 8 and 30 tokens
     assert [len(tokenizer(r["messages"][-1]["reasoning_content"])["input_ids"]) for r in rows] == [8, 30]
     config = EvalConfig(grace_fraction=0.0)
-    assert reference_fits(tokenizer, rows, 8, config) == 0.5
-    assert reference_fits(tokenizer, rows, 7, config) == 0.0
-    assert reference_fits(tokenizer, rows, 30, config) == 1.0 and reference_fits(tokenizer, rows, None, config) == 1.0
+    assert reference_fits(tokenizer, rows, [8, 7, 30, None], config) == [0.5, 0.0, 1.0, 1.0]
     # The grace window counts: budget 28 + int(2.8) = 30 tokens fit the long trace, budget 26 + 2 do not.
-    assert reference_fits(tokenizer, rows, 28, EvalConfig(grace_fraction=0.1)) == 1.0
-    assert reference_fits(tokenizer, rows, 26, EvalConfig(grace_fraction=0.1)) == 0.5
-    assert reference_fits(tokenizer, [{"messages": [{"role": "user", "content": "q"}]}], 8, config) is None
+    assert reference_fits(tokenizer, rows, [28, 26], EvalConfig(grace_fraction=0.1)) == [1.0, 0.5]
+    assert reference_fits(tokenizer, [{"messages": [{"role": "user", "content": "q"}]}], [8], config) == [None]
 
 
 def test_report_shows_the_reference_column():
