@@ -96,22 +96,22 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     if name == "data":
         return
     # Ray workers may start elsewhere (another node, a job's working dir): local paths travel as absolute paths.
-    model = getattr(config, "model", None)
-    for key in ("name_or_path", "tokenizer"):
-        value = getattr(model, key, "") if model is not None else ""
+    def absolute(section: Any, key: str) -> None:
+        value = getattr(section, key, "") if section is not None else ""
         if value and Path(value).exists():
-            setattr(model, key, str(Path(value).resolve()))
-    train = getattr(config, "train", None)
-    if getattr(train, "deepspeed", "") and Path(train.deepspeed).exists():
-        train.deepspeed = str(Path(train.deepspeed).resolve())
+            setattr(section, key, str(Path(value).resolve()))
+
+    absolute(getattr(config, "model", None), "name_or_path")
+    absolute(getattr(config, "model", None), "tokenizer")
+    absolute(getattr(config, "train", None), "deepspeed")
     for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
                     getattr(config, "selection", None)):
         for key in ("train_path", "test_path", "prompts_path", "validation_path"):
             value = getattr(section, key, None) if section is not None else None
             if value and data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
                 setattr(section, key, str(data_dir / Path(value).name))
-            elif value and Path(value).exists():
-                setattr(section, key, str(Path(value).resolve()))
+            else:
+                absolute(section, key)
     if name in ("dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""
