@@ -74,17 +74,20 @@ def restore_interrupted_replace(directory: str | Path) -> bool:
     final = Path(directory)
     if final.exists():
         return False
+
     def newest_first(pattern: str) -> list[Path]:
         return sorted(final.parent.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
 
-    for candidate in newest_first(f".{final.name}.*tmp*") + newest_first(f".{final.name}.old-*"):
+    leftovers = newest_first(f".{final.name}.*tmp*") + newest_first(f".{final.name}.old-*")  # new ones first
+    for candidate in leftovers:
         try:
             verify_checkpoint(candidate, check_hashes=False)
         except CorruptCheckpointError:
             continue
         candidate.rename(final)
-        for stale in [*final.parent.glob(f".{final.name}.*tmp*"), *final.parent.glob(f".{final.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # leftovers of the cut-short write: superseded now
+        for stale in leftovers:
+            if stale != candidate:  # the rest of the cut-short write: superseded now
+                shutil.rmtree(stale, ignore_errors=True)
         return True
     return False
 
