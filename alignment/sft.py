@@ -289,12 +289,11 @@ def run_sft(config: SFTConfig) -> dict:
         zero = ZeroEngine(model, optimizer, zero_settings, device)
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
-    # A sharded state only loads on the same number of workers with the same DeepSpeed settings.
-    sharding = [config.train.deepspeed] if zero is not None else []
-    fingerprint = run_fingerprint(config, config.data.train_path, *sharding, salt=f"world={world}" if sharding else "")
-    if zero is not None:
+    if zero is not None:  # a sharded state only loads on the same number of workers with the same DeepSpeed file
+        fingerprint = run_fingerprint(config, config.data.train_path, config.train.deepspeed, salt=f"world={world}")
         resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
     else:
+        fingerprint = run_fingerprint(config, config.data.train_path)
         resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     if resumed:
         log.info("resumed from step %d (%s)", state.step, out / "last")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -60,6 +61,13 @@ def deepspeed_config(path: str, *, max_grad_norm: float, grad_accum: int, world:
     return config
 
 
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _ensure_process_group() -> None:
     """A single process started without a launcher (`align sft` alone) becomes a world of one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -67,11 +75,7 @@ def _ensure_process_group() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_local_port())
 
 
 class ZeroEngine:

@@ -6,24 +6,18 @@ checkpoint: the losses step by step and the final weights must match the unshard
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from alignment.modeling import ModelConfig, load_model
+from alignment.zero import free_local_port
 from tests.test_sft import tiny_sft_config
 
 pytest.importorskip("deepspeed")
 
 ZERO3_FP32 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "bf16": {"enabled": "auto"}}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _zero_rank(rank: int, world: int, port: int, config) -> None:
@@ -54,7 +48,7 @@ def test_zero3_on_two_processes_matches_one_process(tiny_data, tmp_path):
     steps = ("train.max_steps=4", "train.lr=1e-2")
     run_sft(tiny_sft_config(tiny_data, tmp_path / "plain", *steps, "train.grad_accum=2"))
     zero = tiny_sft_config(tiny_data, tmp_path / "zero", *steps, "train.grad_accum=1", f"train.deepspeed={ds_config}")
-    mp.spawn(_zero_rank, args=(2, _free_port(), zero), nprocs=2, join=True)
+    mp.spawn(_zero_rank, args=(2, free_local_port(), zero), nprocs=2, join=True)
 
     plain, sharded = logged(tmp_path / "plain"), logged(tmp_path / "zero")
     assert len(plain) == len(sharded) == 4 and plain[0][0] != plain[-1][0]
@@ -120,15 +114,18 @@ def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     ds_config.write_text(json.dumps(ZERO3_FP32))
     settings = ("train.max_steps=4", "train.lr=1e-2", "train.save_every=2", f"train.deepspeed={ds_config}")
     straight = tiny_sft_config(tiny_data, tmp_path / "straight", *settings)
-    mp.spawn(_zero_rank, args=(2, _free_port(), straight), nprocs=2, join=True)
+    mp.spawn(_zero_rank, args=(2, free_local_port(), straight), nprocs=2, join=True)
 
     resumed = tiny_sft_config(tiny_data, tmp_path / "resumed", *settings)
-    mp.spawn(_interrupted_rank, args=(2, _free_port(), resumed, 3), nprocs=2, join=True)
+    mp.spawn(_interrupted_rank, args=(2, free_local_port(), resumed, 3), nprocs=2, join=True)
     state = tmp_path / "resumed" / "last"
     assert json.loads((state / "manifest.json").read_text())["step"] == 2 and (state / "shards").is_dir()
-    mp.spawn(_zero_rank, args=(2, _free_port(), resumed), nprocs=2, join=True)
+    mp.spawn(_zero_rank, args=(2, free_local_port(), resumed), nprocs=2, join=True)
 
     assert not state.exists()  # the finished checkpoint replaced the resumable state
+    # Steps 0-2 before the crash, then 2-3 again from the state saved after step 2 (not a rerun from step 0).
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:5] == [0, 1, 2, 2, 3], steps
     last_two = [value for pair in logged(tmp_path / "resumed")[-2:] for value in pair]  # steps 2 and 3, rerun
     assert last_two == pytest.approx([value for pair in logged(tmp_path / "straight")[-2:] for value in pair], rel=1e-6)
     a = load_model(ModelConfig(name_or_path=str(tmp_path / "straight" / "checkpoint"))).state_dict()
