@@ -33,7 +33,17 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from alignment.static_decode import StaticDecoder, static_decode_unsupported, static_max_len
+
 log = logging.getLogger(__name__)
+
+
+DECODE_PATHS = {
+    "auto": "cuda-graph on CUDA when the model supports it, dynamic otherwise",
+    "dynamic": "transformers' forward and growing cache per step; finished rows leave the batch",
+    "static": "preallocated caches, the step written against the model's modules (alignment/static_decode.py)",
+    "cuda-graph": "the static step captured once per batch shape and replayed (CUDA only)",
+}
 
 
 @dataclass
@@ -51,6 +61,7 @@ class GenerationSettings:
     grace_fraction: float | None = 0.1  # grace window as a fraction of the budget, rounded down; None: no grace
     batch_size: int = 32  # samples decoded together
     progress: bool = False  # show a progress bar over samples
+    decode: str = "auto"  # decode path, see DECODE_PATHS; auto: cuda-graph on CUDA where the model allows, else dynamic
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,6 +74,8 @@ class GenerationSettings:
             raise ValueError("the grace window must not be negative")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
         self.line_end_ids = frozenset(self.line_end_ids)
 
     def grace_window(self, budget: int) -> int:
@@ -183,11 +196,45 @@ def decode_attention_backends(device: torch.device) -> contextlib.AbstractContex
     return sdpa_kernel(DECODE_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
+class _DynamicDecoder:
+    """Decode steps through transformers' forward and its cache (which grows each step); finished rows leave."""
+
+    def __init__(self, model: nn.Module, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask
+        self.next_position = position_ids[:, -1] + 1  # [B]
+
+    def next(self, tokens: list[int], keep: list[int]) -> torch.Tensor:
+        """Feed `tokens` to the rows `keep` (indices into the rows still decoding); return their logits [len(keep), V]."""
+        device = self.attention_mask.device
+        if len(keep) < len(self.next_position):  # the others' states are untouched
+            rows = torch.tensor(keep, device=device)
+            self.cache.reorder_cache(rows)
+            self.attention_mask, self.next_position = self.attention_mask[rows], self.next_position[rows]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(keep), 1))], dim=-1)
+        out = self.model(
+            input_ids=torch.tensor(tokens, device=device)[:, None],  # [B, 1]
+            attention_mask=self.attention_mask,  # [B, T+1]
+            position_ids=self.next_position[:, None],  # [B, 1]
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1, :]
+
+
 @torch.inference_mode()
 def _generate_batch(
-    model: nn.Module, samples: list[_Sample], settings: GenerationSettings, generator: torch.Generator
+    model: nn.Module,
+    samples: list[_Sample],
+    settings: GenerationSettings,
+    generator: torch.Generator,
+    static: StaticDecoder | None = None,
 ) -> None:
-    """Decode `samples` together, one token per step, with the model's cache. Fills each sample's state."""
+    """Decode `samples` together, one token per step, with the model's cache. Fills each sample's state.
+
+    `static`: a decoder for exactly this many rows, else transformers' dynamic cache is used.
+    """
     device = next(model.parameters()).device
     width = max(len(s.prompt) for s in samples)
     input_ids = torch.full((len(samples), width), settings.pad_token_id, dtype=torch.long)  # [B, T]
@@ -204,32 +251,33 @@ def _generate_batch(
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
     )
-    cache = out.past_key_values
-    next_position = position_ids[:, -1] + 1  # [B]
-    active = list(range(len(samples)))  # batch row -> index into samples
+    if static is not None:
+        static.start(out.past_key_values, attention_mask)
+        decoder = static
+    else:
+        decoder = _DynamicDecoder(model, out.past_key_values, attention_mask, position_ids)
+    logits = out.logits[:, -1, :]  # [B, V]
+    active = list(range(len(samples)))  # decoding row -> index into samples
     while True:
-        model_choice = _next_tokens(out.logits[:, -1, :], settings, generator).tolist()  # [B]
+        model_choice = _next_tokens(logits, settings, generator).tolist()  # [B]
         fed = [samples[i].step(choice) for i, choice in zip(active, model_choice)]
-
         keep = [row for row, i in enumerate(active) if not samples[i].done]
         if not keep:
             return
-        if len(keep) < len(active):  # finished rows leave the batch; the others' states are untouched
-            keep_rows = torch.tensor(keep, device=device)
-            cache.reorder_cache(keep_rows)
-            attention_mask, next_position = attention_mask[keep_rows], next_position[keep_rows]
-            active, fed = [active[r] for r in keep], [fed[r] for r in keep]
+        active = [active[r] for r in keep]
+        logits = decoder.next([fed[r] for r in keep], keep)
 
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)  # [B, T+1]
-        out = model(
-            input_ids=torch.tensor(fed, device=device)[:, None],  # [B, 1]
-            attention_mask=attention_mask,
-            position_ids=next_position[:, None],  # [B, 1]
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_position = next_position + 1
+
+def _decode_path(model: nn.Module, requested: str, device: torch.device) -> str:
+    """The decode path to use: `requested`, or for auto the fastest one this model and device allow."""
+    unsupported = static_decode_unsupported(model)
+    if requested == "auto":
+        return "cuda-graph" if device.type == "cuda" and unsupported is None else "dynamic"
+    if requested in ("static", "cuda-graph") and unsupported:
+        raise ValueError(f"decode={requested!r}: {unsupported}")
+    if requested == "cuda-graph" and device.type != "cuda":
+        raise ValueError(f"decode='cuda-graph' needs a CUDA device, the model is on {device}")
+    return requested
 
 
 def generate(
@@ -256,8 +304,11 @@ def generate(
     samples = [_Sample(p, b, r, settings) for p, b, r in zip(prompts, budgets, reasoning)]
 
     device = next(model.parameters()).device
-    log.info("generating %d samples on %s (batch size %d%s)", n, device, settings.batch_size,
+    path = _decode_path(model, settings.decode, device)
+    log.info("generating %d samples on %s (batch size %d, decode: %s%s)", n, device, settings.batch_size, path,
              ", SDPA without cuDNN" if device.type == "cuda" else "")
+    max_len = static_max_len(max(map(len, prompts), default=0), settings.max_new_tokens)
+    static_decoders: dict[int, StaticDecoder] = {}  # per batch size: the last batch may be smaller
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -272,7 +323,13 @@ def generate(
                 tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:
             for start in range(0, n, settings.batch_size):
                 batch = [samples[i] for i in order[start : start + settings.batch_size]]
-                _generate_batch(model, batch, settings, generator)
+                static = None
+                if path in ("static", "cuda-graph"):
+                    if len(batch) not in static_decoders:
+                        static_decoders[len(batch)] = StaticDecoder(
+                            model, len(batch), max_len, use_graph=path == "cuda-graph")
+                    static = static_decoders[len(batch)]
+                _generate_batch(model, batch, settings, generator, static)
                 bar.update(len(batch))
     finally:
         model.train(was_training)

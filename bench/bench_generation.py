@@ -3,12 +3,15 @@ prompts and sampling settings, side by side in one run.
 
 The model is bench_grpo.py's random-init hybrid (24 blocks: 8 Mamba-2, 4 attention, 12 MLP, hidden 1024, bf16). It
 rarely writes its end-of-turn token, so every row decodes `--max-new-tokens` tokens on every side: the same work.
-Three sides: transformers `generate`; ours on the plain model; ours after `enable_packed_sequences` (the model as the
-DPO and GRPO stages hold it while they sample). Each is timed `--repeats` times after a warm-up call (Triton autotunes
+Four sides: transformers `generate`; ours on the plain model with transformers' dynamic cache, and with the static
+step replayed as a CUDA graph (the default on CUDA, `alignment/static_decode.py`); ours after `enable_packed_sequences`
+(the model as the DPO and GRPO stages hold it while they sample) on the default path. Each is timed `--repeats` times after a warm-up call (Triton autotunes
 the Mamba kernels per shape); medians. `--profile` adds a torch profile of one call per side: host time per decode step
 and the top operators, written to `--out`.
 
 Greedy decoding must give the same tokens on every side: 16 rows x 32 tokens are compared in float32 and printed.
+On CUDA the first 16 rows are also decoded in bf16 for the full length with the dynamic and the graph path, and the
+share of equal rows and of equal tokens up to the first difference is printed (near-ties flip in bf16).
 
     python bench/bench_generation.py --device cuda                  # 128 prompts x 256 new tokens
     python bench/bench_generation.py --size tiny                    # CPU check
@@ -64,11 +67,19 @@ def hf_generate(model, tokenizer, ids: list[list[int]], max_new: int, greedy: bo
     return [row[width:].tolist() for row in out]
 
 
-def ours_generate(model, tokenizer, ids, max_new: int, greedy: bool, seed: int) -> list[list[int]]:
+def ours_generate(model, tokenizer, ids, max_new: int, greedy: bool, seed: int, decode: str = "auto") -> list[list[int]]:
     settings = GenerationSettings(max_new_tokens=max_new, temperature=0.0 if greedy else 1.0,
                                   eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                                  batch_size=len(ids))
+                                  batch_size=len(ids), decode=decode)
     return [r.tokens for r in generate(model, ids, settings=settings, seed=seed)]
+
+
+def bf16_agreement(expected: list[list[int]], got: list[list[int]]) -> dict:
+    """Equal rows, and the share of tokens before each row's first difference."""
+    prefix = [next((i for i, (a, b) in enumerate(zip(e, g)) if a != b), min(len(e), len(g))) for e, g in
+              zip(expected, got)]
+    return {"rows_equal": sum(e == g for e, g in zip(expected, got)) / len(expected),
+            "tokens_before_first_difference": sum(prefix) / sum(len(e) for e in expected)}
 
 
 def sync(device: str) -> None:
@@ -142,9 +153,11 @@ def main() -> None:
     packed_path = enable_packed_sequences(packed)
     ids = prompts(tokenizer, args.rows)
     n = args.max_new_tokens
+    graph = "cuda-graph" if args.device.startswith("cuda") else "static"
     sides = {
         "transformers generate": lambda greedy=False: hf_generate(plain, tokenizer, ids, n, greedy, 0),
-        "ours": lambda greedy=False: ours_generate(plain, tokenizer, ids, n, greedy, 0),
+        "ours, dynamic cache": lambda greedy=False: ours_generate(plain, tokenizer, ids, n, greedy, 0, "dynamic"),
+        f"ours, {graph}": lambda greedy=False: ours_generate(plain, tokenizer, ids, n, greedy, 0, graph),
         "ours, packed model": lambda greedy=False: ours_generate(packed, tokenizer, ids, n, greedy, 0),
     }
 
@@ -154,11 +167,16 @@ def main() -> None:
     plain32, packed32 = plain.float(), packed.float()
     reference = hf_generate(plain32, tokenizer, check, 32, True, 0)
     agreement = {
-        "ours": sum(a == b for a, b in zip(ours_generate(plain32, tokenizer, check, 32, True, 0), reference)) / len(check),
-        "ours, packed model": sum(a == b for a, b in zip(ours_generate(packed32, tokenizer, check, 32, True, 0),
-                                                         reference)) / len(check),
+        name: sum(a == b for a, b in zip(ours_generate(model, tokenizer, check, 32, True, 0, decode), reference))
+        / len(check)
+        for name, model, decode in [("ours, dynamic cache", plain32, "dynamic"), (f"ours, {graph}", plain32, graph),
+                                    ("ours, packed model", packed32, "auto")]
     }
     plain, packed = plain32.to(dtype), packed32.to(dtype)
+    if args.device.startswith("cuda"):
+        agreement["bf16 full length, graph vs dynamic"] = bf16_agreement(
+            ours_generate(plain, tokenizer, check, n, True, 0, "dynamic"),
+            ours_generate(plain, tokenizer, check, n, True, 0, graph))
 
     results = {"setup": vars(args) | {"packed_path": str(packed_path)}, "greedy_rows_equal_to_transformers": agreement, "sides": {}}
     for name, fn in sides.items():

@@ -280,9 +280,12 @@ MIXED_BUDGETS = [None, 0, 2, 5, 10, None, 3, 1, 8, 0, None, 4]
 MIXED_REASONING = [True, True, True, True, True, False, False, True, True, False, True, True]
 
 
-def test_tiny_batch_with_mixed_budgets_and_modes_matches_one_by_one(tiny_model):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_tiny_batch_with_mixed_budgets_and_modes_matches_one_by_one(tiny_model, decode):
+    """A batch on either decode path against one-by-one generation on transformers' dynamic cache."""
     prompts, config = tiny_prompts(len(MIXED_BUDGETS)), tiny_settings()
-    batch = generate(tiny_model, prompts, settings=config, budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
+    batch = generate(tiny_model, prompts, settings=tiny_settings(decode=decode), budgets=MIXED_BUDGETS,
+                     reasoning=MIXED_REASONING)
     for i, got in enumerate(batch):
         budget, reasoning = [MIXED_BUDGETS[i]], [MIXED_REASONING[i]]
         alone = generate(tiny_model, [prompts[i]], settings=config, budgets=budget, reasoning=reasoning)
@@ -292,9 +295,10 @@ def test_tiny_batch_with_mixed_budgets_and_modes_matches_one_by_one(tiny_model):
     assert {r.finished for r in batch} == {True, False}
 
 
-def test_tiny_cache_path_matches_a_full_forward_reference(tiny_model):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_tiny_cache_path_matches_a_full_forward_reference(tiny_model, decode):
     """Slow reference: no cache, the whole sequence through the model at every step, greedy choice compared."""
-    prompts, config = tiny_prompts(len(MIXED_BUDGETS)), tiny_settings(batch_size=6)
+    prompts, config = tiny_prompts(len(MIXED_BUDGETS)), tiny_settings(batch_size=6, decode=decode)
     results = generate(tiny_model, prompts, settings=config, budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
     for prompt, result in zip(prompts[:6], results[:6]):
         sequence = prompt + result.tokens
@@ -326,3 +330,73 @@ def test_decoding_on_cuda_leaves_cudnn_attention_out_and_restores_it():
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     with decode_attention_backends(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+# --- the static decode path (preallocated caches; a CUDA graph on GPU) -------------------------------------------
+
+
+def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model):
+    """Step by step from one left-padded prefill, both paths fed the same tokens, rows leaving on the way."""
+    from alignment.generation import _DynamicDecoder
+    from alignment.static_decode import StaticDecoder, static_max_len
+
+    prompts = tiny_prompts(5, seed=4)
+    width = max(map(len, prompts))
+    input_ids = torch.zeros(5, width, dtype=torch.long)
+    mask = torch.zeros(5, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def prefill():
+        return tiny_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+
+    with torch.no_grad():
+        out = prefill()
+        dynamic = _DynamicDecoder(tiny_model, out.past_key_values, mask, positions)
+        static = StaticDecoder(tiny_model, 5, static_max_len(width, 30), use_graph=False)
+        static.start(prefill().past_key_values, mask)
+        g = torch.Generator().manual_seed(0)
+        rows = 5
+        for step in range(30):
+            keep = list(range(rows - 1)) if step in (10, 20) else list(range(rows))  # the last row finishes
+            rows = len(keep)
+            tokens = torch.randint(5, 100, (rows,), generator=g).tolist()
+            expected, got = dynamic.next(tokens, keep), static.next(tokens, keep)
+            assert got.shape == expected.shape == (rows, 100)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def test_static_decoding_with_sampling_consumes_the_generator_like_dynamic(tiny_model):
+    prompts, sampled = tiny_prompts(6, seed=5), dict(temperature=1.0, top_p=0.95)
+    dynamic = generate(tiny_model, prompts, settings=tiny_settings(**sampled), budgets=[4] * 6, seed=11)
+    static = generate(tiny_model, prompts, settings=tiny_settings(decode="static", **sampled), budgets=[4] * 6, seed=11)
+    assert static == dynamic
+
+
+def test_static_decoding_is_refused_where_it_cannot_run(tiny_model):
+    with pytest.raises(ValueError, match="no NemotronH blocks"):
+        generate(ScriptedModel({}), [on_prompt(10)], settings=settings(decode="static"))
+    with pytest.raises(ValueError, match="CUDA device"):
+        generate(tiny_model, tiny_prompts(1), settings=tiny_settings(decode="cuda-graph"))
+    with pytest.raises(ValueError, match="decode must be one of"):
+        tiny_settings(decode="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_matches_dynamic_on_gpu(tiny_model):
+    """The captured step replays the eager static step: same greedy tokens as transformers' dynamic cache path,
+    with the kernels the device has (mamba-ssm / causal-conv1d when installed), over two batch shapes."""
+    model = tiny_model.to("cuda")
+    try:
+        prompts = tiny_prompts(len(MIXED_BUDGETS))
+        runs = {
+            decode: generate(model, prompts, settings=tiny_settings(decode=decode, batch_size=5),
+                             budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
+            for decode in ("dynamic", "static", "cuda-graph")
+        }
+        assert runs["cuda-graph"] == runs["dynamic"]
+        assert runs["static"] == runs["dynamic"]
+        assert {r.finished for r in runs["dynamic"]} == {True, False}  # rows left the batch on the way
+    finally:
+        tiny_model.to("cpu")
