@@ -18,7 +18,7 @@ import torch
 
 from alignment.chat import encode_prompt
 from alignment.config import option
-from alignment.generation import GenerationSettings, generate, line_end_token_ids
+from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
 from envs.answers import THINK_CLOSE, THINK_OPEN, answers_match, extract_boxed, split_thinking
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ class EvalConfig:
     grace_tokens: int = option(-1, "Grace window after the budget to finish the line; -1 uses grace_fraction.")
     grace_fraction: float = option(0.1, "Grace window as a fraction of the budget (NVIDIA's serving default).")
     batch_size: int = option(64, "Samples generated together.")
+    decode: str = option(
+        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static or cuda-graph."
+    )
 
     def validate(self) -> None:
         for b in self.budgets:
@@ -45,6 +48,8 @@ class EvalConfig:
                 raise ValueError(f"budgets must hold non-negative integers or null, got {b!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
 
 
 def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0) -> GenerationSettings:
@@ -58,6 +63,7 @@ def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0)
         grace_tokens=None if config.grace_tokens < 0 else config.grace_tokens,
         grace_fraction=config.grace_fraction,
         batch_size=config.batch_size,
+        decode=config.decode,
     )
 
 

@@ -384,19 +384,22 @@ def test_static_decoding_is_refused_where_it_cannot_run(tiny_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_decoding_matches_dynamic_on_gpu(tiny_model):
+def test_cuda_graph_decoding_matches_dynamic_on_gpu():
     """The captured step replays the eager static step: same greedy tokens as transformers' dynamic cache path,
     with the kernels the device has (mamba-ssm / causal-conv1d when installed), over two batch shapes."""
-    model = tiny_model.to("cuda")
-    try:
-        prompts = tiny_prompts(len(MIXED_BUDGETS))
-        runs = {
-            decode: generate(model, prompts, settings=tiny_settings(decode=decode, batch_size=5),
-                             budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
-            for decode in ("dynamic", "static", "cuda-graph")
-        }
-        assert runs["cuda-graph"] == runs["dynamic"]
-        assert runs["static"] == runs["dynamic"]
-        assert {r.finished for r in runs["dynamic"]} == {True, False}  # rows left the batch on the way
-    finally:
-        tiny_model.to("cpu")
+    torch.manual_seed(0)
+    config = NemotronHConfig(  # the causal-conv1d kernels want the projection width a multiple of 8: 128 + 160 + 8
+        vocab_size=100, hidden_size=64, hybrid_override_pattern="M-M*-M-", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
+        chunk_size=8, conv_kernel=4, pad_token_id=0, eos_token_id=TINY_EOS[0],
+    )  # fmt: skip
+    model = NemotronHForCausalLM(config).float().eval().to("cuda")
+    prompts = tiny_prompts(len(MIXED_BUDGETS))
+    runs = {
+        decode: generate(model, prompts, settings=tiny_settings(decode=decode, batch_size=5),
+                         budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
+        for decode in ("dynamic", "static", "cuda-graph")
+    }
+    assert runs["cuda-graph"] == runs["dynamic"]
+    assert runs["static"] == runs["dynamic"]
+    assert {r.finished for r in runs["dynamic"]} == {True, False}  # rows left the batch on the way
