@@ -2,6 +2,7 @@
 
     python bench/bench_zero.py                 # GPU: the ~250M hybrid of configs/gpu/model_250m.json
     python bench/bench_zero.py --small         # CPU: the tiny model, a smoke run
+    python bench/bench_zero.py --gpus 2        # ZeRO-3 over 2 GPUs (NCCL) against the plain loop on one
 
 Runs, each through the stage itself (`alignment.sft.run_sft`):
   plain-fp32 / zero3-fp32   loss agreement: the same trajectory is expected (ZeRO only moves where weights live)
@@ -11,6 +12,8 @@ A short warm-up run per dtype comes first (Triton autotunes the Mamba kernels on
 losses of the first steps, tokens/s and seconds per step after the first 5 steps (padded packed rows, the same for
 both), peak GPU memory.
 On one GPU ZeRO-3 shards over a world of one: this checks the path and its cost, not the memory saving of N GPUs.
+With `--gpus N` the ZeRO-3 runs use N processes, one GPU each, and the plain run accumulates N micro-batches per
+step instead, so both see the same global batch (peak memory is rank 0's).
 Results go to `<out>/bench_zero.json` (`--out`, default $OUT when set, else runs/bench_zero).
 """
 
@@ -30,20 +33,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignment.config import load_config  # noqa: E402
 from alignment.sft import SFTConfig, run_sft  # noqa: E402
+from alignment.zero import free_local_port  # noqa: E402
 from data_recipes.synthetic_math import MathDataConfig, MathTaskConfig, write_splits  # noqa: E402
 
 ZERO3 = "configs/deepspeed/zero3.json"
 SKIP = 5  # steps left out of the speed figures
 
 
-def run(name: str, out: Path, data: Path, base: list[str], extra: list[str]) -> dict:
+def _rank(rank: int, world: int, port: int, config: SFTConfig) -> None:
+    """One process of a multi-GPU run: its own GPU, an NCCL group (gloo for a `--small` CPU check), then the stage."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    on_gpu = config.device != "cpu"
+    if on_gpu:
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
+    try:
+        run_sft(config)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run(name: str, out: Path, data: Path, base: list[str], extra: list[str], processes: int = 1) -> dict:
     overrides = [*base, f"data.train_path={data / 'train.jsonl'}", f"data.test_path={data / 'test.jsonl'}",
                  f"eval.test_path={data / 'test.jsonl'}", f"output_dir={out / name}", *extra]
     config = load_config(SFTConfig, "configs/tiny/sft.yaml", overrides)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    run_sft(config)
+    if processes > 1:
+        torch.multiprocessing.spawn(_rank, args=(processes, free_local_port(), config), nprocs=processes, join=True)
+    else:
+        run_sft(config)
     seconds = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -63,6 +84,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny model on CPU")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
+    parser.add_argument("--gpus", type=int, default=1, help="processes (one GPU each) for the ZeRO-3 runs")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_zero", help="output directory")
     args = parser.parse_args()
     out = Path(args.out)
@@ -77,13 +99,15 @@ def main() -> None:
         base += ["model.name_or_path=configs/gpu/model_250m.json", "train.lr=3.0e-4", "train.batch_size=64",
                  "train.max_tokens_per_row=8192", "device=cuda"]
     zero = [f"train.deepspeed={ZERO3}"]
+    # The same global batch on both sides: N workers x 1 micro-batch, or 1 process accumulating N.
+    plain = [f"train.grad_accum={args.gpus}"] if args.gpus > 1 else []
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.small else "cpu",
-               "torch": torch.__version__, "steps": args.steps, "runs": {}}
+               "torch": torch.__version__, "steps": args.steps, "zero3_gpus": args.gpus, "runs": {}}
     for dtype in args.dtypes.split(","):
         short = "fp32" if dtype == "float32" else "bf16"
         run(f"warmup-{short}", out, data, [*base, "train.max_steps=10"], [f"model.dtype={dtype}"])
-        for name, extra in ((f"plain-{short}", []), (f"zero3-{short}", zero)):
-            results["runs"][name] = run(name, out, data, base, [f"model.dtype={dtype}", *extra])
+        for name, extra, processes in ((f"plain-{short}", plain, 1), (f"zero3-{short}", zero, args.gpus)):
+            results["runs"][name] = run(name, out, data, base, [f"model.dtype={dtype}", *extra], processes)
             (out / "bench_zero.json").write_text(json.dumps(results, indent=2))
     for short in ("fp32", "bf16"):
         if f"plain-{short}" in results["runs"]:
