@@ -272,6 +272,8 @@ def _decode_path(model: nn.Module, requested: str, device: torch.device) -> str:
     """The decode path to use: `requested`, or for auto the fastest one this model and device allow."""
     unsupported = static_decode_unsupported(model)
     if requested == "auto":
+        if device.type == "cuda" and unsupported:
+            log.info("no CUDA-graph decoding for this model (%s): transformers' dynamic cache", unsupported)
         return "cuda-graph" if device.type == "cuda" and unsupported is None else "dynamic"
     if requested in ("static", "cuda-graph") and unsupported:
         raise ValueError(f"decode={requested!r}: {unsupported}")

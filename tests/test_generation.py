@@ -403,3 +403,21 @@ def test_cuda_graph_decoding_matches_dynamic_on_gpu():
     assert runs["cuda-graph"] == runs["dynamic"]
     assert runs["static"] == runs["dynamic"]
     assert {r.finished for r in runs["dynamic"]} == {True, False}  # rows left the batch on the way
+
+
+def test_static_decoding_runs_the_lora_adapters(tiny_model):
+    """Under peft the static step calls the adapted projections: same tokens as the dynamic path, not the base's."""
+    import copy
+
+    from alignment.lora import LoraConfig, apply_lora
+
+    adapted = apply_lora(copy.deepcopy(tiny_model), LoraConfig(enabled=True, r=4))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # zero at init: make the adapters change the outputs
+                param.normal_(std=0.5)
+    prompts = tiny_prompts(6, seed=6)
+    dynamic = generate(adapted, prompts, settings=tiny_settings(decode="dynamic"), budgets=[4] * 6)
+    assert generate(adapted, prompts, settings=tiny_settings(decode="static"), budgets=[4] * 6) == dynamic
+    assert generate(tiny_model, prompts, settings=tiny_settings(decode="static"), budgets=[4] * 6) != dynamic
