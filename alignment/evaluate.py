@@ -122,6 +122,8 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
         "budget": budget,
         "accuracy": sum(r["correct"] for r in records) / n,
         "well_formed": sum(r["well_formed"] for r in records) / n,
+        # What a client that reads the answer after `</think>` strictly gets: correct and well-formed.
+        "accuracy_well_formed": sum(r["correct"] and r["well_formed"] for r in records) / n,
         "toggle_compliance": sum(r["toggle_ok"] for r in records) / n,
         "mean_thinking_tokens": sum(r["thinking_tokens"] for r in records) / n,
         "mean_answer_tokens": sum(r["answer_tokens"] for r in records) / n,
@@ -176,8 +178,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "well_formed_no_think": no_think["well_formed"],
         "mean_thinking_tokens": think["mean_thinking_tokens"],
         "budget_sweep": [
-            {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "mean_thinking_tokens", "mean_answer_tokens",
-                                     "forced_fraction")},
+            {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "accuracy_well_formed", "mean_thinking_tokens",
+                                     "mean_answer_tokens", "forced_fraction")},
              "reference_fits": fits}
             for cell, fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config))
         ],
@@ -252,11 +254,12 @@ def markdown_report(results: dict[str, dict]) -> str:
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():
-        lines += [f"### {name}", "", "| budget | accuracy | well-formed | thinking tokens | answer tokens | forced | "
-                  "reference trace fits |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", "| budget | accuracy | well-formed | correct and well-formed | thinking tokens | "
+                  "answer tokens | forced | reference trace fits |", "|---|---|---|---|---|---|---|---|"]
         for c in s["budget_sweep"]:
             fits = "-" if c.get("reference_fits") is None else f"{c['reference_fits']:.3f}"
-            lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | "
+            strict = "-" if c.get("accuracy_well_formed") is None else f"{c['accuracy_well_formed']:.3f}"
+            lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | {strict} | "
                          f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} | "
                          f"{fits} |")
         lines.append("")

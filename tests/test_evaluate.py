@@ -34,7 +34,31 @@ def test_report_shows_the_reference_column():
     summary = {"accuracy_think": 0.5, "accuracy_no_think": 0.0, "toggle_compliance": 1.0, "mean_thinking_tokens": 30.0,
                "budget_sweep": [cell, dict(cell, budget=None, reference_fits=None)]}
     report = markdown_report({"m": summary})
-    assert "| 8 | 0.100 | 1.000 | 8.0 | 9.0 | 1.00 | 0.250 |" in report and "| unlimited |" in report
+    assert "| 8 | 0.100 | 1.000 | - | 8.0 | 9.0 | 1.00 | 0.250 |" in report and "| unlimited |" in report
+    summary["budget_sweep"][0]["accuracy_well_formed"] = 0.05
+    assert "| 8 | 0.100 | 1.000 | 0.050 | 8.0 |" in markdown_report({"m": summary})
+
+
+def test_a_cell_counts_correct_ill_formed_answers_in_accuracy_only(tokenizer, monkeypatch):
+    """Accuracy grades the boxed answer; `accuracy_well_formed` also needs the format (one close, short answer)."""
+    import alignment.evaluate as evaluate
+    from alignment.generation import GenerationResult
+
+    completions = [
+        f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{3}}.",  # correct, well-formed
+        f"1 + 2 =\n{THINK_CLOSE}1 + 2 = 3\n{THINK_CLOSE}\\boxed{{3}}",  # correct, thinking after the close
+        f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{4}}.",  # wrong, well-formed
+    ]
+
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning):
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+        return [GenerationResult(tokens=t, forced_mask=[False] * len(t), thinking_tokens=5, forced_close=False,
+                                 finished=True) for t in ids]
+
+    monkeypatch.setattr(evaluate, "generate", scripted_generate)
+    rows = [{"messages": [{"role": "user", "content": "Start with 1. Add 2. What is the result?"}], "answer": "3"}] * 3
+    cell = evaluate.run_cell(None, tokenizer, rows, True, 8, EvalConfig())
+    assert (cell["accuracy"], cell["well_formed"], cell["accuracy_well_formed"]) == (2 / 3, 2 / 3, 1 / 3)
 
 
 def test_pipeline_report_carries_the_reference_line(tmp_path):
