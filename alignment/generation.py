@@ -251,12 +251,13 @@ def _generate_batch(
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
     )
+    logits, cache = out.logits[:, -1, :], out.past_key_values  # [B, V]
+    del out
     if static is not None:
-        static.start(out.past_key_values, attention_mask)
-        decoder = static
+        static.start(cache, attention_mask)  # copied into the decoder's buffers: the prefill cache can go
+        decoder, cache = static, None
     else:
-        decoder = _DynamicDecoder(model, out.past_key_values, attention_mask, position_ids)
-    logits = out.logits[:, -1, :]  # [B, V]
+        decoder = _DynamicDecoder(model, cache, attention_mask, position_ids)
     active = list(range(len(samples)))  # decoding row -> index into samples
     while True:
         model_choice = _next_tokens(logits, settings, generator).tolist()  # [B]
@@ -310,7 +311,9 @@ def generate(
     log.info("generating %d samples on %s (batch size %d, decode: %s%s)", n, device, settings.batch_size, path,
              ", SDPA without cuDNN" if device.type == "cuda" else "")
     max_len = static_max_len(max(map(len, prompts), default=0), settings.max_new_tokens)
-    static_decoders: dict[int, StaticDecoder] = {}  # per batch size: the last batch may be smaller
+    # One static decoder (buffers and graph) per call, rebuilt only for the smaller last batch. Not kept across calls:
+    # a graph reads the parameters at their addresses, which a caller may replace between calls.
+    static: StaticDecoder | None = None
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -325,12 +328,9 @@ def generate(
                 tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:
             for start in range(0, n, settings.batch_size):
                 batch = [samples[i] for i in order[start : start + settings.batch_size]]
-                static = None
-                if path in ("static", "cuda-graph"):
-                    if len(batch) not in static_decoders:
-                        static_decoders[len(batch)] = StaticDecoder(
-                            model, len(batch), max_len, use_graph=path == "cuda-graph")
-                    static = static_decoders[len(batch)]
+                if path in ("static", "cuda-graph") and (static is None or static.batch_size != len(batch)):
+                    static = None  # free the previous buffers and graph first
+                    static = StaticDecoder(model, len(batch), max_len, use_graph=path == "cuda-graph")
                 _generate_batch(model, batch, settings, generator, static)
                 bar.update(len(batch))
     finally:

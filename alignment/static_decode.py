@@ -12,8 +12,9 @@ written here against the model's modules: the same weights, and the same decode 
 mamba-ssm kernels when those are installed). NemotronH attention has no positional encoding, so a step needs only the
 write position and the mask of valid key positions.
 
-Shapes cannot change between replays, so finished rows stay in the batch: they are fed padding and their outputs are
-ignored. The eager form of the same step runs on any device; `tests/test_generation.py` checks it against
+Shapes cannot change between replays, so finished rows stay in the batch: they are fed a filler token (id 0) and
+their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
+models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches). The eager form of the same step runs on any device; `tests/test_generation.py` checks it against
 transformers' forward with its dynamic cache, and `bench/bench_generation.py` checks the graph against both on a GPU.
 """
 
@@ -33,6 +34,7 @@ MAMBA_BLOCKS = {"mamba", "linear_attention"}
 ATTENTION_BLOCKS = {"attention", "full_attention"}
 PLAIN_BLOCKS = {"mlp"}  # stateless: the block's own forward is used
 POSITION_ROUND = 64  # KV buffers hold a multiple of this many positions, so one graph fits similar lengths
+WARMUP_STEPS = 2  # eager steps before a capture (Triton autotuning, cuBLAS workspaces); they need room in the buffers
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -55,6 +57,8 @@ def static_decode_unsupported(model: nn.Module) -> str | None:
     unknown = {b.block_type for b in blocks} - MAMBA_BLOCKS - ATTENTION_BLOCKS - PLAIN_BLOCKS
     if unknown:
         return f"block types {sorted(unknown)} have no static decode step"
+    if any(not isinstance(getattr(b, "layer_idx", None), int) for b in blocks):
+        return "a block has no layer_idx (its index in the cache)"
     try:
         _final_norm(model)
     except ValueError as error:
@@ -64,7 +68,7 @@ def static_decode_unsupported(model: nn.Module) -> str | None:
 
 def static_max_len(longest_prompt: int, max_new_tokens: int) -> int:
     """Positions the KV buffers hold: room for the longest prompt plus every new token, rounded up."""
-    need = longest_prompt + max_new_tokens
+    need = longest_prompt + max_new_tokens + WARMUP_STEPS
     return -(-need // POSITION_ROUND) * POSITION_ROUND
 
 
@@ -73,7 +77,7 @@ def _cache_states(cache, layer_idx: int, block_type: str) -> tuple[torch.Tensor,
 
     The one place that knows the cache's layout (the same in transformers 5.17 through 5.24).
     """
-    layer = cache.layers[layer_idx]
+    layer = cache.layers[layer_idx]  # indexed like the model's decoder layers
     if block_type in MAMBA_BLOCKS:
         return layer.conv_states[0], layer.recurrent_states[0]
     return layer.keys, layer.values
@@ -117,7 +121,7 @@ class StaticDecoder:
     def start(self, cache, attention_mask: torch.Tensor) -> None:
         """Load a prefill: transformers' cache after the prompt forward and its [B, width] mask (left padding)."""
         batch, width = attention_mask.shape
-        if batch != self.batch_size or width > self.max_len:
+        if batch != self.batch_size or width + WARMUP_STEPS >= self.max_len:
             raise ValueError(f"a [{batch}, {width}] prefill does not fit a decoder of {self.batch_size} rows x "
                              f"{self.max_len} positions")
         if self.states is None:
@@ -130,7 +134,7 @@ class StaticDecoder:
     def next(self, tokens: list[int], keep: list[int]) -> torch.Tensor:
         """Feed `tokens` to the rows `keep` (indices into the rows still decoding); return their logits [len(keep), V].
 
-        The other rows have finished: they are fed padding from now on and their logits are no longer returned.
+        The other rows have finished: they are fed token 0 from now on and their logits are no longer returned.
         """
         if len(keep) < len(self.rows):
             self.rows = self.rows[torch.tensor(keep)]
@@ -149,12 +153,12 @@ class StaticDecoder:
 
     def _allocate(self, cache) -> None:
         self.states = []
-        for index, block in enumerate(self.blocks):
+        for block in self.blocks:
             if block.block_type in MAMBA_BLOCKS:
-                conv, ssm = _cache_states(cache, index, block.block_type)
+                conv, ssm = _cache_states(cache, block.layer_idx, block.block_type)
                 self.states.append((torch.zeros_like(conv), torch.zeros_like(ssm)))
             elif block.block_type in ATTENTION_BLOCKS:
-                keys, _ = _cache_states(cache, index, block.block_type)  # [B, H_kv, width, head_dim]
+                keys, _ = _cache_states(cache, block.layer_idx, block.block_type)  # [B, H_kv, width, head_dim]
                 shape = (keys.shape[0], keys.shape[1], self.max_len, keys.shape[3])
                 self.states.append((keys.new_zeros(shape), keys.new_zeros(shape)))
             else:
@@ -162,10 +166,10 @@ class StaticDecoder:
 
     def _load(self, cache, attention_mask: torch.Tensor) -> None:
         width = attention_mask.shape[1]
-        for index, (block, state) in enumerate(zip(self.blocks, self.states)):
+        for block, state in zip(self.blocks, self.states):
             if state is None:
                 continue
-            first, second = _cache_states(cache, index, block.block_type)
+            first, second = _cache_states(cache, block.layer_idx, block.block_type)
             if block.block_type in MAMBA_BLOCKS:
                 state[0].copy_(first)
                 state[1].copy_(second)
@@ -242,11 +246,12 @@ class StaticDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(WARMUP_STEPS):
                 self._step()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls from other threads (GRPO scores rewards beside generation) must not break capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self._step()
         self.graph = graph
         log.info("decode step captured as a CUDA graph: %d rows x %d positions", self.batch_size, self.max_len)

@@ -335,11 +335,18 @@ def test_decoding_on_cuda_leaves_cudnn_attention_out_and_restores_it():
 # --- the static decode path (preallocated caches; a CUDA graph on GPU) -------------------------------------------
 
 
-def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model):
-    """Step by step from one left-padded prefill, both paths fed the same tokens, rows leaving on the way."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model, groups):
+    """Step by step from one left-padded prefill, both paths fed the same tokens, rows leaving on the way (a middle
+    row, then the first), with one and with two Mamba groups."""
     from alignment.generation import _DynamicDecoder
     from alignment.static_decode import StaticDecoder, static_max_len
 
+    model = tiny_model
+    if groups > 1:
+        torch.manual_seed(0)
+        model = NemotronHForCausalLM(NemotronHConfig(**{**tiny_model.config.to_dict(), "n_groups": groups})).eval()
+        assert model.model.layers[0].mixer.n_groups == groups
     prompts = tiny_prompts(5, seed=4)
     width = max(map(len, prompts))
     input_ids = torch.zeros(5, width, dtype=torch.long)
@@ -349,17 +356,20 @@ def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     def prefill():
-        return tiny_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
 
     with torch.no_grad():
-        out = prefill()
-        dynamic = _DynamicDecoder(tiny_model, out.past_key_values, mask, positions)
-        static = StaticDecoder(tiny_model, 5, static_max_len(width, 30), use_graph=False)
+        dynamic = _DynamicDecoder(model, prefill().past_key_values, mask, positions)
+        static = StaticDecoder(model, 5, static_max_len(width, 30), use_graph=False)
         static.start(prefill().past_key_values, mask)
         g = torch.Generator().manual_seed(0)
         rows = 5
         for step in range(30):
-            keep = list(range(rows - 1)) if step in (10, 20) else list(range(rows))  # the last row finishes
+            keep = list(range(rows))
+            if step == 10:
+                keep.remove(2)  # indices are into the rows still decoding, not the original batch
+            if step == 20:
+                keep.remove(0)
             rows = len(keep)
             tokens = torch.randint(5, 100, (rows,), generator=g).tolist()
             expected, got = dynamic.next(tokens, keep), static.next(tokens, keep)
@@ -381,6 +391,18 @@ def test_static_decoding_is_refused_where_it_cannot_run(tiny_model):
         generate(tiny_model, tiny_prompts(1), settings=tiny_settings(decode="cuda-graph"))
     with pytest.raises(ValueError, match="decode must be one of"):
         tiny_settings(decode="fast")
+
+
+def test_static_buffers_leave_room_for_every_new_token_and_the_warm_up(tiny_model):
+    from alignment.static_decode import WARMUP_STEPS, StaticDecoder, static_max_len
+
+    for width in range(1, 130):  # around the rounding to 64 positions
+        assert static_max_len(width, 1) >= width + 1 + WARMUP_STEPS
+    mask = torch.ones(2, 10, dtype=torch.long)
+    with torch.no_grad():
+        cache = tiny_model(input_ids=torch.full((2, 10), 7), attention_mask=mask, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="does not fit"):  # warm-up steps would write past the buffers
+        StaticDecoder(tiny_model, 2, 10 + WARMUP_STEPS, use_graph=False).start(cache, mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
