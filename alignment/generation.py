@@ -271,6 +271,8 @@ def _generate_batch(
 
 def _decode_path(model: nn.Module, requested: str, device: torch.device) -> str:
     """The decode path to use: `requested`, or for auto the fastest one this model and device allow."""
+    if requested == "dynamic":  # works for every model: no need to walk its modules
+        return requested
     unsupported = static_decode_unsupported(model)
     if requested == "auto":
         if device.type == "cuda" and unsupported:

@@ -14,8 +14,10 @@ write position and the mask of valid key positions.
 
 Shapes cannot change between replays, so finished rows stay in the batch: they are fed a filler token (id 0) and
 their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
-models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches). The eager form of the same step runs on any device; `tests/test_generation.py` checks it against
-transformers' forward with its dynamic cache, and `bench/bench_generation.py` checks the graph against both on a GPU.
+models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches).
+
+The eager form of the same step runs on any device; `tests/test_generation.py` checks it against transformers'
+forward with its dynamic cache, and `bench/bench_generation.py` checks the graph against both on a GPU.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ The model is bench_grpo.py's random-init hybrid (24 blocks: 8 Mamba-2, 4 attenti
 rarely writes its end-of-turn token, so every row decodes `--max-new-tokens` tokens on every side: the same work.
 Four sides: transformers `generate`; ours on the plain model with transformers' dynamic cache, and with the static
 step replayed as a CUDA graph (the default on CUDA, `alignment/static_decode.py`); ours after `enable_packed_sequences`
-(the model as the DPO and GRPO stages hold it while they sample) on the default path. Each is timed `--repeats` times after a warm-up call (Triton autotunes
-the Mamba kernels per shape); medians. `--profile` adds a torch profile of one call per side: host time per decode step
+(the model as the DPO and GRPO stages hold it while they sample) on the default path. Each is timed `--repeats` times
+after a warm-up call (Triton autotunes the Mamba kernels per shape); medians. `--profile` adds a torch profile of one call per side: host time per decode step
 and the top operators, written to `--out`.
 
 Greedy decoding must give the same tokens on every side: 16 rows x 32 tokens are compared in float32 and printed.
