@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignment.chat import IGNORE_INDEX, encode_for_training, encode_prompt, with_reasoning
+from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
+                                   with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
@@ -330,7 +331,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
                       "ids": encode_prompt(tokenizer, prompt)})
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
         think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
         line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size,
     )
@@ -339,7 +340,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         budgets=[p["budget"] for p in plans for _ in range(k)],
         reasoning=[p["reasoning"] for p in plans for _ in range(k)], seed=seed,
     )
-    texts = [tokenizer.decode(r.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "") for r in results]
+    texts = [completion_text(tokenizer, r.tokens) for r in results]
     score_rows = [
         dict(p["row"], messages=p["prompt"], reasoning="on" if p["reasoning"] else "off",
              thinking_budget=p["budget"], thinking_tokens=results[i * k + j].thinking_tokens)

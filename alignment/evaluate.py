@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.chat import encode_prompt
+from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import option
 from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
 from envs.answers import THINK_CLOSE, THINK_OPEN, answers_match, extract_boxed, split_thinking
@@ -56,7 +56,7 @@ def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0)
     return GenerationSettings(
         max_new_tokens=config.max_new_tokens,
         temperature=temperature,
-        eos_token_ids=[tokenizer.eos_token_id],
+        eos_token_ids=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
         line_end_ids=line_end_token_ids(tokenizer),
@@ -101,7 +101,7 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
     think_end = set(settings.think_end_ids)
     records = []
     for row, result in zip(rows, results):
-        text = tokenizer.decode(result.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "")
+        text = completion_text(tokenizer, result.tokens)
         body = result.tokens[:-1] if result.finished else result.tokens
         close_at = next((i for i, t in enumerate(body) if t in think_end), -1)
         answer_tokens = len(body) - close_at - 1
@@ -135,11 +135,7 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
 def prompt_messages(row: dict) -> list[dict]:
     """A row's conversation up to (not including) its reference assistant turn, without any reasoning switch."""
     messages = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
-    return [
-        dict(m, content=m["content"].replace("/no_think", "").replace("/think", "").strip())
-        for m in messages
-        if not (m["role"] == "system" and m["content"].strip() in ("/think", "/no_think"))
-    ]
+    return strip_switch(messages)
 
 
 def reference_fits(tokenizer, rows: list[dict], budgets: list[int | None], config: EvalConfig) -> list[float | None]:

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages, token_logps
-from alignment.chat import encode_prompt
+from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
@@ -338,7 +338,7 @@ def rollout(
             timings["generate"] += time.perf_counter() - t0
             items = []
             for group, result in zip(chunk, results):
-                text = tokenizer.decode(result.tokens, skip_special_tokens=False).replace(tokenizer.eos_token, "")
+                text = completion_text(tokenizer, result.tokens)
                 group.completions.append(Completion(result, text))
                 items.append((group, group.completions[-1]))
             pending.append(executor.submit(score_completions, scorer, items))

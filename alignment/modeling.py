@@ -10,14 +10,14 @@ import importlib.util
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.chat_format import parse_chat_format, use_chat_format
 from alignment.config import option
-from data_recipes.template_check import check_reasoning_toggle
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,17 @@ class ModelConfig:
     init_seed: int = option(0, "Seed for random initialisation when building from a config file.")
     attn_implementation: str = option("sdpa", "Attention implementation passed to transformers (sdpa, eager, ...).")
     trust_remote_code: bool = option(False, "Allow model code from the hub repository (needed by some real models).")
+    chat_format: str = option(
+        "auto", "How the chat template switches reasoning and places the trace: auto (detected from renders, or the "
+        "format saved with the tokenizer) or SWITCH+TRACE[+model-opens-think], e.g. keyword+inline (Nano 2), "
+        "template-argument+field (Nemotron 3, Qwen3), system-prompt+inline (Llama-Nemotron); `align template` shows it.",
+    )
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.chat_format != "auto":
+            parse_chat_format(self.chat_format)
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -51,9 +58,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise ValueError(f"tokenizer at {source} has no chat template; the reasoning toggle needs one")
-    check_reasoning_toggle(tokenizer, source)
+    use_chat_format(tokenizer, source, config.chat_format)
     return tokenizer
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignment.chat import IGNORE_INDEX, encode_for_training
+from alignment.chat_format import IGNORE_INDEX, encode_for_training
 from alignment.checkpoint import save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows

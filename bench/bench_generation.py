@@ -44,7 +44,7 @@ SIZES = {
 
 
 def prompts(tokenizer, rows: int) -> list[list[int]]:
-    from alignment.chat import encode_prompt, with_reasoning
+    from alignment.chat_format import encode_prompt, with_reasoning
     from alignment.evaluate import prompt_messages
     from data_recipes.synthetic_math import MathTaskConfig, generate_splits
 

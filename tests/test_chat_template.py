@@ -1,8 +1,8 @@
-"""The tiny tokenizer's chat template implements the Nano 2 reasoning toggle."""
+"""The embedded tiny tokenizer's template: the project's own keyword switch with a `reasoning_content` trace."""
 
 import pytest
 
-from alignment.chat import IGNORE_INDEX, TemplateError, encode_for_training, encode_prompt, render_prompt, with_reasoning
+from alignment.chat_format import IGNORE_INDEX, TemplateError, encode_for_training, encode_prompt, render_prompt, with_reasoning
 
 USER = {"role": "user", "content": "Start with 3. Add 4. What is the result?"}
 ANSWER = {"role": "assistant", "content": "The result is \\boxed{7}.", "reasoning_content": "3 + 4 = 7\n"}

@@ -4,11 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoTokenizer
 
 from alignment.config import load_config
 from alignment.sft import SFTConfig
-from data_recipes.template_check import reasoning_toggle_problems
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SFT_CONFIGS = sorted(CONFIGS.rglob("sft*.yaml"))
@@ -49,10 +47,3 @@ def test_deepspeed_config_is_zero3_and_follows_the_stage():
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
     assert config["train_batch_size"] == 256 and config["gradient_accumulation_steps"] == 32
     assert deepspeed_config(path, max_grad_norm=1.0, grad_accum=1, world=1, bf16=False)["bf16"]["enabled"] is False
-
-
-def test_qwen_template_expresses_the_reasoning_toggle():
-    # Any vocabulary will do to render text; the fixture's is byte-level and local.
-    tokenizer = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "nano2_tokenizer")
-    tokenizer.chat_template = (CONFIGS / "qwen" / "chat_template.jinja").read_text()
-    assert reasoning_toggle_problems(tokenizer) == []

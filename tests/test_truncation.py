@@ -35,7 +35,7 @@ def test_fraction_mode_and_marker(tokenizer):
 
 
 def test_rendered_truncated_row_closes_the_trace(tokenizer):
-    from alignment.chat import encode_for_training
+    from alignment.chat_format import encode_for_training
 
     row = generate_splits(MathTaskConfig(train_size=5, validation_size=1, test_size=1, min_steps=4))["train"][0]
     (new,), _ = truncate_rows([row], TruncationConfig(fraction=1.0, min_budget=5, max_budget=5), tokenizer)
