@@ -60,3 +60,12 @@ def test_checkpoint_round_trip_on_cpu(tmp_path, dtype):
     assert saved.keys() == loaded.keys()
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor.to(getattr(torch, dtype))), name
+
+
+@pytest.mark.parametrize("name,published_b", [("model_nano9b_v2.json", 8.89), ("model_nemotron_h_8b.json", 8.10)])
+def test_real_architecture_configs_have_the_published_parameter_counts(name, published_b):
+    """configs/nano9b/model_*.json (random init of the real architectures, bench/bench_scale.py) built on meta."""
+    path = TINY_MODEL.parents[1] / "nano9b" / name
+    model = load_model(ModelConfig(name_or_path=str(path), dtype="bfloat16"), "meta")
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == published_b
+    assert model.config.vocab_size == 131072 and not model.config.tie_word_embeddings
