@@ -68,6 +68,7 @@ _PROBE_USER = "What is 2 + 3?"
 _PROBE_TRACE = "2 + 3 = 5, checked: 5 - 3 = 2."
 _PROBE_ANSWER = "The result is \\boxed{5}."
 _PROBE_PAST_TRACE = "an earlier private thought"
+_EMPTY_TRACE_PLACEHOLDER = "EMPTY-TRACE-PLACEHOLDER"
 
 
 class TemplateError(ValueError):
@@ -155,20 +156,25 @@ class ChatFormat:
         inline_trace, after = split_thinking(answer)
         if inline_trace is not None:
             trace, answer = trace or inline_trace, after
+        # An empty trace with reasoning on (a trace cut at budget 0, a sample that closed at once) is what
+        # generation gives after `</think>` is forced at once; templates render an empty trace as reasoning off,
+        # so render a placeholder and take it out again.
+        empty_trace = reasoning and not trace.strip()
+        if empty_trace:
+            trace = _EMPTY_TRACE_PLACEHOLDER
         driven, kwargs = self._drive(history, reasoning)
         prompt = tokenizer.apply_chat_template(driven, tokenize=False, add_generation_prompt=True, **kwargs)
         full = tokenizer.apply_chat_template(driven + [self.answer_message(trace, answer, reasoning)],
                                              tokenize=False, **kwargs)
         if not full.startswith(prompt):
-            if reasoning and not trace.strip():
-                raise TemplateError("this chat template cannot render a reasoning-on answer turn with an empty trace; "
-                                    "give the row a trace or mark it `/no_think`")
             raise TemplateError(
                 f"the chat template renders the reasoning-{'on' if reasoning else 'off'} answer turn differently from "
                 f"its generation prompt ({prompt[-40:]!r} vs {full[len(prompt) - 40:len(prompt)]!r}), so the prompt "
                 "cannot be masked"
             )
         completion = full[len(prompt):]
+        if empty_trace:
+            completion = completion.replace(_EMPTY_TRACE_PLACEHOLDER + "\n", "", 1).replace(_EMPTY_TRACE_PLACEHOLDER, "", 1)
         end = completion.rfind(self.end_of_turn)
         if end < 0:
             raise TemplateError(f"the rendered answer turn has no end-of-turn token {self.end_of_turn!r}")
@@ -432,3 +438,38 @@ def completion_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> st
         if token and text.endswith(token):
             return text[: -len(token)]
     return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `align template` shows
+
+
+def preview(tokenizer: PreTrainedTokenizerBase, messages: list[dict], cut_fraction: float = 0.5) -> dict:
+    """For reasoning on, off and a truncated-thinking row: the generation prompt and the trained text.
+
+    `messages` ends with the assistant turn: `content` is the answer, `reasoning_content` the trace. The trained
+    text is the decoded tokens that carry loss.
+    """
+    from data_recipes.truncation import TruncationConfig, truncate_rows
+
+    *history, final = messages
+    trace = final.get("reasoning_content") or ""
+    rows = {
+        "on": with_reasoning(history, True) + [dict(final, reasoning_content=trace)],
+        "off": with_reasoning(history, False) + [dict(final, reasoning_content="")],
+    }
+    cut = TruncationConfig(fraction=1.0, budget_mode="fraction", min_fraction=cut_fraction, max_fraction=cut_fraction,
+                           close_marker=".\n")
+    (truncated,), _ = truncate_rows([{"messages": rows["on"]}], cut, tokenizer)
+    rows["truncated"] = truncated["messages"]
+    cases = {}
+    for case, row in rows.items():
+        encoded = encode_for_training(tokenizer, row)
+        trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+        first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+        cases[case] = {
+            "prompt": render_prompt(tokenizer, row[:-1]),
+            "trained": tokenizer.decode(trained, skip_special_tokens=False),
+            "training_prompt": tokenizer.decode(encoded["input_ids"][:first], skip_special_tokens=False),
+        }
+    return {"format": chat_format_of(tokenizer).name, "cases": cases}

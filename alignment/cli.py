@@ -79,6 +79,74 @@ def _pipeline_command(subparsers) -> None:
     parser.set_defaults(func=handler)
 
 
+_EXAMPLE_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "The result is \\boxed{5}.",
+     "reasoning_content": "2 + 3 = 5.\nCheck: 5 - 3 = 2, so the sum is right.\n"},
+]
+
+
+def _read_messages(path: str) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    try:
+        messages = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--messages {path}: {exc}") from exc
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        raise ConfigError(f"--messages {path}: expected a JSON list of chat messages with `role` and `content`")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ConfigError(f"--messages {path}: the last message must be the assistant turn (`content` is the answer, "
+                          "`reasoning_content` the trace)")
+    return messages
+
+
+def _template_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "template", help="Show the detected chat format, and what the stages feed and train with reasoning on, off "
+        "and for a truncated-thinking row.",
+        description="Renders a conversation through the tokenizer's own chat template the way every stage does: the "
+        "generation prompt (what rollouts and evaluation start from) and the trained text (the tokens that carry "
+        "loss), for reasoning on, off and a truncated-thinking row (the trace cut at half its tokens).",
+    )
+    parser.add_argument("tokenizer", help="Tokenizer or checkpoint directory (or a hub id already in the local cache).")
+    parser.add_argument("--messages", help="JSON list of chat messages; the last is the assistant turn with `content` "
+                        "(the answer) and `reasoning_content` (the trace). Default: a short arithmetic example.")
+    parser.add_argument("--chat-format", default="auto", help="Force a format (model.chat_format), e.g. keyword+inline.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line of stdout.")
+
+    def handler(args) -> int:
+        import json
+
+        from alignment.chat_format import TemplateError, chat_format_of, preview
+        from alignment.modeling import ModelConfig, load_tokenizer
+
+        messages = _read_messages(args.messages) if args.messages else _EXAMPLE_MESSAGES
+        try:
+            tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer, chat_format=args.chat_format))
+            shown = preview(tokenizer, messages)
+        except (TemplateError, ValueError) as exc:
+            raise ConfigError(f"{args.tokenizer}: {exc}") from exc
+        if args.json:
+            cases = {case: {k: shown["cases"][case][k] for k in ("prompt", "trained")} for case in shown["cases"]}
+            print(json.dumps({"format": shown["format"], "cases": cases}, ensure_ascii=False))
+            return 0
+        visible = lambda text: text.replace("\n", "\u23ce\n")  # noqa: E731 - newlines shown as a return sign
+        print(f"chat format: {chat_format_of(tokenizer).describe()}")
+        print("(newlines are shown as \u23ce; the trained part of a training row is between \u27e6 and \u27e7)")
+        for case, title in (("on", "reasoning on"), ("off", "reasoning off"), ("truncated", "truncated thinking")):
+            shown_case = shown["cases"][case]
+            print(f"\n=== {title} ===\n--- generation prompt ---\n{visible(shown_case['prompt'])}")
+            print(f"--- training row ---\n{visible(shown_case['training_prompt'])}\u27e6{visible(shown_case['trained'])}"
+                  "\u27e7")
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from alignment.pipeline import stage_entry
 
@@ -92,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                *stage_entry("dpo"))
     _add_stage(subparsers, "grpo", "RL with verifiable rewards (GRPO), budget-aware rollouts.", *stage_entry("grpo"))
     _pipeline_command(subparsers)
+    _template_command(subparsers)
     try:
         from rewards.cli import add_rewards_parser
     except ImportError:

@@ -282,10 +282,17 @@ def test_dpo_sides_render_from_sampled_text(named):
     rejected = completion_message("2 + 2 = 5 and then", reasoning=True)  # never closed: not a clean trace
     _, trained = split_encoded(tok, prompt + [chosen])
     assert "2 + 2 = 4" in trained and trained.endswith("It is \\boxed{4}." + END_OF_TURN[name])
-    try:
-        split_encoded(tok, prompt + [rejected])
-    except TemplateError as exc:  # a template that cannot show an unclosed trace says so, naming the fix
-        assert "empty trace" in str(exc)
+    _, trained = split_encoded(tok, prompt + [rejected])
+    assert "2 + 2 = 5 and then" in trained and "</think>" in trained  # an unclosed sample trains as an answer
+
+
+def test_an_empty_trace_with_reasoning_on_trains_the_close_then_the_answer(named):
+    name, tok = named  # a trace cut at budget 0: generation forces `</think>` right after the prefill
+    prompt, trained = split_encoded(tok, with_reasoning([USER], True) + [
+        {"role": "assistant", "content": "4.", "reasoning_content": ""}])
+    opening = "<think>\n" if name == "llama_nemotron" else ""
+    assert prompt.endswith("<think>\n" if name != "llama_nemotron" else "\n\n")
+    assert trained == opening + "</think>\n" + ("" if name == "nemotron3" else "\n") + "4." + END_OF_TURN[name]
 
 
 def test_evaluation_and_rollout_prompts_follow_the_requested_mode(named):
@@ -301,3 +308,52 @@ def test_the_row_switch_is_the_last_keyword():
     assert switch_of([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "x /think"}])
     assert not switch_of([{"role": "user", "content": "/think then /no_think x"}])
     assert switch_of([{"role": "user", "content": "what does </think> mean?"}])  # a tag is not a keyword
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `align template`
+
+
+def align_template(capsys, *args) -> tuple[int, str, str]:
+    from alignment.cli import main
+
+    code = main(["template", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("name", ["nano2", "nemotron3"])
+def test_align_template_json_shows_the_templates_own_prompts_and_the_trained_text(capsys, name):
+    code, out, _ = align_template(capsys, FORMATS / name, "--json")
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and shown["format"] == EXPECTED_FORMAT[name] and set(shown["cases"]) == {"on", "off", "truncated"}
+    tok = fixture(name)
+    history = [SYSTEM, {"role": "user", "content": "What is 2 + 3?"}]
+    for case, reasoning in (("on", True), ("off", False), ("truncated", True)):
+        assert shown["cases"][case] == {"prompt": own_prompt(name, tok, history, reasoning),
+                                        "trained": shown["cases"][case]["trained"]}
+    on, off, cut = (shown["cases"][c]["trained"] for c in ("on", "off", "truncated"))
+    end = END_OF_TURN[name]
+    assert on.startswith("2 + 3 = 5.\nCheck: 5 - 3 = 2, so the sum is right.\n</think>\n") and on.endswith(
+        "The result is \\boxed{5}." + end)
+    assert off == "The result is \\boxed{5}." + end
+    assert cut.startswith("2 + 3 = 5.") and len(cut) < len(on) and cut.endswith("</think>\n" + (
+        "\n" if name == "nano2" else "") + "The result is \\boxed{5}." + end)
+
+
+def test_align_template_marks_the_trained_part_and_reads_a_messages_file(capsys, tmp_path):
+    messages = [{"role": "user", "content": "Name a prime."},
+                {"role": "assistant", "content": "Seven.", "reasoning_content": "7 has no divisors but 1 and 7."}]
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps(messages))
+    code, out, _ = align_template(capsys, FORMATS / "nemotron3", "--messages", path)
+    assert code == 0 and "chat format: template-argument+field" in out
+    assert "\u27e6Seven.<|im_end|>\u27e7" in out  # reasoning off: the answer and end of turn carry loss
+    assert "\u27e67 has no divisors but 1 and 7.\u23ce\n</think>\u23ce\nSeven.<|im_end|>\u27e7" in out
+
+
+def test_align_template_names_the_file_of_bad_messages(capsys, tmp_path):
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps([{"role": "user", "content": "no answer turn"}]))
+    code, _, err = align_template(capsys, FORMATS / "nano2", "--messages", path)
+    assert code == 2 and f"--messages {path}: the last message must be the assistant turn" in err
