@@ -77,7 +77,7 @@ class TemplateError(ValueError):
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """How one tokenizer's template is driven. Build it with `detect_chat_format` or `parse_chat_format`."""
+    """How one tokenizer's template is driven; `detect_chat_format` builds it from probe renders."""
 
     switch: Switch
     trace: TracePlace
@@ -162,8 +162,8 @@ class ChatFormat:
         empty_trace = reasoning and not trace.strip()
         if empty_trace:
             trace = _EMPTY_TRACE_PLACEHOLDER
+        prompt = self.template_prompt(tokenizer, history, reasoning)
         driven, kwargs = self._drive(history, reasoning)
-        prompt = tokenizer.apply_chat_template(driven, tokenize=False, add_generation_prompt=True, **kwargs)
         full = tokenizer.apply_chat_template(driven + [self.answer_message(trace, answer, reasoning)],
                                              tokenize=False, **kwargs)
         if not full.startswith(prompt):
