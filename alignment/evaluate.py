@@ -19,7 +19,7 @@ import torch
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import option
 from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
-from envs.answers import THINK_CLOSE, THINK_OPEN, answers_match, extract_boxed, split_thinking
+from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0)
 def judge(completion: str, reasoning: bool, finished: bool, answer_tokens: int, max_answer_tokens: int) -> dict:
     """Format checks of one completion (text after the prefill)."""
     closes = completion.count(THINK_CLOSE)
-    _, answer = split_thinking(completion)
+    answer = answer_part(completion, reasoning)  # an unclosed trace has no answer
     boxed = extract_boxed(answer)
     format_ok = closes == (1 if reasoning else 0) and THINK_OPEN not in answer
     return {

@@ -19,9 +19,24 @@ def split_thinking(completion: str) -> tuple[str | None, str]:
     return thinking.replace(THINK_OPEN, "", 1), answer
 
 
-def answer_part(completion: str) -> str:
-    """The text after the first `</think>`, or the whole completion when there is none."""
-    return split_thinking(completion)[1]
+def reasoning_is_on(reasoning: str | bool | None) -> bool | None:
+    """A row's `reasoning` field ("on"/"off", a bool, or absent) as True/False/None."""
+    if reasoning is None or isinstance(reasoning, bool):
+        return reasoning
+    if reasoning not in ("on", "off"):
+        raise ValueError(f"reasoning must be 'on' or 'off', got {reasoning!r}")
+    return reasoning == "on"
+
+
+def answer_part(completion: str, reasoning: str | bool | None = None) -> str:
+    """The text after the first `</think>`.
+
+    With reasoning on, a completion that never closed its trace has no answer: a `\\boxed{}` draft inside an
+    unfinished trace is not an answer, and grading it would pay a policy for skipping `</think>`. With reasoning
+    off or unknown, a completion without `</think>` is all answer.
+    """
+    thinking, answer = split_thinking(completion)
+    return "" if thinking is None and reasoning_is_on(reasoning) else answer
 
 
 def extract_boxed(text: str) -> str | None:

@@ -67,14 +67,18 @@ def code_tests(
     per_test_s: float = 2.0,
     wall_s: float = 20.0,
     memory_mb: int = 1024,
+    reasoning: str | bool | None = None,
 ) -> RewardResult:
-    """Fraction of the row's `tests` the completion's last ```python block passes (1/0 with `all_or_nothing`)."""
+    """Fraction of the row's `tests` the answer's last ```python block passes (1/0 with `all_or_nothing`).
+
+    With the row's `reasoning` on, a completion that never wrote `</think>` has no answer part and scores 0.
+    """
     if isinstance(tests, str):
         tests = json.loads(tests)
     tests = list(tests)[:max_tests]
     if not tests:
         raise ValueError("the row has no tests")
-    program = last_code_block(answer_part(completion))
+    program = last_code_block(answer_part(completion, reasoning))
     if program is None:
         return RewardResult(0.0, {"reason": "no ```python block in the answer", "passed": 0, "total": len(tests)})
     limits = SandboxLimits(wall_s=wall_s, cpu_s=max(1, int(wall_s)), memory_mb=memory_mb)

@@ -84,19 +84,23 @@ def describe_constraint(c: dict) -> str:
 
 
 @reward("instruction")
-def instruction(completion: str, constraints: list[dict] | str, all_or_nothing: bool = False) -> RewardResult:
-    """Fraction of the row's `constraints` the answer satisfies (1 or 0 with `all_or_nothing`)."""
+def instruction(completion: str, constraints: list[dict] | str, all_or_nothing: bool = False,
+                reasoning: str | bool | None = None) -> RewardResult:
+    """Fraction of the row's `constraints` the answer satisfies (1 or 0 with `all_or_nothing`).
+
+    With the row's `reasoning` on, a completion that never wrote `</think>` has an empty answer part.
+    """
     if isinstance(constraints, str):
         constraints = json.loads(constraints)
     if not constraints:
         raise ValueError("the row has no constraints")
-    text = answer_part(completion).strip()
+    text = answer_part(completion, reasoning).strip()
     failed = []
     for c in constraints:
         check = CHECKS.get(c.get("type"))
         if check is None:
             raise ValueError(f"unknown constraint type {c.get('type')!r}; known: {sorted(CHECKS)}")
-        if not check(text, c):
+        if not text or not check(text, c):  # no answer satisfies no constraint (`lowercase` would pass vacuously)
             failed.append(c)
     passed = len(constraints) - len(failed)
     score = float(not failed) if all_or_nothing else passed / len(constraints)

@@ -25,13 +25,15 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 
 @reward("math")
-def math_answer(completion: str, answer: str | int | float) -> RewardResult:
+def math_answer(completion: str, answer: str | int | float, reasoning: str | bool | None = None) -> RewardResult:
     """1 when the last \\boxed{} of the answer part equals the row's `answer` (symbolic/numeric), else 0.
+
+    With the row's `reasoning` on, a completion that never wrote `</think>` has no answer part and scores 0.
 
     Equivalent forms match: 1/2, 0.5, \\dfrac{1}{2}; [1,3) and [1, 3); {1,2} and {2,1}; "5 cm" and 5. Numbers are
     compared after rounding to 6 decimals (math-verify's default).
     """
-    boxed = extract_boxed(answer_part(completion))
+    boxed = extract_boxed(answer_part(completion, reasoning))
     if boxed is None:
         return RewardResult(0.0, {"reason": "no \\boxed{} in the answer"})
     # math-verify's own timeout uses SIGALRM, which only the main thread may set; elsewhere the scorer's
