@@ -1,7 +1,7 @@
-"""GRPO numerics: group-relative advantages, per-token log-probs and the clipped token-level policy loss.
+"""GRPO numerics: group-relative advantages and the clipped token-level policy loss.
 
 Plain tensor code, shapes in the comments. `tests/test_grpo.py` checks each function against a hand-computed
-example and a slow per-element loop.
+example and a slow per-element loop. The per-token log-probs the loss takes are in `alignment.token_logprobs`.
 
 Conventions: P prompts, G completions per prompt, N completion tokens that carry loss in a (micro-)batch.
 """
@@ -9,7 +9,6 @@ Conventions: P prompts, G completions per prompt, N completion tokens that carry
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -39,21 +38,6 @@ def group_advantages(
     if std_normalize:
         advantages = advantages / (rewards.std(dim=1, keepdim=True) + eps)  # [P, G]
     return advantages
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-prob of every target token under the policy at the sampling temperature. [R, T, V], [R, T] -> [R, T-1]
-
-    Position t is scored against labels[t + 1] (the causal-LM shift), as in `alignment.packing.per_sample_logps`.
-    Positions without a target (label -100) get 0. Dividing by the temperature makes the ratio compare the
-    distributions the completions were actually drawn from (top-p truncation aside, as everywhere else).
-    """
-    R, T, V = logits.shape
-    targets = labels[:, 1:]  # [R, T-1]
-    logits = logits[:, :-1].float() / temperature  # [R, T-1, V]
-    # cross_entropy is the memory-light log_softmax + gather: it never materialises [R, T-1, V] log-probs twice.
-    nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(R, T - 1)  # [R, T-1]; 0 where there is no target
 
 
 def clipped_policy_loss(

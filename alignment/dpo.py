@@ -24,9 +24,10 @@ place to change if the formulas are taken from TRL again.
 
 Sequences. Chosen and rejected of a step go through the model together, packed into rows by
 `SampleCollator(mode="packed")` after `enable_packed_sequences` (padded batches when the model has no correct packed
-path); `per_sample_logps` gives every sequence's summed log-prob. Mined completions are trained on exactly the
-tokens that were sampled; tokens forced by the thinking-budget rule carry no loss, because the policy did not choose
-them.
+path); `per_sample_sums` of `model_token_logps` gives every sequence's summed log-prob, the LM head applied
+`train.loss_chunk_tokens` tokens at a time so the full logits never exist. Mined completions are trained on exactly
+the tokens that were sampled; tokens forced by the thinking-budget rule carry no loss, because the policy did not
+choose them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
 from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
                                    with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
@@ -54,10 +56,11 @@ from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_message
 from alignment.generation import GenerationSettings, generate, line_end_token_ids
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
-from alignment.packing import SampleCollator, model_inputs, per_sample_logps
+from alignment.packing import SampleCollator, per_sample_sums
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
+from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
@@ -172,12 +175,22 @@ class DPOTrainConfig:
     max_tokens_per_row: int = option(1024, "Token budget of one packed row.")
     seed: int = option(0, "Seed for prompt choice, sampling and pair order.")
     log_every: int = option(5, "Log training metrics every this many steps.")
+    loss_chunk_tokens: int = option(
+        2048,
+        "Apply the LM head and the log-softmax this many tokens at a time, each chunk recomputed in backward, so the "
+        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+    )
+    activation_checkpointing: bool = option(
+        False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
+    )
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.pairs_per_step < 1:
             raise ValueError("max_steps and pairs_per_step must be at least 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("loss_chunk_tokens must be >= 0 (0: full logits)")
 
 
 @dataclass
@@ -406,27 +419,30 @@ def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[d
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pair_logps(model, pairs: list[dict], collator: SampleCollator, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, pairs: list[dict], collator: SampleCollator, device,
+               loss_chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs [B, 2] and target-token counts [B, 2] (columns: chosen, rejected), in one forward.
 
     Both sides of every pair are collated together, so a packed step fills its rows with chosen and rejected alike.
+    `loss_chunk_tokens` > 0 applies the LM head that many tokens at a time (`alignment.token_logprobs`).
     """
     samples = [p["encoded"]["chosen"] for p in pairs] + [p["encoded"]["rejected"] for p in pairs]
-    batch = collator(samples)
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs).logits  # [R, T, V]
-    logps, counts = per_sample_logps(logits, batch["labels"].to(device), batch["sample_ids"].to(device), len(samples))
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(samples).items()}
+    token_logps = model_token_logps(model, batch, loss_chunk_tokens)  # [R, T-1]
+    logps, counts = per_sample_sums(token_logps, batch["labels"], batch["sample_ids"], len(samples))
     return logps.view(2, -1).T, counts.view(2, -1).T  # [B, 2]
 
 
 @torch.no_grad()
-def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, chunk: int,
+                   loss_chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """pair_logps over many pairs, `chunk` pairs per forward, without gradients."""
     if not pairs:
         return torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)
     was_training = model.training
     model.eval()
-    parts = [pair_logps(model, pairs[i : i + chunk], collator, device) for i in range(0, len(pairs), chunk)]
+    parts = [pair_logps(model, pairs[i : i + chunk], collator, device, loss_chunk_tokens)
+             for i in range(0, len(pairs), chunk)]
     model.train(was_training)
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
@@ -451,7 +467,8 @@ def heldout_metrics(model, pairs: list[dict], collator, device, config: DPOConfi
     """Preference metrics on held-out pairs (their reference log-probs in `pair["ref"]`)."""
     if not pairs:
         return {}
-    logps, counts = all_pair_logps(model, pairs, collator, device, config.train.pairs_per_step)
+    logps, counts = all_pair_logps(model, pairs, collator, device, config.train.pairs_per_step,
+                                   config.train.loss_chunk_tokens)
     ref = torch.stack([p["ref"] for p in pairs])  # [B, 2]
     losses, chosen_rewards, rejected_rewards = preference_loss(
         logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
@@ -483,9 +500,13 @@ def run_dpo(config: DPOConfig) -> dict:
     seed_everything(config.train.seed)
     rng = random.Random(config.train.seed)
 
-    # Model and tokenizer: the SFT checkpoint.
+    # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    log.info("loss: %s; activation checkpointing: %s", describe_loss_path(config.train.loss_chunk_tokens),
+             activation_checkpointing_status(model))
     test_rows, _ = read_rows(config.eval.test_path, "prompt")
     # Decoding the whole vocabulary takes a while for real tokenizers: only when the loss needs line ends.
     line_ends = line_end_token_ids(tokenizer) if config.loss.score_until == "divergent_line" else None
@@ -558,7 +579,8 @@ def run_dpo(config: DPOConfig) -> dict:
         # batched as `heldout_metrics` batches them, so at the round start their margins are exactly zero.
         for group in (train_pairs, heldout_pairs):
             with reference(model):
-                ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step)
+                ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step,
+                                              config.train.loss_chunk_tokens)
             for pair, ref in zip(group, ref_logps):
                 pair["ref"] = ref
         heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config)
@@ -676,7 +698,7 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
         batch = [pairs[i] for i in queue[: config.train.pairs_per_step]]
         del queue[: config.train.pairs_per_step]
 
-        logps, counts = pair_logps(model, batch, collator, device)  # [B, 2]
+        logps, counts = pair_logps(model, batch, collator, device, config.train.loss_chunk_tokens)  # [B, 2]
         ref = torch.stack([p["ref"] for p in batch]).to(device)  # [B, 2]
         losses, chosen_rewards, rejected_rewards = preference_loss(
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],

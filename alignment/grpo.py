@@ -49,7 +49,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages, token_logps
+from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
+from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
@@ -58,9 +59,10 @@ from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, genera
 from alignment.generation import GenerationResult, GenerationSettings, generate
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
-from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
+from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
+from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
 from envs.code_env import CodeEnv
 from envs.code_tasks import generate_code_tasks
@@ -168,12 +170,22 @@ class GRPOTrainConfig:
     seed: int = option(0, "Seed for prompt order, reasoning modes, budgets and sampling.")
     sample_every: int = option(5, "Write sample completions to samples.jsonl every this many steps.")
     samples_logged: int = option(4, "Completions written each time.")
+    loss_chunk_tokens: int = option(
+        2048,
+        "Apply the LM head and the log-softmax this many tokens at a time, each chunk recomputed in backward, so the "
+        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+    )
+    activation_checkpointing: bool = option(
+        False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
+    )
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.rows_per_micro_batch < 1 or self.sample_every < 1:
             raise ValueError("train.max_steps, rows_per_micro_batch and sample_every must be at least 1")
         if self.lr <= 0:
             raise ValueError("train.lr must be positive")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("train.loss_chunk_tokens must be >= 0 (0: full logits)")
 
 
 @dataclass
@@ -408,18 +420,13 @@ def learner_samples(
     return samples, torch.stack(sample_adv) if sample_adv else torch.zeros(0), counts
 
 
-def policy_logits(model, batch: dict) -> torch.Tensor:
-    """Logits of a packed micro-batch. [R, T, V] (labels are kept out: the model would compute an unused loss)."""
-    return model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
-
-
 def policy_update(
     model, samples: list[dict], advantages: torch.Tensor, config: GRPOConfig, collator: SampleCollator,
     optimizer: torch.optim.Optimizer, reference: Callable | None, rng: random.Random,
 ) -> dict[str, float]:
     """`epochs * minibatches` optimizer steps of the clipped loss on one rollout batch. Returns mean statistics."""
     device = next(model.parameters()).device
-    temperature = config.rollout.temperature
+    temperature, chunk_tokens = config.rollout.temperature, config.train.loss_chunk_tokens
     order = list(range(len(samples)))
     rng.shuffle(order)
     parts = [order[m :: config.loss.minibatches] for m in range(config.loss.minibatches)]
@@ -449,7 +456,7 @@ def policy_update(
             for batch in micro:
                 batch["old_logps"] = None
                 if m > 0:
-                    batch["old_logps"] = token_logps(policy_logits(model, batch), batch["labels"], temperature)
+                    batch["old_logps"] = model_token_logps(model, batch, chunk_tokens, temperature)
                 if reference is not None:
                     batch["ref_logps"] = reference(batch)
 
@@ -461,7 +468,7 @@ def policy_update(
         for micro in minibatches:
             n_tokens = sum(int(b["loss_mask"].sum()) for b in micro)  # token-level: normalise by the step's tokens
             for batch in micro:
-                logps = token_logps(policy_logits(model, batch), batch["labels"], temperature)  # [R, T-1]
+                logps = model_token_logps(model, batch, chunk_tokens, temperature)  # [R, T-1]
                 if batch["old_logps"] is None:
                     batch["old_logps"] = logps.detach()
                 mask = batch["loss_mask"]
@@ -498,17 +505,17 @@ def make_reference(model, config: GRPOConfig) -> Callable | None:
     """
     if not config.loss.kl_coef:
         return None
-    temperature = config.rollout.temperature
+    temperature, chunk_tokens = config.rollout.temperature, config.train.loss_chunk_tokens
     if config.lora.enabled:
         def reference(batch: dict) -> torch.Tensor:
             with model.disable_adapter():
-                return token_logps(policy_logits(model, batch), batch["labels"], temperature)
+                return model_token_logps(model, batch, chunk_tokens, temperature)
         return reference
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     enable_packed_sequences(frozen)
 
     def reference(batch: dict) -> torch.Tensor:
-        return token_logps(policy_logits(frozen, batch), batch["labels"], temperature)
+        return model_token_logps(frozen, batch, chunk_tokens, temperature)
 
     return reference
 
@@ -606,8 +613,12 @@ def run_grpo(config: GRPOConfig) -> dict:
     if config.lora.enabled:
         model = apply_lora(model, config.lora)
     packed_path = enable_packed_sequences(model)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     reference = make_reference(model, config)
     log.info("start: %s (stage %s); learner: packed (%s)", start, parent.get("stage", "?"), packed_path)
+    log.info("learner loss: %s; activation checkpointing: %s", describe_loss_path(config.train.loss_chunk_tokens),
+             activation_checkpointing_status(model))
 
     # Prompts: the training rows (any task), plus synthetic code tasks when asked.
     rows, report = read_rows(config.data.train_path, "prompt", config.data.max_bad_fraction)

@@ -260,10 +260,20 @@ def per_sample_logps(
     nll = F.cross_entropy(
         logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     )  # [R * (T-1)]
-    mask = targets.reshape(-1) != IGNORE_INDEX
-    owner = sample_ids[:, 1:].reshape(-1)[mask]  # [num targets]
-    logp_sum = torch.zeros(num_samples, device=logits.device, dtype=torch.float32).index_add(0, owner, -nll[mask])
-    counts = torch.zeros(num_samples, device=logits.device, dtype=torch.long).index_add(
+    return per_sample_sums(-nll.view(R, T - 1), labels, sample_ids, num_samples)
+
+
+def per_sample_sums(
+    token_logps: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample_logps` from per-token log-probs [R, T-1] (position t scored against labels[t + 1]), e.g. those of
+    `alignment.token_logprobs.model_token_logps`. Returns (logp_sum [N] float32, num_targets [N] int64)."""
+    mask = labels[:, 1:] != IGNORE_INDEX  # [R, T-1]
+    owner = sample_ids[:, 1:][mask]  # [num targets]
+    logp_sum = torch.zeros(num_samples, device=token_logps.device, dtype=torch.float32).index_add(
+        0, owner, token_logps[mask].float()
+    )
+    counts = torch.zeros(num_samples, device=token_logps.device, dtype=torch.long).index_add(
         0, owner, torch.ones_like(owner)
     )
     return logp_sum, counts

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
 from alignment.chat_format import IGNORE_INDEX, encode_for_training
 from alignment.checkpoint import save_model_checkpoint
 from alignment.config import option, to_dict
@@ -34,10 +34,11 @@ from alignment.graphed_step import GraphedTrainStep, capturable_adamw, set_learn
 from alignment.lora import LoraConfig, apply_lora
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackedPath, enable_packed_sequences
-from alignment.packing import SampleCollator, model_inputs, plan_packed_batches
+from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging, to_device
 from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
                               save_sharded_training_state, save_training_state)
+from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.truncation import TruncationConfig, truncate_rows
 
@@ -85,12 +86,22 @@ class TrainConfig:
         "whose step is host-bound). Needs CUDA, packing, bf16 varlen attention, the Mamba kernels, one worker and "
         "grad_accum 1; otherwise the stage says why and runs eagerly.",
     )
+    loss_chunk_tokens: int = option(
+        2048,
+        "Apply the LM head and the loss this many tokens at a time, each chunk recomputed in backward, so the full "
+        "[tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+    )
+    activation_checkpointing: bool = option(
+        False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
+    )
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("max_steps, batch_size and grad_accum must be at least 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError("loss_chunk_tokens must be >= 0 (0: full logits)")
 
 
 @dataclass
@@ -127,18 +138,12 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr - (config.lr - floor) * min(1.0, progress)
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token NLL over the batch's target tokens.
+def token_loss_sum(model, batch: dict, loss_chunk_tokens: int = 0) -> torch.Tensor:
+    """Summed next-token NLL over the batch's target tokens; from full logits, or `loss_chunk_tokens` at a time.
 
-    Labels stay out of the model call (transformers would compute a second, unused cross-entropy over the full
-    logits), and nothing is read back to the host, so the GPU never waits for Python here.
+    Nothing is read back to the host, so the GPU never waits for Python here.
     """
-    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    logits = model(**inputs).logits  # [R, T, V]
-    targets = batch["labels"][:, 1:]  # position t predicts labels[t + 1]
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return -model_token_logps(model, batch, loss_chunk_tokens).sum()
 
 
 def micro_batches(samples: list[dict], config: TrainConfig, rng: random.Random, epoch: int) -> list[list[int]]:
@@ -173,6 +178,16 @@ def cuda_graphs_unusable(config: TrainConfig, device: torch.device, packed: Pack
         return "DeepSpeed runs its own step"
     if config.grad_accum != 1:
         return "grad_accum > 1"
+    if config.activation_checkpointing:
+        return "activation checkpointing is on (the captured step is not checked with recomputed blocks)"
+    return None
+
+
+def chunked_loss_unusable(zero_settings: dict | None) -> str | None:
+    """Why the chunked loss cannot run here, or None when it can."""
+    if zero_settings and zero_settings.get("zero_optimization", {}).get("stage") == 3:
+        # Each call of the sharded head is a collective gather, and the chunk count follows each worker's tokens.
+        return "ZeRO-3 needs every worker to call the sharded LM head equally often"
     return None
 
 
@@ -189,7 +204,7 @@ def graphed_sft_step(model, optimizer, samples: list[dict], config: TrainConfig)
 
 
 def eager_step(trained, model, optimizer, mine: list[dict], n_targets: int, world: int, device: torch.device,
-               max_grad_norm: float, state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+               max_grad_norm: float, state: TrainState, loss_chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this worker's micro-batches; returns (summed loss of all workers, grad norm)."""
     total = torch.zeros((), device=device)
     for i, batch in enumerate(mine):
@@ -197,7 +212,7 @@ def eager_step(trained, model, optimizer, mine: list[dict], n_targets: int, worl
         # DDP averages gradients over workers; scaling by `world` turns that average back into the global sum.
         sync = contextlib.nullcontext() if world == 1 or i == len(mine) - 1 else trained.no_sync()
         with sync:
-            loss_sum = token_loss_sum(trained, batch)
+            loss_sum = token_loss_sum(trained, batch, loss_chunk_tokens)
             (loss_sum * world / n_targets).backward()
         total += loss_sum.detach()
         state.tokens_seen += int(batch["input_ids"].numel()) * world
@@ -210,12 +225,12 @@ def eager_step(trained, model, optimizer, mine: list[dict], n_targets: int, worl
 
 
 def zero_step(zero, mine: list[dict], n_targets: int, world: int, device: torch.device,
-              state: TrainState) -> tuple[torch.Tensor, float]:
+              state: TrainState, loss_chunk_tokens: int) -> tuple[torch.Tensor, float]:
     """`eager_step` under DeepSpeed ZeRO: the engine reduces (and shards) gradients, clips and steps."""
     total = torch.zeros((), device=device)
     for batch in mine:
         batch = to_device(batch, device)
-        loss_sum = token_loss_sum(zero, batch)
+        loss_sum = token_loss_sum(zero, batch, loss_chunk_tokens)
         zero.backward(loss_sum * world / n_targets)  # ZeRO averages gradients over workers, like DDP
         total += loss_sum.detach()
         state.tokens_seen += int(batch["input_ids"].numel()) * world
@@ -250,6 +265,8 @@ def run_sft(config: SFTConfig) -> dict:
     packed = enable_packed_sequences(model) if config.train.packing else None
     packed_path = f"packed ({packed})" if packed else "padded batches"
     log.info("device %s; batches: %s", device, packed_path)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
 
     # Data: rows -> (truncated-thinking rows) -> tokens + loss mask.
     rows, report = read_rows(config.data.train_path, "train", config.data.max_bad_fraction)
@@ -283,6 +300,13 @@ def run_sft(config: SFTConfig) -> dict:
         optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
                                       betas=(0.9, 0.95))
         graphed_step = None
+    loss_chunk_tokens = config.train.loss_chunk_tokens
+    if loss_chunk_tokens and (why_not := chunked_loss_unusable(zero_settings)):
+        log.warning("loss_chunk_tokens: off, %s", why_not)
+        loss_chunk_tokens = 0
+    # The captured step keeps the full-logits loss (token_loss_sum's default): chunks are not checked under capture.
+    loss_path = describe_loss_path(loss_chunk_tokens) if graphed_step is None else "full logits in the CUDA-graph step"
+    log.info("loss: %s; activation checkpointing: %s", loss_path, activation_checkpointing_status(model))
     if zero_settings is not None:
         from alignment.zero import ZeroEngine
 
@@ -319,10 +343,11 @@ def run_sft(config: SFTConfig) -> dict:
             total = loss_sum.clone()
             state.tokens_seen += int(step_batches[0]["input_ids"].numel())
         elif zero is not None:
-            total, grad_norm = zero_step(zero, step_batches[rank::world], n_targets, world, device, state)
+            total, grad_norm = zero_step(zero, step_batches[rank::world], n_targets, world, device, state,
+                                         loss_chunk_tokens)
         else:
             total, grad_norm = eager_step(trained, model, optimizer, step_batches[rank::world], n_targets, world,
-                                          device, config.train.max_grad_norm, state)
+                                          device, config.train.max_grad_norm, state, loss_chunk_tokens)
         state.step = step + 1
         if step % config.train.log_every == 0 or step == config.train.max_steps - 1:
             loss = float(total) / n_targets  # reading the loss back syncs with the GPU: only when logging

@@ -106,6 +106,11 @@ class ZeroEngine:
     def __call__(self, **inputs):
         return self.engine(**inputs)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model under the engine (as DDP and DeepSpeed name it), e.g. to reach its LM head."""
+        return self.engine.module
+
     def backward(self, loss: torch.Tensor) -> None:
         # The stage already normalised the loss over every micro-batch of the step: no division by grad_accum.
         self.engine.backward(loss, scale_wrt_gas=False)

@@ -208,6 +208,7 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
         "rounds=2", "lora.enabled=true", "pairs.heldout_fraction=0",
         f"selection.validation_path={tiny_data / 'validation.jsonl'}", "selection.max_samples=4",
         "loss.score_until=divergent_line",
+        "train.activation_checkpointing=true",  # checkpointed blocks through two rounds of adapters and merges
     )
     summary = run_dpo(config)
     assert [r["round"] for r in summary["rounds"]] == [1, 2]

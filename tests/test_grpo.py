@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages, token_logps
+from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.checkpoint import verify_checkpoint
 from alignment.config import load_config
 from alignment.generation import GenerationResult
@@ -18,6 +18,7 @@ from alignment.grpo import (
     Completion, GRPOConfig, Group, PolicyLossConfig, RolloutConfig, SamplingConfig, collect_groups,
     learner_samples, rollout, run_grpo, score_completions,
 )
+from alignment.token_logprobs import model_token_logps, token_logps
 from envs.code_tasks import generate_code_tasks
 from rewards import RewardResult, RewardScorer, RewardsConfig, RewardSpec, reward
 from tests.conftest import TINY_MODEL, TINY_TOKENIZER
@@ -293,7 +294,7 @@ def test_curriculum_retires_prompts_solved_by_every_completion():
 
 
 def test_lora_kl_reference_is_the_adapters_disabled_base(tokenizer):
-    from alignment.grpo import make_reference, policy_logits
+    from alignment.grpo import make_reference
     from alignment.modeling import ModelConfig, load_model
     from alignment.packed_model import enable_packed_sequences
     from alignment.packing import SampleCollator
@@ -312,7 +313,7 @@ def test_lora_kl_reference_is_the_adapters_disabled_base(tokenizer):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.add_(0.05)  # the adapters now change the policy
-        policy = token_logps(policy_logits(model, batch), batch["labels"])
+        policy = model_token_logps(model, batch)
         assert torch.allclose(reference(batch), before, atol=1e-6)
         assert not torch.allclose(policy, before, atol=1e-3)
 

@@ -1,0 +1,107 @@
+"""Log-probs of target tokens: the numerics that SFT's loss, DPO's sequence log-probs and GRPO's ratios share.
+
+Position t is scored against labels[t + 1] (the causal-LM shift); positions without a target (label -100) get 0.
+SFT's loss is minus their sum, DPO sums them per sample, GRPO takes them per token at the sampling temperature.
+
+Two paths give the same numbers:
+
+- `token_logps(logits, labels)`: from the model's full logits [R, T, V]. The obvious reference, and the path of
+  `loss_chunk_tokens: 0`. At a 131k-token vocabulary the logits, their float32 copy for the loss and its gradient
+  cost ~1.3 MB per token: a 6144-token row needs ~8 GB for them alone.
+- `chunked_token_logps(hidden, head, labels)`: from the final hidden states [R, T, H]. The LM head, the float32 cast
+  and the log-softmax run on `chunk_tokens` tokens at a time, and backward recomputes each chunk
+  (`torch.utils.checkpoint`), so one chunk's vocabulary-wide tensors are alive at a time, forward and backward.
+
+`model_token_logps(model, batch, chunk_tokens)` runs a model on a collated batch and takes one path or the other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from alignment.packing import IGNORE_INDEX, model_inputs
+
+
+def describe_loss_path(chunk_tokens: int) -> str:
+    """What the logs say about the path `chunk_tokens` selects."""
+    return f"chunked log-softmax, {chunk_tokens} tokens per chunk" if chunk_tokens else "full logits"
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of every target token from full logits, at `temperature`. [R, T, V], [R, T] -> [R, T-1]
+
+    Dividing by the temperature makes GRPO's ratio compare the distributions the completions were actually drawn
+    from (top-p truncation aside, as everywhere else).
+    """
+    R, T, V = logits.shape
+    targets = labels[:, 1:]  # [R, T-1]
+    logits = logits[:, :-1].float() / temperature  # [R, T-1, V]
+    # cross_entropy is the memory-light log_softmax + gather: it never materialises [R, T-1, V] log-probs twice.
+    nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(R, T - 1)  # [R, T-1]; 0 where there is no target
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """[C, H], [C] -> [C]: the only place where vocabulary-wide tensors ([C, V]) exist on the chunked path."""
+    logits = head(hidden).float()  # [C, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def chunked_token_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, temperature: float = 1.0,
+                        chunk_tokens: int = 2048) -> torch.Tensor:
+    """`token_logps(head(hidden), labels, temperature)` without the full logits. [R, T, H], [R, T] -> [R, T-1]
+
+    `head` is called as a module, so LoRA on the LM head and ZeRO-3's parameter gathering apply as in the model's
+    own forward. Under no_grad (old and reference log-probs) chunks are simply computed one after the other.
+    """
+    R, T, H = hidden.shape
+    # Every position is scored against the label after it, the last one of a row against nothing: scoring all R * T
+    # positions keeps `hidden` a view instead of copying hidden[:, :-1], at the price of one position per row.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # [R * T]
+    flat = hidden.reshape(-1, H)  # [R * T, H]
+    parts = []
+    for start in range(0, R * T, chunk_tokens):
+        h, y = flat[start : start + chunk_tokens], targets[start : start + chunk_tokens]  # [C, H], [C]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logps, head, h, y, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, h, y, temperature))
+    return torch.cat(parts).view(R, T)[:, :-1]  # [R, T-1]
+
+
+def final_hidden_states(model, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module]:
+    """The final (normed) hidden states [R, T, H] of `model(**inputs)`, and the LM head that maps them to logits.
+
+    The call goes through `model` itself, whatever wraps it (DDP, DeepSpeed, peft): a wrapper's forward does work
+    the backward relies on (DDP arms its gradient all-reduce there), and the packed-sequence pre-hook of the
+    backbone (`enable_packed_sequences`) runs as usual. Only an empty set of positions reaches the head
+    (`logits_to_keep`); a forward hook on the decoder keeps its output.
+    """
+    inner = model
+    while not hasattr(inner, "get_output_embeddings"):  # DDP and the ZeRO engine hold the model as `.module`
+        inner = inner.module
+    kept: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, output: kept.append(output.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        hook.remove()
+    return kept[-1], inner.get_output_embeddings()
+
+
+def model_token_logps(model, batch: dict, chunk_tokens: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of every target token of a collated batch under `model`. -> [R, T-1], 0 where there is no target.
+
+    chunk_tokens: 0 takes the model's full logits; N > 0 applies the head and the log-softmax N tokens at a time.
+    Labels stay out of the model call (transformers would compute a second, unused cross-entropy over the logits).
+    """
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    if not chunk_tokens:
+        return token_logps(model(**inputs).logits, batch["labels"], temperature)
+    hidden, head = final_hidden_states(model, inputs)
+    return chunked_token_logps(hidden, head, batch["labels"], temperature, chunk_tokens)
