@@ -179,6 +179,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS, help="peak for MFU (dense bf16)")
     parser.add_argument("--hbm-tbps", type=float, default=HBM_TBPS, help="memory bandwidth for the decode bound")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, tokens and init")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, profile one more step and write the top kernels (profile_N.txt)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the stage configs the learner parts read (e.g. lora.dropout=0)")
     args = parser.parse_args()
     unknown = set(args.parts) - set(PARTS)
     if unknown:
@@ -269,7 +273,7 @@ def memory_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append("train.loss_chunk_tokens=0")
     elif args.loss_chunk_tokens:
         overrides.append(f"train.loss_chunk_tokens={args.loss_chunk_tokens}")
-    return overrides
+    return overrides + args.overrides
 
 
 def memory_savers(model: nn.Module, train_config) -> dict[str, str]:
@@ -371,6 +375,17 @@ def timed(step: Callable[[object], object], items: list, args: argparse.Namespac
         if i >= args.warmup:
             seconds.append(time.perf_counter() - started)
             outputs.append(out)
+    if args.profile and items:  # one more step of the last item under the profiler, after the timed ones
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(items[-1])
+            sync(args.device)
+        sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+        (Path(args.out) / f"profile_{len(list(Path(args.out).glob('profile_*')))}.txt").write_text(table)
+        print(table, flush=True)
     return seconds, outputs
 
 
@@ -739,7 +754,9 @@ def main() -> None:
         entry = report["models"][key] = {"name": spec.name, "config": str(spec.config_file.relative_to(REPO)),
                                          "parts": {}, "errors": {}}
         release_memory(args.device)
+        build_started = time.perf_counter()
         probe = build_model(args, spec)  # parameter check and the kernel path the parts will run on
+        entry["build_seconds"] = time.perf_counter() - build_started  # random init on the device (synchronized)
         entry |= check_parameters(probe, spec)
         entry["mamba_path"] = mamba_kernel_path(probe)
         vocab = probe.config.vocab_size
@@ -750,7 +767,7 @@ def main() -> None:
             check = f"published {spec.published_params_b:.2f}B: " + (
                 "match" if entry["matches_published"] else "MISMATCH, the architecture is not the real one")
         print(f"\n== {spec.name}: {entry['params'] / 1e9:.3f}B parameters ({check}), "
-              f"{args.dtype} on {args.device}, mamba path: {entry['mamba_path']}")
+              f"{args.dtype} on {args.device}, built in {entry['build_seconds']:.1f} s, mamba path: {entry['mamba_path']}")
         shared = {"vocab": vocab}  # what the parts of one model share: the vocabulary, the SFT samples
         for part in [p for p in PARTS if p in args.parts]:
             release_memory(args.device)
