@@ -127,15 +127,3 @@ def test_cuda_graphs_are_refused_with_the_reason():
     assert "data-parallel" in cuda_graphs_unusable(TrainConfig(), cuda, kernels, 2)
     assert cuda_graphs_unusable(TrainConfig(grad_accum=2), cuda, kernels, 1) == "grad_accum > 1"
     assert cuda_graphs_unusable(TrainConfig(), cuda, kernels, 1) is None
-
-
-def test_lora_adapters_in_float32_or_in_the_model_dtype():
-    from alignment.config import ConfigError
-
-    model_config = ModelConfig(name_or_path=str(TINY_MODEL), dtype="bfloat16")
-    for adapter_dtype, expected in (("float32", torch.float32), ("model", torch.bfloat16)):
-        lora = load_config(SFTConfig, None, ["lora.enabled=true", f"lora.adapter_dtype={adapter_dtype}"]).lora
-        model = apply_lora(load_model(model_config), lora)
-        assert {p.dtype for p in model.parameters() if p.requires_grad} == {expected}
-    with pytest.raises(ConfigError, match="adapter_dtype"):
-        load_config(SFTConfig, None, ["lora.adapter_dtype=half"])
