@@ -176,9 +176,10 @@ class DPOTrainConfig:
     seed: int = option(0, "Seed for prompt choice, sampling and pair order.")
     log_every: int = option(5, "Log training metrics every this many steps.")
     loss_chunk_tokens: int = option(
-        2048,
+        0,
         "Apply the LM head and the log-softmax this many tokens at a time, each chunk recomputed in backward, so the "
-        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0 (default): "
+        "full logits, which a small vocabulary wants.",
     )
     activation_checkpointing: bool = option(
         False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",

@@ -171,9 +171,10 @@ class GRPOTrainConfig:
     sample_every: int = option(5, "Write sample completions to samples.jsonl every this many steps.")
     samples_logged: int = option(4, "Completions written each time.")
     loss_chunk_tokens: int = option(
-        2048,
+        0,
         "Apply the LM head and the log-softmax this many tokens at a time, each chunk recomputed in backward, so the "
-        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+        "full [tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0 (default): "
+        "full logits, which a small vocabulary wants.",
     )
     activation_checkpointing: bool = option(
         False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",

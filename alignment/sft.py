@@ -87,9 +87,10 @@ class TrainConfig:
         "grad_accum 1; otherwise the stage says why and runs eagerly.",
     )
     loss_chunk_tokens: int = option(
-        2048,
+        0,
         "Apply the LM head and the loss this many tokens at a time, each chunk recomputed in backward, so the full "
-        "[tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0: full logits.",
+        "[tokens, vocabulary] logits never exist (~1.3 MB per token at a 131k vocabulary). 0 (default): full "
+        "logits, which a small vocabulary wants.",
     )
     activation_checkpointing: bool = option(
         False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
