@@ -388,14 +388,16 @@ def collect_groups(
 
 
 def learner_samples(
-    groups: list[Group], config: PolicyLossConfig
+    groups: list[Group], config: PolicyLossConfig, max_tokens_per_row: int | None = None,
 ) -> tuple[list[dict], torch.Tensor, dict[str, int]]:
     """Token samples for the loss and each one's advantage. [S] advantages for S samples.
 
     Labels hold the completion tokens the policy sampled; the prompt and forced tokens are IGNORE_INDEX. Overlong
-    completions (with `overlong_filter`) are left out entirely: they still counted in their group's baseline.
+    completions (with `overlong_filter`) are left out entirely: they still counted in their group's baseline. So
+    is a prompt plus completion longer than a learner row (`too_long_dropped`): cut to fit, it would lose its answer
+    and end of turn while its trace kept the whole completion's advantage.
     """
-    counts = {"overlong_filtered": 0, "forced_tokens_masked": 0, "loss_tokens": 0}
+    counts = {"overlong_filtered": 0, "too_long_dropped": 0, "forced_tokens_masked": 0, "loss_tokens": 0}
     if not groups:  # every group had equal rewards (dynamic sampling dropped them all): nothing to learn from
         return [], torch.zeros(0), counts
     rewards = torch.tensor([g.rewards for g in groups])  # [P, G]
@@ -406,6 +408,9 @@ def learner_samples(
             result = completion.result
             if config.overlong_filter and not result.finished:
                 counts["overlong_filtered"] += 1
+                continue
+            if max_tokens_per_row is not None and len(group.prompt_ids) + len(result.tokens) > max_tokens_per_row:
+                counts["too_long_dropped"] += 1
                 continue
             labels = [IGNORE_INDEX if forced else t for t, forced in zip(result.tokens, result.forced_mask)]
             counts["forced_tokens_masked"] += sum(result.forced_mask)
@@ -675,7 +680,10 @@ def run_grpo(config: GRPOConfig) -> dict:
             for group in optimizer.param_groups:  # constant after a linear warmup (the Nemotron RL schedule)
                 group["lr"] = config.train.lr * min(1.0, (step + 1) / max(1, config.train.warmup_steps))
             t_learn = time.perf_counter()
-            samples, advantages, counts = learner_samples(kept, config.loss)
+            samples, advantages, counts = learner_samples(kept, config.loss, config.train.max_tokens_per_row)
+            if counts["too_long_dropped"]:
+                log.warning("step %d: %d samples longer than train.max_tokens_per_row (%d) left out of the loss",
+                            step, counts["too_long_dropped"], config.train.max_tokens_per_row)
             learn = {}
             if samples:
                 learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng)

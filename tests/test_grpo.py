@@ -162,6 +162,17 @@ def test_overlong_completions_are_filtered_but_count_in_the_baseline():
     assert counts["overlong_filtered"] == 0 and len(samples) == 4
 
 
+def test_a_sample_longer_than_a_learner_row_is_dropped_and_counted_not_cut():
+    g = group([1.0, 0.0, 0.0, 1.0])  # prompt of 3 tokens, completions of 3: 6 tokens each
+    g.completions[1].result.tokens = [20, 21, 22, 23, 4]  # 8 tokens with the prompt
+    g.completions[1].result.forced_mask = [False] * 5
+    samples, advantages, counts = learner_samples([g], PolicyLossConfig(std_normalize=False), max_tokens_per_row=6)
+    assert counts["too_long_dropped"] == 1 and len(samples) == 3
+    assert all(len(s["input_ids"]) <= 6 for s in samples)
+    assert torch.allclose(advantages, torch.tensor([2 / 3, -2 / 3, 2 / 3]))  # its reward still in the baselines
+    assert learner_samples([g], PolicyLossConfig(), max_tokens_per_row=8)[2]["too_long_dropped"] == 0
+
+
 # --- dynamic sampling ---------------------------------------------------------------------------------------------
 
 
