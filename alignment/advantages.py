@@ -60,7 +60,7 @@ def clipped_policy_loss(
     raise the probability of unlikely tokens that turned out good, which keeps exploration (entropy) from collapsing.
 
     Returns (loss [N], stats) with stats: `clipped_low` / `clipped_high` (tokens where the clip bound is active),
-    `approx_kl_old` (k3 estimate of KL(old || new), how far the updates moved), `kl_ref` (k3 KL to the reference).
+    `approx_kl_old` (k3 estimate of KL(old || new) from the old policy's samples, how far the updates moved), `kl_ref` (k3 KL to the reference).
     """
     log_ratio = logps - old_logps  # [N]
     ratio = torch.exp(log_ratio)  # [N]
@@ -72,7 +72,8 @@ def clipped_policy_loss(
             # The bound is active where it changed the minimum: below 1 - low for A < 0, above 1 + high for A > 0.
             "clipped_low": ((ratio < 1 - clip_low) & (advantages < 0)).float(),
             "clipped_high": ((ratio > 1 + clip_high) & (advantages > 0)).float(),
-            "approx_kl_old": torch.exp(-log_ratio) + log_ratio - 1,
+            # k3 of KL(old || new) for tokens sampled from old: E_old[ratio - 1 - log ratio], >= 0 per token.
+            "approx_kl_old": ratio - 1 - log_ratio,
         }
     if ref_logps is not None and kl_coef:
         # k3 estimator of KL(policy || ref): unbiased, always >= 0, low variance (Schulman's "approximating KL").

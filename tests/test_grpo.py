@@ -334,3 +334,14 @@ def test_no_kept_group_means_no_samples():
 
     samples, advantages, counts = learner_samples([], PolicyLossConfig())
     assert samples == [] and advantages.numel() == 0 and counts["loss_tokens"] == 0
+
+
+def test_approx_kl_old_estimates_kl_old_to_new_from_samples_of_old():
+    generator = torch.Generator().manual_seed(0)
+    old = torch.tensor([0.6, 0.3, 0.1])
+    new = torch.tensor([0.2, 0.3, 0.5])
+    exact = float((old * (old / new).log()).sum())  # KL(old || new) = 0.4377; KL(new || old) is 0.5867
+    tokens = torch.multinomial(old, 200_000, replacement=True, generator=generator)  # the rollout sampled from old
+    _, stats = clipped_policy_loss(new.log()[tokens], old.log()[tokens], torch.zeros(len(tokens)), 0.2, 0.28)
+    estimate, stderr = stats["approx_kl_old"].mean(), stats["approx_kl_old"].std() / len(tokens) ** 0.5
+    assert abs(float(estimate) - exact) < 4 * float(stderr) and float(stats["approx_kl_old"].min()) >= 0
