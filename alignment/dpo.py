@@ -60,7 +60,7 @@ from alignment.packing import SampleCollator, per_sample_sums
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
-from alignment.token_logprobs import describe_loss_path, model_token_logps
+from alignment.token_logprobs import describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
@@ -440,8 +440,10 @@ def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, c
     """pair_logps over many pairs, `chunk` pairs per forward, without gradients."""
     if not pairs:
         return torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)
+    # Train mode, as in the loss step: NemotronH runs its fused Mamba kernel only there (eval mode takes the unfused
+    # path), so reference and policy log-probs go through the same kernels.
     was_training = model.training
-    model.eval()
+    model.train()
     parts = [pair_logps(model, pairs[i : i + chunk], collator, device, loss_chunk_tokens)
              for i in range(0, len(pairs), chunk)]
     model.train(was_training)
@@ -565,6 +567,8 @@ def run_dpo(config: DPOConfig) -> dict:
         # 2. The round's policy (fresh adapters on the last result with LoRA) and its batch layout.
         if config.lora.enabled:
             model = apply_lora(model, config.lora)
+        if dropped := disable_dropout(model):
+            log.info("dropout off in %d modules: policy and reference log-probs must agree at the round start", dropped)
         mode = "padded"
         if config.train.packing:
             try:

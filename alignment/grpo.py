@@ -62,7 +62,7 @@ from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
-from alignment.token_logprobs import describe_loss_path, model_token_logps
+from alignment.token_logprobs import describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
 from envs.code_env import CodeEnv
 from envs.code_tasks import generate_code_tasks
@@ -457,6 +457,9 @@ def policy_update(
 
     # Log-probs of the sampling policy, computed once before any update. The first minibatch of the first epoch
     # is still on-policy when it is trained, so its own forward gives them (logps.detach()) and one pass is saved.
+    # Train mode, as in the updates: NemotronH runs its fused Mamba kernel only there (eval mode, which generation
+    # leaves the model in, takes the unfused path).
+    model.train()
     with torch.no_grad():
         for m, micro in enumerate(minibatches):
             for batch in micro:
@@ -517,7 +520,7 @@ def make_reference(model, config: GRPOConfig) -> Callable | None:
             with model.disable_adapter():
                 return model_token_logps(model, batch, chunk_tokens, temperature)
         return reference
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = copy.deepcopy(model).train().requires_grad_(False)  # train mode: the policy's kernels (see above)
     enable_packed_sequences(frozen)
 
     def reference(batch: dict) -> torch.Tensor:
@@ -618,6 +621,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     model = load_model(config.model, device)
     if config.lora.enabled:
         model = apply_lora(model, config.lora)
+    if dropped := disable_dropout(model):
+        log.info("dropout off in %d modules: old and new log-probs must agree before an update", dropped)
     packed_path = enable_packed_sequences(model)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)

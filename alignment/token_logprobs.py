@@ -24,6 +24,21 @@ from torch.utils.checkpoint import checkpoint
 from alignment.packing import IGNORE_INDEX, model_inputs
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` (LoRA's included) to p=0; returns how many there were with p > 0.
+
+    DPO and GRPO compare log-probs of one policy taken at different times (policy against reference, new against
+    old): with dropout on, a pass with gradients and one without differ before any update, and the DPO loss at a
+    round's start or GRPO's ratio at lr=0 would not be exact.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+    return changed
+
+
 def describe_loss_path(chunk_tokens: int) -> str:
     """What the logs say about the path `chunk_tokens` selects."""
     return f"chunked log-softmax, {chunk_tokens} tokens per chunk" if chunk_tokens else "full logits"

@@ -278,3 +278,13 @@ def test_config_refuses_mining_from_the_test_split_and_greedy_sampling():
         load_config(DPOConfig, None, ["pairs.source=dataset"])
     with pytest.raises(ConfigError, match="select on the validation split"):
         load_config(DPOConfig, None, ["selection.validation_path=runs/data/tiny/test.jsonl"])
+
+
+def test_the_dpo_loss_at_the_round_start_is_ln2_with_lora_dropout(tiny_data, tmp_path):
+    # Policy and reference are the same weights at the start; dropout in the policy's pass alone would move the loss.
+    config = tiny_dpo_config(tiny_data, tmp_path / "run", "pairs.source=dataset", "train.packing=false",
+                             f"pairs.dataset_path={FIXTURES / 'conversations.jsonl'}", "pairs.heldout_fraction=0",
+                             "lora.enabled=true", "lora.dropout=0.5", "loss.sft_weight=0", "train.max_steps=1")
+    run_dpo(config)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["dpo_loss"] - math.log(2)) < 1e-3

@@ -288,3 +288,30 @@ def test_zero3_falls_back_to_full_logits():
     assert chunked_loss_unusable(None) is None
     assert chunked_loss_unusable({"zero_optimization": {"stage": 2}}) is None
     assert "ZeRO-3" in chunked_loss_unusable({"zero_optimization": {"stage": 3}})
+
+
+@pytest.mark.parametrize("dropout_off", [True, False])
+def test_grpo_at_lr_zero_moves_nothing_once_dropout_is_off(dropout_off):
+    """With lr=0 the new and old log-probs of every minibatch must agree; LoRA dropout alone breaks that."""
+    from alignment.grpo import GRPOConfig, policy_update
+    from alignment.token_logprobs import disable_dropout
+
+    model = tiny_model(lora=False)
+    model = apply_lora(model, LoraConfig(enabled=True, dropout=0.5))
+    with torch.no_grad():  # non-zero lora_B: dropout on the adapter input then changes the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    if dropout_off:  # what run_grpo and run_dpo do after applying LoRA
+        assert disable_dropout(model) > 0 and disable_dropout(model) == 0
+    samples = make_samples(seed=3)
+    config = load_config(GRPOConfig, None, ["loss.minibatches=2", "rollout.max_new_tokens=16",
+                                            f"train.max_tokens_per_row={ROW}", "train.rows_per_micro_batch=2"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model.eval()  # as generation leaves it
+    stats = policy_update(model, samples, torch.randn(len(samples)), config,
+                          SampleCollator(mode="packed", max_tokens_per_row=ROW), optimizer, None, random.Random(0))
+    if dropout_off:
+        assert stats["approx_kl_old"] == 0 and stats["clipped_low"] == 0 and stats["clipped_high"] == 0
+    else:
+        assert stats["approx_kl_old"] > 1e-4
