@@ -40,7 +40,8 @@ from alignment.resume import (TrainState, resume_sharded_training, resume_traini
                               save_sharded_training_state, save_training_state)
 from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
-from data_recipes.truncation import TruncationConfig, truncate_rows
+from data_recipes.truncation import TruncationConfig, mask_forced_close, truncate_rows
+from envs.answers import THINK_CLOSE
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,12 @@ def run_sft(config: SFTConfig) -> dict:
     rows, report = read_rows(config.data.train_path, "train", config.data.max_bad_fraction)
     rows, truncation_stats = truncate_rows(rows, config.data.truncation, tokenizer)
     samples = [encode_for_training(tokenizer, row["messages"]) for row in rows]
+    if not config.data.truncation.train_close:
+        close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+        for i, row in enumerate(rows):
+            if "truncated_at" in row.get("metadata", {}):
+                samples[i], found = mask_forced_close(samples[i], close_ids)
+                truncation_stats["close_masked"] = truncation_stats.get("close_masked", 0) + found
     too_long = sum(len(s["input_ids"]) > config.data.max_seq_len for s in samples)
     samples = [s for s in samples if len(s["input_ids"]) <= config.data.max_seq_len]
     log.info("%d training samples (%d too long dropped, %d bad rows, %d truncated-thinking)",

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from alignment.chat_format import IGNORE_INDEX
 from alignment.config import option
 
 
@@ -28,6 +29,10 @@ class TruncationConfig:
     min_fraction: float = option(0.0, "fraction mode: smallest cut, as a fraction of the trace.")
     max_fraction: float = option(0.9, "fraction mode: largest cut, as a fraction of the trace.")
     close_marker: str = option("", "Text written after the cut, before `</think>` (e.g. '.\\n'); default none.")
+    train_close: bool = option(
+        True, "Train the `</think>` that follows a cut. false: it carries no loss, since at inference the budget rule "
+        "forces that token, and a trained label may teach the model to close early on its own.",
+    )
     seed: int = option(0, "Seed: the same rows get the same cuts.")
 
     def validate(self) -> None:
@@ -67,3 +72,17 @@ def truncate_rows(rows: list[dict], config: TruncationConfig, tokenizer) -> tupl
         out.append(new_row)
         truncated += 1
     return out, {"truncated": truncated, "drawn": candidates, "rows": len(rows)}
+
+
+def mask_forced_close(sample: dict, close_ids: list[int]) -> tuple[dict, bool]:
+    """`sample` with the labels of its first trained `</think>` (the token ids `close_ids`) set to IGNORE_INDEX.
+
+    Returns (sample, found). Only the close itself is masked: the cut trace before it and the answer after it keep
+    their loss.
+    """
+    labels, n = sample["labels"], len(close_ids)
+    for start in range(len(labels) - n + 1):
+        if labels[start] != IGNORE_INDEX and labels[start : start + n] == close_ids:
+            masked = labels[:start] + [IGNORE_INDEX] * n + labels[start + n :]
+            return {**sample, "labels": masked}, True
+    return sample, False

@@ -127,3 +127,11 @@ def test_cuda_graphs_are_refused_with_the_reason():
     assert "data-parallel" in cuda_graphs_unusable(TrainConfig(), cuda, kernels, 2)
     assert cuda_graphs_unusable(TrainConfig(grad_accum=2), cuda, kernels, 1) == "grad_accum > 1"
     assert cuda_graphs_unusable(TrainConfig(), cuda, kernels, 1) is None
+
+
+def test_sft_can_leave_the_forced_close_of_truncated_rows_untrained(tiny_data, tmp_path):
+    config = tiny_sft_config(tiny_data, tmp_path / "run", "data.truncation.fraction=1.0", "data.truncation.max_budget=8",
+                             "data.truncation.train_close=false", "train.max_steps=1")
+    run_sft(config)
+    stats = verify_checkpoint(tmp_path / "run" / "checkpoint")["data"]["truncation"]
+    assert stats["truncated"] > 0 and stats["close_masked"] == stats["truncated"]

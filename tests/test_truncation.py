@@ -41,3 +41,19 @@ def test_rendered_truncated_row_closes_the_trace(tokenizer):
     (new,), _ = truncate_rows([row], TruncationConfig(fraction=1.0, min_budget=5, max_budget=5), tokenizer)
     text = tokenizer.decode(encode_for_training(tokenizer, new["messages"])["input_ids"])
     assert text.count("</think>") == 1 and text.endswith("</think>\nThe result is \\boxed{%s}.<|end|>" % row["answer"])
+
+
+def test_the_close_after_a_cut_can_carry_no_loss(tokenizer):
+    from alignment.chat_format import IGNORE_INDEX, encode_for_training
+    from data_recipes.truncation import mask_forced_close
+
+    row = generate_splits(MathTaskConfig(train_size=5, validation_size=1, test_size=1, min_steps=4))["train"][0]
+    (new,), _ = truncate_rows([row], TruncationConfig(fraction=1.0, min_budget=5, max_budget=5), tokenizer)
+    sample = encode_for_training(tokenizer, new["messages"])
+    close = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    masked, found = mask_forced_close(sample, close)
+    at = sample["input_ids"].index(close[0])
+    assert found and masked["input_ids"] == sample["input_ids"]
+    assert masked["labels"][at] == IGNORE_INDEX != sample["labels"][at]  # the forced close carries no loss
+    assert [l for i, l in enumerate(masked["labels"]) if i != at] == [l for i, l in enumerate(sample["labels"]) if i != at]
+    assert sample["labels"][at - 1] != IGNORE_INDEX and sample["labels"][at + 1] != IGNORE_INDEX  # trace and answer train
