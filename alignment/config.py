@@ -36,6 +36,8 @@ def _copy(value: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:  # the allowed values, not the bare word "Literal"
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -71,3 +71,11 @@ def test_eval_accepts_overrides_after_the_config_option(tmp_path, capsys):
     # `align eval CKPT --config FILE key=value`: the override must reach the config, not argparse.
     assert main(["eval", str(tmp_path / "ckpt"), "--config", str(tmp_path / "missing.yaml"), "output_dir=x"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_help_lists_the_allowed_values_of_a_choice():
+    from alignment.config import describe_fields
+    from alignment.sft import SFTConfig
+
+    rows = {key: type_name for key, type_name, _, _ in describe_fields(SFTConfig)}
+    assert rows["data.truncation.budget_mode"] == "one of 'tokens', 'fraction'"
