@@ -24,13 +24,18 @@ def enable_activation_checkpointing(model) -> int:
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    blocks = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in inner.modules())
+    blocks = checkpointed_blocks(inner)
     if not blocks:
         raise ValueError(f"{type(inner).__name__}: no decoder block was set to checkpoint")
     return blocks
 
 
+def checkpointed_blocks(model) -> int:
+    """How many decoder blocks of `model` recompute their forward in backward."""
+    return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
+
+
 def activation_checkpointing_status(model) -> str:
     """What the logs say: `on (N decoder blocks)` or `off`."""
-    blocks = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
+    blocks = checkpointed_blocks(model)
     return f"on ({blocks} decoder blocks)" if blocks else "off"

@@ -253,8 +253,8 @@ def _render(tokenizer, messages: list[dict], generation: bool, **kwargs) -> str:
 
 def _detect_switch(tokenizer, source: str) -> Switch:
     user = {"role": "user", "content": _PROBE_USER}
-    on = _render(tokenizer, [dict(user, content=f"{_PROBE_USER} {KEYWORD_ON}")], True)
-    off = _render(tokenizer, [dict(user, content=f"{_PROBE_USER} {KEYWORD_OFF}")], True)
+    on = _render(tokenizer, add_keyword([user], True), True)
+    off = _render(tokenizer, add_keyword([user], False), True)
     if on != off and _CLOSED_AT_END.search(off) and not has_keyword(off) and not has_keyword(on):
         return "keyword"
     on = _render(tokenizer, [user], True, enable_thinking=True)

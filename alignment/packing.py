@@ -238,36 +238,23 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
-def per_sample_logps(
-    logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor, num_samples: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of target-token log-probs and target-token count per sample, for packed or padded batches.
-
-    Position t is scored against labels[t + 1] (the causal-LM shift); the sample a target belongs to is that of
-    the target token. DPO takes the sums directly, SFT's per-sample mean NLL is -sums / counts.
-
-    Args:
-        logits: [R, T, V] model output.
-        labels: [R, T] with -100 where no target.
-        sample_ids: [R, T] sample index per token (-1 on padding), from the collator.
-        num_samples: N, the number of samples collated.
-
-    Returns:
-        (logp_sum [N] float32, num_targets [N] int64).
-    """
-    R, T, V = logits.shape
-    targets = labels[:, 1:]  # [R, T-1]
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )  # [R * (T-1)]
-    return per_sample_sums(-nll.view(R, T - 1), labels, sample_ids, num_samples)
-
-
 def per_sample_sums(
     token_logps: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor, num_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`per_sample_logps` from per-token log-probs [R, T-1] (position t scored against labels[t + 1]), e.g. those of
-    `alignment.token_logprobs.model_token_logps`. Returns (logp_sum [N] float32, num_targets [N] int64)."""
+    """Sum of target-token log-probs and target-token count per sample, for packed or padded batches.
+
+    Args:
+        token_logps: [R, T-1] per-token log-probs (position t scored against labels[t + 1]), e.g. from
+            `alignment.token_logprobs.model_token_logps`; 0 where there is no target.
+        labels: [R, T] with -100 where no target.
+        sample_ids: [R, T] sample index per token (-1 on padding), from the collator. The sample a target belongs to
+            is that of the target token.
+        num_samples: N, the number of samples collated.
+
+    Returns:
+        (logp_sum [N] float32, num_targets [N] int64). DPO takes the sums directly, SFT's per-sample mean NLL is
+        -sums / counts.
+    """
     mask = labels[:, 1:] != IGNORE_INDEX  # [R, T-1]
     owner = sample_ids[:, 1:][mask]  # [num targets]
     logp_sum = torch.zeros(num_samples, device=token_logps.device, dtype=torch.float32).index_add(

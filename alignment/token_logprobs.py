@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alignment.packing import IGNORE_INDEX, model_inputs
+from alignment.packing import IGNORE_INDEX, model_inputs, per_sample_sums
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -56,6 +56,12 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float =
     # cross_entropy is the memory-light log_softmax + gather: it never materialises [R, T-1, V] log-probs twice.
     nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view(R, T - 1)  # [R, T-1]; 0 where there is no target
+
+
+def per_sample_logps(logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
+                     num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample_sums` of `token_logps`: (logp_sum [N], num_targets [N]) of each collated sample from [R, T, V]."""
+    return per_sample_sums(token_logps(logits, labels), labels, sample_ids, num_samples)
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

@@ -35,7 +35,8 @@ import transformers
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from alignment.packed_model import enable_packed_sequences
-from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, per_sample_logps
+from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs
+from alignment.token_logprobs import per_sample_logps
 from alignment.varlen_attention import use_varlen_attention, varlen_kernel
 
 # Samples of 1-3 tokens are shorter than the conv kernel (4); with chunk 128, boundaries fall inside chunks, on a

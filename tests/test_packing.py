@@ -27,9 +27,9 @@ from alignment.packing import (
     first_fit_decreasing,
     model_inputs,
     pad_packed_batch,
-    per_sample_logps,
     plan_packed_batches,
 )
+from alignment.token_logprobs import per_sample_logps
 
 VOCAB, PAD = 100, 0
 # Long and short samples, and samples shorter than the conv kernel (4), so boundaries fall inside chunks (8).

@@ -18,8 +18,9 @@ from alignment.config import ConfigError, load_config
 from alignment.lora import LoraConfig, apply_lora
 from alignment.modeling import ModelConfig, load_model
 from alignment.packed_model import enable_packed_sequences
-from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, per_sample_logps, per_sample_sums
-from alignment.token_logprobs import chunked_token_logps, final_hidden_states, model_token_logps, token_logps
+from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, per_sample_sums
+from alignment.token_logprobs import (chunked_token_logps, final_hidden_states, model_token_logps, per_sample_logps,
+                                     token_logps)
 from tests.conftest import TINY_MODEL
 
 ROW = 48  # tokens per packed row: 3 rows of 48 = 144 tokens, which 7 and 50 do not divide

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from alignment import varlen_attention
 from alignment.packed_model import enable_packed_sequences
-from alignment.packing import SampleCollator, model_inputs, per_sample_logps
+from alignment.packing import SampleCollator, model_inputs
+from alignment.token_logprobs import per_sample_logps
 from alignment.varlen_attention import VARLEN_ATTENTION, cu_seqlens_from_segments, use_varlen_attention
 from tests.test_packing import BUDGET, LENGTHS, PAD, make_samples, one_by_one, tiny_hybrid
 
