@@ -86,7 +86,6 @@ trl ~1 min, rollout ~2 min (batch 256 moves ~94 GB per decode step).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -99,7 +98,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import transformers
@@ -121,8 +120,8 @@ from alignment.packing import IGNORE_INDEX, SampleCollator, plan_packed_batches 
 from alignment.resume import TrainState  # noqa: E402
 from alignment.static_decode import ATTENTION_BLOCKS, MAMBA_BLOCKS, _blocks, _cache_states  # noqa: E402
 from alignment.token_logprobs import describe_loss_path  # noqa: E402
+from measure import PEAK_BF16_TFLOPS, matmul_tflops, peak_memory_gib, reset_memory, sync  # noqa: E402
 
-PEAK_BF16_TFLOPS = 989.0  # H100 SXM and H200: dense bf16 tensor-core peak (datasheet)
 HBM_TBPS = 4.8  # H200 HBM3e bandwidth (datasheet); an H100 SXM has 3.35
 TOKENIZER = REPO / "configs" / "tiny" / "tokenizer"  # TRL's pad token only: the samples are token ids already
 STAGE_CONFIGS = {part: REPO / "configs" / "nano9b" / name
@@ -348,22 +347,6 @@ def sft_rows(args: argparse.Namespace, shared: dict) -> tuple[list[dict], list[l
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def release_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-
-
 def timed(step: Callable[[object], object], items: list, args: argparse.Namespace) -> tuple[list[float], list]:
     """Run `step` on every item; the first `args.warmup` are not timed. Returns (seconds, outputs) of the timed."""
     seconds, outputs = [], []
@@ -403,39 +386,38 @@ def rates(seconds: list[float], tokens: list[int], flops: list[float], args: arg
     }
 
 
-def matmul_tflops(device: str) -> float | None:
-    """Measured dense bf16 matmul rate (8192^3), the practical ceiling next to the datasheet peak."""
-    if device != "cuda":
-        return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The parts
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def part_sft(args, spec: ModelSpec, shared: dict) -> dict:
-    """LoRA SFT steps of the stage on packed rows of --max-len tokens, one row per step."""
-    config = load_config(sft.SFTConfig, STAGE_CONFIGS["sft"], memory_overrides(args))
+class LoraLearner(NamedTuple):
+    """A learner part's model as its stage holds it, and what the part reports about it."""
+
+    model: nn.Module  # LoRA on, packed-sequence hooks on, activation checkpointing as the stage config says
+    flops: FlopModel  # read before LoRA: the adapters are counted separately
+    packed: object  # the packed path (its str names the Mamba and attention kernels)
+    savers: dict[str, str]  # activation checkpointing and loss path, as the logs say
+    adapters: int  # trainable adapter parameters
+    optimizer: torch.optim.Optimizer
+
+
+def lora_learner(args, spec: ModelSpec, config, betas: tuple[float, float]) -> LoraLearner:
+    """Build `spec`, add LoRA and the stage's memory savers, and the AdamW the stage builds (its `betas`)."""
     model = build_model(args, spec)
     flops = FlopModel.of(model)
     model = apply_lora(model, config.lora)
     packed = enable_packed_sequences(model)
     savers = memory_savers(model, config.train)
-    adapters = count_parameters(model, trainable_only=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                  betas=(0.9, 0.95))  # as run_sft builds it
+    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay, betas=betas)
+    return LoraLearner(model, flops, packed, savers, count_parameters(model, trainable_only=True), optimizer)
+
+
+def part_sft(args, spec: ModelSpec, shared: dict) -> dict:
+    """LoRA SFT steps of the stage on packed rows of --max-len tokens, one row per step."""
+    config = load_config(sft.SFTConfig, STAGE_CONFIGS["sft"], memory_overrides(args))
+    model, flops, packed, savers, adapters, optimizer = lora_learner(args, spec, config, betas=(0.9, 0.95))  # run_sft's
     device = torch.device(args.device)
     collator = SampleCollator(mode="packed", pad_token_id=0, max_tokens_per_row=args.max_len)
     samples, plan = sft_rows(args, shared)
@@ -464,16 +446,8 @@ def part_dpo(args, spec: ModelSpec, shared: dict) -> dict:
     """The DPO step: reference log-probs with adapters disabled, then the policy's loss step."""
     config = load_config(dpo.DPOConfig, STAGE_CONFIGS["dpo"], [
         f"train.max_tokens_per_row={args.max_len}", f"pairs.max_seq_len={args.max_len}", *memory_overrides(args)])
-    model = build_model(args, spec)
-    flops = FlopModel.of(model)
-    model = apply_lora(model, config.lora)
-    packed = enable_packed_sequences(model)
-    savers = memory_savers(model, config.train)
+    model, flops, packed, savers, adapters, optimizer = lora_learner(args, spec, config, betas=(0.9, 0.95))  # DPO's
     chunk = config.train.loss_chunk_tokens
-    adapters = count_parameters(model, trainable_only=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                  betas=(0.9, 0.95))  # as train_round builds it
     device = torch.device(args.device)
     collator = SampleCollator(mode="packed", pad_token_id=0, max_tokens_per_row=args.max_len)
     n_steps = args.warmup + args.steps
@@ -525,15 +499,7 @@ def part_grpo(args, spec: ModelSpec, shared: dict) -> dict:
         "loss.minibatches=1", "loss.epochs=1", "loss.kl_coef=0.0", "train.rows_per_micro_batch=1",
         *memory_overrides(args),
     ])
-    model = build_model(args, spec)
-    flops = FlopModel.of(model)
-    model = apply_lora(model, config.lora)
-    packed = enable_packed_sequences(model)
-    savers = memory_savers(model, config.train)
-    adapters = count_parameters(model, trainable_only=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay,
-                                  betas=(0.9, 0.99))  # as run_grpo builds it
+    model, flops, packed, savers, adapters, optimizer = lora_learner(args, spec, config, betas=(0.9, 0.99))  # GRPO's
     collator = SampleCollator(mode="packed", pad_token_id=0, max_tokens_per_row=args.max_len)
     rng, data = random.Random(args.seed), Data(args, shared["vocab"], "grpo")
     batches = []
@@ -606,7 +572,7 @@ def part_rollout(args, spec: ModelSpec, shared: dict) -> dict:
                        f"{short} and {long} new tokens, temperature 1, no end-of-turn token ({packed})",
                **states, "batches": {}}
     for batch in args.rollout_batches:
-        release_memory(args.device)  # peak memory per batch size
+        reset_memory(args.device)  # peak memory per batch size
         prompts = [data.ids(args.prompt_len) for _ in range(batch)]
 
         def run(new_tokens: int) -> float:
@@ -753,7 +719,7 @@ def main() -> None:
     for key, spec in specs.items():
         entry = report["models"][key] = {"name": spec.name, "config": str(spec.config_file.relative_to(REPO)),
                                          "parts": {}, "errors": {}}
-        release_memory(args.device)
+        reset_memory(args.device)
         build_started = time.perf_counter()
         probe = build_model(args, spec)  # parameter check and the kernel path the parts will run on
         entry["build_seconds"] = time.perf_counter() - build_started  # random init on the device (synchronized)
@@ -770,7 +736,7 @@ def main() -> None:
               f"{args.dtype} on {args.device}, built in {entry['build_seconds']:.1f} s, mamba path: {entry['mamba_path']}")
         shared = {"vocab": vocab}  # what the parts of one model share: the vocabulary, the SFT samples
         for part in [p for p in PARTS if p in args.parts]:
-            release_memory(args.device)
+            reset_memory(args.device)
             started = time.perf_counter()
             try:
                 result = PART_FUNCTIONS[part](args, spec, shared)
@@ -784,7 +750,7 @@ def main() -> None:
                                          "traceback": traceback.format_exc(),
                                          "seconds": time.perf_counter() - started}
                 print(f"  {part} failed: {entry['errors'][part]['error'][:300]}", flush=True)
-            release_memory(args.device)
+            reset_memory(args.device)
             write(report, path)
     write(report, path)
     print_table(report)

@@ -29,7 +29,6 @@ minutes on an H100, once per process start on that machine's cache); the whole G
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -53,10 +52,10 @@ from alignment.packing import IGNORE_INDEX, SampleCollator, model_inputs, plan_p
 from alignment.runtime import to_device
 from alignment.sft import token_loss_sum
 from alignment.varlen_attention import use_varlen_attention
+from measure import PEAK_BF16_TFLOPS, matmul_tflops, peak_memory_gib, reset_memory, sync
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "configs" / "tiny" / "tokenizer"  # only its pad token is used: the samples are token ids already
-PEAK_BF16_TFLOPS = 989.0  # H100 SXM and H200: dense bf16 tensor-core peak (datasheet)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -158,43 +157,6 @@ def long_tailed_samples(args: argparse.Namespace) -> list[dict]:
 def padded_groups(n: int, batch_size: int) -> list[list[int]]:
     """Consecutive groups of `batch_size` samples: what TRL's sequential sampler hands its collator."""
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-
-
-def matmul_tflops(device: str) -> float | None:
-    """Measured dense bf16 matmul rate (8192^3, random data), the practical ceiling next to the datasheet peak."""
-    if device != "cuda":
-        return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 # ---------------------------------------------------------------------------------------------------------------
