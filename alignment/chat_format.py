@@ -439,37 +439,3 @@ def completion_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> st
             return text[: -len(token)]
     return text
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# What `align template` shows
-
-
-def preview(tokenizer: PreTrainedTokenizerBase, messages: list[dict], cut_fraction: float = 0.5) -> dict:
-    """For reasoning on, off and a truncated-thinking row: the generation prompt and the trained text.
-
-    `messages` ends with the assistant turn: `content` is the answer, `reasoning_content` the trace. The trained
-    text is the decoded tokens that carry loss.
-    """
-    from data_recipes.truncation import TruncationConfig, truncate_rows
-
-    *history, final = messages
-    trace = final.get("reasoning_content") or ""
-    rows = {
-        "on": with_reasoning(history, True) + [dict(final, reasoning_content=trace)],
-        "off": with_reasoning(history, False) + [dict(final, reasoning_content="")],
-    }
-    cut = TruncationConfig(fraction=1.0, budget_mode="fraction", min_fraction=cut_fraction, max_fraction=cut_fraction,
-                           close_marker=".\n")
-    (truncated,), _ = truncate_rows([{"messages": rows["on"]}], cut, tokenizer)
-    rows["truncated"] = truncated["messages"]
-    cases = {}
-    for case, row in rows.items():
-        encoded = encode_for_training(tokenizer, row)
-        trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
-        first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
-        cases[case] = {
-            "prompt": render_prompt(tokenizer, row[:-1]),
-            "trained": tokenizer.decode(trained, skip_special_tokens=False),
-            "training_prompt": tokenizer.decode(encoded["input_ids"][:first], skip_special_tokens=False),
-        }
-    return {"format": chat_format_of(tokenizer).name, "cases": cases}

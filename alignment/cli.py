@@ -104,6 +104,38 @@ def _read_messages(path: str) -> list[dict]:
     return messages
 
 
+def _template_cases(tokenizer, messages: list[dict], cut_fraction: float = 0.5) -> dict:
+    """For reasoning on, off and a truncated-thinking row: the generation prompt and the trained text.
+
+    `messages` ends with the assistant turn: `content` is the answer, `reasoning_content` the trace. The trained
+    text is the decoded tokens that carry loss.
+    """
+    from alignment.chat_format import IGNORE_INDEX, chat_format_of, encode_for_training, render_prompt, with_reasoning
+    from data_recipes.truncation import TruncationConfig, truncate_rows
+
+    *history, final = messages
+    trace = final.get("reasoning_content") or ""
+    rows = {
+        "on": with_reasoning(history, True) + [dict(final, reasoning_content=trace)],
+        "off": with_reasoning(history, False) + [dict(final, reasoning_content="")],
+    }
+    cut = TruncationConfig(fraction=1.0, budget_mode="fraction", min_fraction=cut_fraction, max_fraction=cut_fraction,
+                           close_marker=".\n")
+    (truncated,), _ = truncate_rows([{"messages": rows["on"]}], cut, tokenizer)
+    rows["truncated"] = truncated["messages"]
+    cases = {}
+    for case, row in rows.items():
+        encoded = encode_for_training(tokenizer, row)
+        trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+        first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+        cases[case] = {
+            "prompt": render_prompt(tokenizer, row[:-1]),
+            "trained": tokenizer.decode(trained, skip_special_tokens=False),
+            "training_prompt": tokenizer.decode(encoded["input_ids"][:first], skip_special_tokens=False),
+        }
+    return {"format": chat_format_of(tokenizer).name, "cases": cases}
+
+
 def _template_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "template", help="Show the detected chat format, and what the stages feed and train with reasoning on, off "
@@ -121,13 +153,13 @@ def _template_command(subparsers) -> None:
     def handler(args) -> int:
         import json
 
-        from alignment.chat_format import TemplateError, chat_format_of, preview
+        from alignment.chat_format import TemplateError, chat_format_of
         from alignment.modeling import ModelConfig, load_tokenizer
 
         messages = _read_messages(args.messages) if args.messages else _EXAMPLE_MESSAGES
         try:
             tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer, chat_format=args.chat_format))
-            shown = preview(tokenizer, messages)
+            shown = _template_cases(tokenizer, messages)
         except (TemplateError, ValueError) as exc:
             raise ConfigError(f"{args.tokenizer}: {exc}") from exc
         if args.json:
