@@ -48,6 +48,7 @@ def clipped_policy_loss(
     clip_high: float = 0.28,
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO-clip loss with asymmetric clipping, and an optional k3 KL penalty to a reference. [N] -> [N]
 
@@ -55,6 +56,9 @@ def clipped_policy_loss(
     policy that sampled the rollout batch, `advantages` of each token's completion, `ref_logps` under the reference.
     The caller sums the returned per-token losses and divides by the token count of the optimizer step: the
     token-level (DAPO) aggregation, where a long completion weighs by its length instead of being averaged first.
+
+    `is_weights` [N] (no grad) multiply each token's policy loss: truncated importance sampling, the learner's old
+    probability over the sampler's, capped, for a sampler whose numerics differ from the learner's.
 
     The ratio is clipped to [1 - clip_low, 1 + clip_high]. The higher upper bound ("clip-higher") leaves room to
     raise the probability of unlikely tokens that turned out good, which keeps exploration (entropy) from collapsing.
@@ -67,6 +71,8 @@ def clipped_policy_loss(
     unclipped = ratio * advantages  # [N]
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages  # [N]
     loss = -torch.minimum(unclipped, clipped)  # [N] pessimistic bound
+    if is_weights is not None:
+        loss = loss * is_weights
     with torch.no_grad():
         stats = {
             # The bound is active where it changed the minimum: below 1 - low for A < 0, above 1 + high for A > 0.
@@ -75,6 +81,8 @@ def clipped_policy_loss(
             # k3 of KL(old || new) for tokens sampled from old: E_old[ratio - 1 - log ratio], >= 0 per token.
             "approx_kl_old": ratio - 1 - log_ratio,
         }
+        if is_weights is not None:
+            stats["tis_weight"] = is_weights
     if ref_logps is not None and kl_coef:
         # k3 estimator of KL(policy || ref): unbiased, always >= 0, low variance (Schulman's "approximating KL").
         log_ref_ratio = ref_logps - logps  # [N]

@@ -60,7 +60,7 @@ from alignment.packing import SampleCollator, per_sample_sums
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
-from alignment.token_logprobs import describe_loss_path, disable_dropout, model_token_logps
+from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
@@ -120,6 +120,10 @@ class MiningConfig:
     min_margin: float = option(0.5, "Keep a pair only when the chosen score beats the rejected one by at least this.")
     max_pairs_per_prompt: int = option(2, "Disjoint pairs per prompt: i-th best with i-th worst, while the margin holds.")
     batch_size: int = option(128, "Samples generated together.")
+    mismatch_warn_kl: float = option(
+        0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
+              "this (measured at temperature 1, top_p 1).",
+    )
     rewards: RewardsConfig = option(
         RewardsConfig(mode="inprocess"), "Reward plugins that grade the samples (see rewards/config.py)."
     )
@@ -298,7 +302,7 @@ def until_divergence(encoded: dict, line_end_ids: frozenset[int] | None) -> dict
         ids = sample["input_ids"]
         end = first if line_end_ids is None else \
             next((t for t in range(first, len(ids)) if ids[t] in line_end_ids), len(ids) - 1)
-        cut[side] = {"input_ids": ids, "labels": sample["labels"][: end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1)}
+        cut[side] = dict(sample, labels=sample["labels"][: end + 1] + [IGNORE_INDEX] * (len(ids) - end - 1))
     return cut
 
 
@@ -400,9 +404,11 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
 
 
 def sampled_sample(prompt_ids: list[int], result) -> dict:
-    """The exact sampled tokens as a training sample; prompt and forced tokens carry no loss."""
+    """The exact sampled tokens as a training sample; prompt and forced tokens carry no loss. `sampler_logps` are
+    the sampler's log-probs of its tokens (NaN on the prompt and forced tokens)."""
     labels = [IGNORE_INDEX if forced else token for token, forced in zip(result.tokens, result.forced_mask)]
-    return {"input_ids": prompt_ids + result.tokens, "labels": [IGNORE_INDEX] * len(prompt_ids) + labels}
+    return {"input_ids": prompt_ids + result.tokens, "labels": [IGNORE_INDEX] * len(prompt_ids) + labels,
+            "sampler_logps": [math.nan] * len(prompt_ids) + list(result.logprobs)}
 
 
 def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -420,23 +426,28 @@ def split_heldout(pairs: list[dict], fraction: float, seed: int) -> tuple[list[d
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pair_logps(model, pairs: list[dict], collator: SampleCollator, device,
-               loss_chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, pairs: list[dict], collator: SampleCollator, device, loss_chunk_tokens: int = 0,
+               mismatch: MismatchMeter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs [B, 2] and target-token counts [B, 2] (columns: chosen, rejected), in one forward.
 
     Both sides of every pair are collated together, so a packed step fills its rows with chosen and rejected alike.
     `loss_chunk_tokens` > 0 applies the LM head that many tokens at a time (`alignment.token_logprobs`).
+    `mismatch` collects the per-token log-probs next to the sampler's, for mined pairs.
     """
     samples = [p["encoded"]["chosen"] for p in pairs] + [p["encoded"]["rejected"] for p in pairs]
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(samples).items()}
     token_logps = model_token_logps(model, batch, loss_chunk_tokens)  # [R, T-1]
+    if mismatch is not None and "sampler_logps" in batch:
+        targets = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, T-1]
+        mismatch.add(token_logps[targets], batch["sampler_logps"][:, 1:][targets])
     logps, counts = per_sample_sums(token_logps, batch["labels"], batch["sample_ids"], len(samples))
     return logps.view(2, -1).T, counts.view(2, -1).T  # [B, 2]
 
 
 @torch.no_grad()
 def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, chunk: int,
-                   loss_chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   loss_chunk_tokens: int = 0, mismatch: MismatchMeter | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """pair_logps over many pairs, `chunk` pairs per forward, without gradients."""
     if not pairs:
         return torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long)
@@ -444,7 +455,7 @@ def all_pair_logps(model, pairs: list[dict], collator: SampleCollator, device, c
     # path), so reference and policy log-probs go through the same kernels.
     was_training = model.training
     model.train()
-    parts = [pair_logps(model, pairs[i : i + chunk], collator, device, loss_chunk_tokens)
+    parts = [pair_logps(model, pairs[i : i + chunk], collator, device, loss_chunk_tokens, mismatch)
              for i in range(0, len(pairs), chunk)]
     model.train(was_training)
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
@@ -581,13 +592,25 @@ def run_dpo(config: DPOConfig) -> dict:
                                   else config.pairs.max_seq_len)
 
         # 3. Reference log-probs, once, before the first update (see the module docstring). Held-out pairs are
-        # batched as `heldout_metrics` batches them, so at the round start their margins are exactly zero.
+        # batched as `heldout_metrics` batches them, so at the round start their margins are exactly zero. The
+        # reference is the policy that mined the pairs: next to the sampler's own log-probs it shows whether the
+        # decode path samples the distribution that is trained (comparable at temperature 1 and top_p 1 only).
+        mismatch = MismatchMeter() if config.pairs.source == "mined" and config.mining.temperature == 1.0 \
+            and config.mining.top_p == 1.0 else None
         for group in (train_pairs, heldout_pairs):
             with reference(model):
                 ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step,
-                                              config.train.loss_chunk_tokens)
+                                              config.train.loss_chunk_tokens, mismatch)
             for pair, ref in zip(group, ref_logps):
                 pair["ref"] = ref
+        if mismatch is not None:
+            pair_stats |= mismatch.stats()
+            log.info("round %d: sampler vs reference log-probs of the mined tokens: mean |dlogp| %.4f, max %.3f, "
+                     "k3 KL %.5f", round_index, pair_stats["mismatch_abs_mean"], pair_stats["mismatch_abs_max"],
+                     pair_stats["mismatch_kl_k3"])
+            if pair_stats["mismatch_kl_k3"] > config.mining.mismatch_warn_kl:
+                log.warning("round %d: the sampler's log-probs differ from the learner's (k3 KL %.4f): the decode "
+                            "path is not the distribution being trained", round_index, pair_stats["mismatch_kl_k3"])
         heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config)
 
         # 4. Train.

@@ -19,12 +19,17 @@ The thinking budget rule (the model card's rule, with a configurable grace windo
 Forced tokens go through the model like sampled ones, so the cache (attention KV and Mamba conv/SSM states) always
 matches the returned tokens. `forced_mask` marks them: they were not sampled by the policy, and RL must not train on
 them as if they were.
+
+Each sampled token's log-prob under the distribution it was drawn from (temperature applied, renormalised over the
+nucleus when `top_p` < 1; at temperature 0 the plain softmax) is returned in `logprobs`, so a learner can measure how
+far its own recomputed log-probs are from the sampler's (different kernels, a CUDA graph, bf16 decode numerics).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -93,6 +98,9 @@ class GenerationResult:
 
     tokens: list[int]
     forced_mask: list[bool]  # aligned with `tokens`: True where the token was forced, not sampled
+    # Aligned with `tokens`: the sampler's log-prob of each sampled token, NaN where forced. Not part of equality:
+    # the same tokens decoded in another batch agree in their last bits only.
+    logprobs: list[float] = field(compare=False)
     thinking_tokens: int  # trace tokens written before the close; the close marker and an EOS are not counted
     forced_close: bool  # the trace was closed by the budget rule
     finished: bool  # ended with an end-of-turn token; False when cut by max_new_tokens
@@ -121,6 +129,7 @@ class _Sample:
         self.grace = settings.grace_window(budget) if self.budget is not None else 0
         self.tokens: list[int] = []
         self.forced_mask: list[bool] = []
+        self.logprobs: list[float] = []
         self.pending: list[int] = []  # forced tokens still to feed
         self.thinking_tokens = 0
         self.forced_close = False
@@ -131,18 +140,21 @@ class _Sample:
         if self.budget == 0:
             self.pending = list(settings.think_end_ids)
 
-    def step(self, model_choice: int) -> int:
-        """Append the next token, the forced one if the budget rule demands it, else `model_choice`; return it."""
+    def step(self, model_choice: int, choice_logprob: float) -> int:
+        """Append the next token, the forced one if the budget rule demands it, else `model_choice` (sampled with
+        log-prob `choice_logprob`); return it."""
         if self.pending:  # closing the trace: feed the forced marker
             token = self.pending.pop(0)
             self.tokens.append(token)
             self.forced_mask.append(True)
+            self.logprobs.append(math.nan)
             self.forced_close = True
             self.in_trace = bool(self.pending)
         else:
             token = model_choice
             self.tokens.append(token)
             self.forced_mask.append(False)
+            self.logprobs.append(choice_logprob)
             if token in self.settings.eos_token_ids:
                 self.finished = True
             elif self.in_trace:
@@ -166,23 +178,32 @@ class _Sample:
         return GenerationResult(
             tokens=self.tokens,
             forced_mask=self.forced_mask,
+            logprobs=self.logprobs,
             thinking_tokens=self.thinking_tokens,
             forced_close=self.forced_close,
             finished=self.finished,
         )
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator) -> torch.Tensor:
-    """Pick one token per row: greedy at temperature 0, else temperature + top-p sampling. [B, V] -> [B]"""
+def _next_tokens(
+    logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and its log-prob under the distribution it was drawn from. [B, V] -> [B], [B]
+
+    Greedy at temperature 0 (the log-prob is then the plain softmax's), else temperature + top-p sampling.
+    """
     if settings.temperature == 0:
-        return logits.argmax(dim=-1)
+        choice = logits.argmax(dim=-1)  # [B]
+        return choice, torch.log_softmax(logits.float(), dim=-1).gather(-1, choice[:, None]).squeeze(-1)
     probs = torch.softmax(logits.float() / settings.temperature, dim=-1)  # [B, V]
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
         # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= settings.top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # the nucleus, renormalised: what is sampled from
+    choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+    return choice.squeeze(-1), probs.gather(-1, choice).log().squeeze(-1)
 
 
 # cuDNN's SDPA builds an execution plan for every new key length, and decoding makes a new one every step: on an H200
@@ -260,8 +281,8 @@ def _generate_batch(
         decoder = _DynamicDecoder(model, cache, attention_mask, position_ids)
     active = list(range(len(samples)))  # decoding row -> index into samples
     while True:
-        model_choice = _next_tokens(logits, settings, generator).tolist()  # [B]
-        fed = [samples[i].step(choice) for i, choice in zip(active, model_choice)]
+        choice, choice_logprob = _next_tokens(logits, settings, generator)  # [B], [B]
+        fed = [samples[i].step(c, lp) for i, c, lp in zip(active, choice.tolist(), choice_logprob.tolist())]
         keep = [row for row, i in enumerate(active) if not samples[i].done]
         if not keep:
             return

@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -62,7 +62,7 @@ from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
-from alignment.token_logprobs import describe_loss_path, disable_dropout, model_token_logps
+from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
 from envs.code_env import CodeEnv
 from envs.code_tasks import generate_code_tasks
@@ -97,7 +97,7 @@ class RolloutConfig:
     prompts_per_step: int = option(16, "Prompt groups per rollout batch (after dynamic sampling).")
     group_size: int = option(8, "Completions per prompt (G).")
     temperature: float = option(1.0, "Sampling temperature (the log-probs of the loss use the same one).")
-    top_p: float = option(1.0, "Nucleus sampling mass; 1.0 keeps the whole distribution.")
+    top_p: float = option(1.0, "Nucleus sampling mass; must stay 1.0 (the loss's ratios use the full softmax).")
     max_new_tokens: int = option(160, "Most tokens per completion; a completion cut here is overlong.")
     reasoning_off_fraction: float = option(0.0, "Fraction of prompts rolled out with reasoning off (/no_think).")
     budget_fraction: float = option(0.0, "Fraction of reasoning-on prompts rolled out with a thinking budget.")
@@ -118,6 +118,12 @@ class RolloutConfig:
             raise ValueError("rollout.budget_min must be >= 0 and <= budget_max")
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 (GRPO needs different completions per prompt)")
+        if self.top_p != 1.0:
+            raise ValueError(
+                f"rollout.top_p={self.top_p}: GRPO's ratios compare log-probs of the full softmax, so tokens sampled "
+                "from a nucleus would be trained as if drawn from a distribution they were not drawn from; set "
+                "rollout.top_p=1.0 (lower rollout.temperature to sample closer to greedy)"
+            )
 
 
 @dataclass
@@ -131,11 +137,32 @@ class PolicyLossConfig:
     kl_coef: float = option(0.0, "Weight of the k3 KL to the reference (the start checkpoint; with LoRA the base).")
     epochs: int = option(1, "Passes over each rollout batch.")
     minibatches: int = option(2, "Optimizer steps per pass: the rollout batch is split into this many parts.")
-    overlong_filter: bool = option(True, "Completions cut by max_new_tokens get no loss.")
+    overlong: Literal["mask", "exclude", "soft_penalty", "keep"] = option(
+        "mask",
+        "Completions cut by rollout.max_new_tokens. mask: no loss, their reward stays in the group's baseline. "
+        "exclude: they leave their group (no loss, not in the baseline); a group whose finished completions all "
+        "score alike is dropped. soft_penalty: DAPO's length penalty, 0 up to max_new_tokens - overlong_window, "
+        "then falling linearly to -1, and -1 for a cut completion; all are trained. keep: trained like any other.",
+    )
+    overlong_window: int = option(0, "soft_penalty: the ramp's length in tokens (DAPO's L_cache); 0: a quarter of "
+                                     "rollout.max_new_tokens.")
+    tis_cap: float = option(
+        0.0,
+        "Truncated importance sampling: weight each token's loss by min(learner old prob / sampler prob, tis_cap), "
+        "correcting for a sampler whose numerics differ from the learner's (veRL's and TRL's TIS; 2.0 is common). "
+        "0: off.",
+    )
+    mismatch_warn_kl: float = option(
+        0.01, "Warn when the k3 KL between the sampler's and the learner's log-probs of the sampled tokens exceeds this."
+    )
 
     def validate(self) -> None:
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
             raise ValueError("loss.clip_low must be in [0, 1) and loss.clip_high >= 0")
+        if self.tis_cap < 0 or (0 < self.tis_cap < 1):
+            raise ValueError("loss.tis_cap must be 0 (off) or >= 1")
+        if self.overlong_window < 0:
+            raise ValueError("loss.overlong_window must be >= 0")
         if self.kl_coef < 0:
             raise ValueError("loss.kl_coef must be >= 0")
         if self.epochs < 1 or self.minibatches < 1:
@@ -294,9 +321,14 @@ class Group:
     def rewards(self) -> list[float]:
         return [c.reward for c in self.completions]
 
-    def has_signal(self) -> bool:
-        """Rewards differ inside the group, so some advantage is non-zero."""
-        return max(self.rewards) - min(self.rewards) > 1e-6
+    def members(self, overlong: str) -> list[int]:
+        """Indices of the completions that form the group for advantages: all but the cut ones with `exclude`."""
+        return [k for k, c in enumerate(self.completions) if overlong != "exclude" or c.result.finished]
+
+    def has_signal(self, overlong: str = "mask") -> bool:
+        """Rewards differ inside the group (its members), so some advantage is non-zero."""
+        rewards = [self.completions[k].reward for k in self.members(overlong)]
+        return len(rewards) >= 2 and max(rewards) - min(rewards) > 1e-6
 
     def pass_rate(self, threshold: float) -> float:
         return sum(r >= threshold for r in self.rewards) / len(self.rewards)
@@ -310,6 +342,24 @@ def reward_row(group: Group, completion: Completion) -> dict:
         "thinking_budget": group.budget,
         "thinking_tokens": completion.result.thinking_tokens,
     }
+
+
+def overlong_penalty(result: GenerationResult, max_new_tokens: int, window: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to `max_new_tokens - window` tokens, then linear down to -1 at
+    `max_new_tokens`; -1 for a completion cut there before it finished."""
+    if not result.finished:
+        return -1.0
+    return min(0.0, (max_new_tokens - window - len(result.tokens)) / max(window, 1))
+
+
+def apply_overlong_penalty(groups: list[Group], config: PolicyLossConfig, max_new_tokens: int) -> None:
+    """Add the soft overlong penalty to every completion's reward (loss.overlong=soft_penalty), in place."""
+    window = config.overlong_window or max_new_tokens // 4
+    for group in groups:
+        for c in group.completions:
+            penalty = overlong_penalty(c.result, max_new_tokens, window)
+            c.reward += penalty
+            c.scores["overlong_penalty"] = penalty
 
 
 def score_completions(scorer: RewardScorer, items: list[tuple[Group, Completion]]) -> float:
@@ -362,12 +412,13 @@ def rollout(
 
 
 def collect_groups(
-    rollout_fn: Callable[[int], list[Group]], n_groups: int, config: SamplingConfig
+    rollout_fn: Callable[[int], list[Group]], n_groups: int, config: SamplingConfig, overlong: str = "mask",
 ) -> tuple[list[Group], list[Group], int]:
     """Roll out until `n_groups` groups carry a learning signal (dynamic sampling) or the refill rounds run out.
 
     `rollout_fn(n)` rolls out n fresh prompts. Returns (kept groups, every group rolled out, refill rounds used).
-    With dynamic sampling off every group is kept, signal or not (its advantages are then 0).
+    With dynamic sampling off every group is kept, signal or not (its advantages are then 0). `overlong` is
+    `loss.overlong`: with `exclude`, only the finished completions count towards a group's signal.
     """
     kept: list[Group] = []
     seen: list[Group] = []
@@ -376,7 +427,7 @@ def collect_groups(
     while True:
         groups = rollout_fn(need)
         seen += groups
-        kept += [g for g in groups if g.has_signal() or not config.dynamic_sampling]
+        kept += [g for g in groups if g.has_signal(overlong) or not config.dynamic_sampling]
         if len(kept) >= n_groups or not config.dynamic_sampling or rounds >= config.max_refill_rounds:
             return kept[:n_groups], seen, rounds
         rounds += 1
@@ -392,21 +443,24 @@ def learner_samples(
 ) -> tuple[list[dict], torch.Tensor, dict[str, int]]:
     """Token samples for the loss and each one's advantage. [S] advantages for S samples.
 
-    Labels hold the completion tokens the policy sampled; the prompt and forced tokens are IGNORE_INDEX. Overlong
-    completions (with `overlong_filter`) are left out entirely: they still counted in their group's baseline. So
-    is a prompt plus completion longer than a learner row (`too_long_dropped`): cut to fit, it would lose its answer
-    and end of turn while its trace kept the whole completion's advantage.
+    Labels hold the completion tokens the policy sampled; the prompt and forced tokens are IGNORE_INDEX; each
+    sample carries the sampler's log-probs (`sampler_logps`, NaN where no token was sampled). Completions cut by
+    max_new_tokens are left out with `loss.overlong` mask (they still count in their group's baseline) and exclude
+    (they do not). So is a prompt plus completion longer than a learner row (`too_long_dropped`): cut to fit, it
+    would lose its answer and end of turn while its trace kept the whole completion's advantage.
     """
     counts = {"overlong_filtered": 0, "too_long_dropped": 0, "forced_tokens_masked": 0, "loss_tokens": 0}
-    if not groups:  # every group had equal rewards (dynamic sampling dropped them all): nothing to learn from
-        return [], torch.zeros(0), counts
-    rewards = torch.tensor([g.rewards for g in groups])  # [P, G]
-    advantages = group_advantages(rewards, config.std_normalize, config.leave_one_out)  # [P, G]
     samples, sample_adv = [], []
-    for p, group in enumerate(groups):
-        for k, completion in enumerate(group.completions):
-            result = completion.result
-            if config.overlong_filter and not result.finished:
+    for group in groups:
+        members = group.members(config.overlong)
+        if len(members) < 2:  # every completion but one was cut (exclude): no baseline to compare with
+            counts["overlong_filtered"] += sum(not c.result.finished for c in group.completions)
+            continue
+        rewards = torch.tensor([[group.completions[k].reward for k in members]])  # [1, G']
+        advantages = group_advantages(rewards, config.std_normalize, config.leave_one_out)[0]  # [G']
+        for k, advantage in zip(members, advantages):
+            result = group.completions[k].result
+            if config.overlong == "mask" and not result.finished:
                 counts["overlong_filtered"] += 1
                 continue
             if max_tokens_per_row is not None and len(group.prompt_ids) + len(result.tokens) > max_tokens_per_row:
@@ -421,8 +475,11 @@ def learner_samples(
             samples.append({
                 "input_ids": group.prompt_ids + result.tokens,
                 "labels": [IGNORE_INDEX] * len(group.prompt_ids) + labels,
+                "sampler_logps": [math.nan] * len(group.prompt_ids) + list(result.logprobs),
             })
-            sample_adv.append(advantages[p, k])
+            sample_adv.append(advantage)
+        counts["overlong_filtered"] += sum(not group.completions[k].result.finished
+                                           for k in range(len(group.completions)) if k not in members)
     return samples, torch.stack(sample_adv) if sample_adv else torch.zeros(0), counts
 
 
@@ -470,10 +527,11 @@ def policy_update(
                     batch["ref_logps"] = reference(batch)
 
     totals: dict[str, float] = {"loss": 0.0, "clipped_low": 0.0, "clipped_high": 0.0, "approx_kl_old": 0.0,
-                                "kl_ref": 0.0, "grad_norm": 0.0}
+                                "kl_ref": 0.0, "tis_weight": 0.0, "grad_norm": 0.0}
     tokens_total, updates, tokens_trained = 0, 0, 0
+    mismatch = MismatchMeter()
     model.train()
-    for _epoch in range(config.loss.epochs):
+    for epoch in range(config.loss.epochs):
         for micro in minibatches:
             n_tokens = sum(int(b["loss_mask"].sum()) for b in micro)  # token-level: normalise by the step's tokens
             for batch in micro:
@@ -481,10 +539,18 @@ def policy_update(
                 if batch["old_logps"] is None:
                     batch["old_logps"] = logps.detach()
                 mask = batch["loss_mask"]
+                sampler_logps = batch["sampler_logps"][:, 1:].to(device)[mask] if "sampler_logps" in batch \
+                    else torch.full_like(logps[mask], math.nan)  # [N]; NaN: not sampled here (no comparison)
+                if epoch == 0:
+                    mismatch.add(batch["old_logps"][mask], sampler_logps)
                 ref_logps = batch["ref_logps"][mask] if reference is not None else None
+                is_weights = None
+                if config.loss.tis_cap:  # old (learner) / sampler, capped; a token without sampler log-prob: 1
+                    is_weights = torch.exp(batch["old_logps"][mask] - sampler_logps).nan_to_num(1.0)
+                    is_weights = is_weights.clamp(max=config.loss.tis_cap)
                 loss, stats = clipped_policy_loss(
                     logps[mask], batch["old_logps"][mask], batch["token_adv"][mask],  # [N] each
-                    config.loss.clip_low, config.loss.clip_high, ref_logps, config.loss.kl_coef,
+                    config.loss.clip_low, config.loss.clip_high, ref_logps, config.loss.kl_coef, is_weights,
                 )
                 (loss.sum() / n_tokens).backward()
                 totals["loss"] += float(loss.detach().sum())
@@ -501,6 +567,9 @@ def policy_update(
     out["grad_norm"] = totals["grad_norm"] / max(updates, 1)
     if reference is None:
         out.pop("kl_ref")
+    if not config.loss.tis_cap:
+        out.pop("tis_weight")
+    out |= mismatch.stats()
     out["updates"] = updates
     out["tokens_trained"] = tokens_trained
     return out
@@ -673,13 +742,16 @@ def run_grpo(config: GRPOConfig) -> dict:
                                     seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007)
                 for key in timings:
                     timings[key] += t[key]
-                for group in groups:  # curriculum hook
+                for group in groups:  # curriculum hook, on the task's reward
                     pool.record(group.row_index, group.pass_rate(config.sampling.pass_threshold),
                                 config.sampling.drop_solved)
+                if config.loss.overlong == "soft_penalty":
+                    apply_overlong_penalty(groups, config.loss, config.rollout.max_new_tokens)
                 return groups
 
             # 1-2. Rollout with dynamic sampling.
-            kept, seen, refills = collect_groups(rollout_fn, config.rollout.prompts_per_step, config.sampling)
+            kept, seen, refills = collect_groups(rollout_fn, config.rollout.prompts_per_step, config.sampling,
+                                                 config.loss.overlong)
 
             # 3. Learn.
             for group in optimizer.param_groups:  # constant after a linear warmup (the Nemotron RL schedule)
@@ -692,6 +764,11 @@ def run_grpo(config: GRPOConfig) -> dict:
             learn = {}
             if samples:
                 learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng)
+                if learn["mismatch_kl_k3"] > config.loss.mismatch_warn_kl:
+                    log.warning("step %d: the sampler's log-probs differ from the learner's (k3 KL %.4f, mean |dlogp| "
+                                "%.4f, max %.3f): the decode path is not the distribution being trained; check "
+                                "rollout decode settings, or set loss.tis_cap", step, learn["mismatch_kl_k3"],
+                                learn["mismatch_abs_mean"], learn["mismatch_abs_max"])
             else:
                 log.warning("step %d: no group with a learning signal after %d refills; no update", step, refills)
             time_learn = time.perf_counter() - t_learn

@@ -128,6 +128,8 @@ class SampleCollator:
         max_length_q, max_length_k int, the longest segment.
         sample_ids [R, T] int64, index of the sample in the input list, -1 in the tail.
         loss_mask [R, T] bool, labels != -100 (the tokens that are targets).
+        sampler_logps [R, T] float32, only when the samples carry `sampler_logps` (the log-prob the sampler gave
+            each token, `alignment.generation`): placed like the tokens, NaN elsewhere.
 
     Padded batch (one sample per row, in input order): input_ids, labels, attention_mask [N, T] int64,
     position_ids, sample_ids, loss_mask. The first label of every sample is -100 here too, which changes no loss
@@ -157,7 +159,18 @@ class SampleCollator:
             rows = first_fit_decreasing([len(x) for x in ids], self.max_tokens_per_row)
         else:
             rows = [[i] for i in range(len(ids))]
-        return self._build(ids, labels, rows)
+        batch = self._build(ids, labels, rows)
+        if all("sampler_logps" in s for s in samples):
+            batch["sampler_logps"] = self._placed([s["sampler_logps"] for s in samples], batch["sample_ids"])
+        return batch
+
+    def _placed(self, values: list[list[float]], sample_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token values of each sample at its tokens' places in the batch, NaN elsewhere. [R, T]"""
+        placed = torch.full(sample_ids.shape, float("nan"))
+        for i, v in enumerate(values):
+            where = sample_ids == i  # [R, T], one row, the sample's tokens in order
+            placed[where] = torch.tensor(v[: int(where.sum())], dtype=torch.float32)
+        return placed
 
     def _truncated(self, samples: Sequence[dict]) -> tuple[list[list[int]], list[list[int]]]:
         ids, labels = [], []

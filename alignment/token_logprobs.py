@@ -126,3 +126,38 @@ def model_token_logps(model, batch: dict, chunk_tokens: int = 0, temperature: fl
         return token_logps(model(**inputs).logits, batch["labels"], temperature)
     hidden, head = final_hidden_states(model, inputs)
     return chunked_token_logps(hidden, head, batch["labels"], temperature, chunk_tokens)
+
+
+def sampler_mismatch(learner: torch.Tensor, sampler: torch.Tensor) -> dict[str, float]:
+    """How far the learner's log-probs of sampled tokens are from the sampler's own. [N], [N] -> statistics
+
+    The two should agree up to float noise: the sampler is the policy before any update. A gap means the decode
+    path (its kernels, a CUDA graph, bf16 numerics) is not the distribution the learner optimises, and every
+    importance ratio is off by it. `kl_k3` is the k3 estimate of KL(sampler || learner) from the sampler's tokens.
+    """
+    if learner.numel() == 0:
+        return {"mismatch_abs_mean": 0.0, "mismatch_abs_max": 0.0, "mismatch_kl_k3": 0.0}
+    delta = (learner.float() - sampler.float())  # [N] log(learner / sampler)
+    return {
+        "mismatch_abs_mean": float(delta.abs().mean()),
+        "mismatch_abs_max": float(delta.abs().max()),
+        "mismatch_kl_k3": float((delta.exp() - 1 - delta).mean()),
+    }
+
+
+class MismatchMeter:
+    """Collects learner and sampler log-probs of sampled tokens over batches; `stats()` summarises them."""
+
+    def __init__(self) -> None:
+        self.learner: list[torch.Tensor] = []
+        self.sampler: list[torch.Tensor] = []
+
+    def add(self, learner: torch.Tensor, sampler: torch.Tensor) -> None:
+        """[N], [N] at the same tokens; tokens without a sampler log-prob (NaN: forced or not sampled) are skipped."""
+        sampled = ~torch.isnan(sampler)
+        self.learner.append(learner.detach()[sampled].float().cpu())
+        self.sampler.append(sampler[sampled].float().cpu())
+
+    def stats(self) -> dict[str, float]:
+        empty = torch.zeros(0)
+        return sampler_mismatch(torch.cat(self.learner or [empty]), torch.cat(self.sampler or [empty]))

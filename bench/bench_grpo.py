@@ -155,7 +155,7 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
         f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.batch_size={args.gen_batch}",
         "rollout.temperature=1.0", "rollout.top_p=1.0",
-        "loss.minibatches=1", "loss.epochs=1", "loss.overlong_filter=false",
+        "loss.minibatches=1", "loss.epochs=1", "loss.overlong=keep",
         "sampling.dynamic_sampling=false", "sampling.drop_solved=false",
         f"train.max_steps={steps}", "train.lr=1.0e-6", f"train.max_tokens_per_row={args.row_tokens}",
         "train.rows_per_micro_batch=1", "train.sample_every=1000",

@@ -54,6 +54,6 @@ def test_every_stage_runs_with_the_format(name, tiny_data, tmp_path):
     align("grpo", "configs/tiny/grpo.yaml", f"model.name_or_path={sft}", f"data.train_path={tiny_data / 'train.jsonl'}",
           "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=12",
           "rollout.reasoning_off_fraction=0.5", "rollout.budget_fraction=0.5", "rollout.budget_max=4",
-          "loss.overlong_filter=false", "sampling.dynamic_sampling=false", "train.max_steps=1",
+          "loss.overlong=keep", "sampling.dynamic_sampling=false", "train.max_steps=1",
           "rewards.rewards=[{name: length}]", *evaluation, f"output_dir={tmp_path / 'grpo'}", "device=cpu")
     assert verify_checkpoint(tmp_path / "grpo" / "checkpoint")["stage"] == "grpo"

@@ -73,6 +73,7 @@ def test_select_pairs_prefers_correct_then_well_formed_then_shorter():
 
 def test_forced_tokens_carry_no_loss():
     result = GenerationResult(tokens=[7, 8, 9, 4], forced_mask=[False, True, False, False], thinking_tokens=1,
+                              logprobs=[-1.0, float("nan"), -1.0, -1.0],
                               forced_close=True, finished=True)
     sample = sampled_sample([1, 2], result)
     assert sample["input_ids"] == [1, 2, 7, 8, 9, 4]
@@ -219,6 +220,8 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
         mined = summary["rounds"][n - 1]["pairs"]
         assert mined["prompts"] == 3 and mined["samples"] == 9 and len(pairs) + len(report.bad) == mined["pairs"] > 0
         assert all(p["metadata"]["chosen_score"] - p["metadata"]["rejected_score"] >= 0.5 for p in pairs)
+        # The reference pass is the policy that sampled: its log-probs of the mined tokens equal the sampler's.
+        assert 0 <= mined["mismatch_abs_mean"] <= mined["mismatch_abs_max"] < 1e-3 and mined["mismatch_kl_k3"] < 1e-6
     eval_json = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert len(eval_json["rounds"]) == 2 and "accuracy_think" in eval_json
     # The merged result is a plain model: no adapter weights in the checkpoint.

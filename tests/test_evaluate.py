@@ -52,7 +52,7 @@ def test_a_cell_counts_correct_ill_formed_answers_in_accuracy_only(tokenizer, mo
 
     def scripted_generate(model, prompts, *, settings, budgets, reasoning):
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
-        return [GenerationResult(tokens=t, forced_mask=[False] * len(t), thinking_tokens=5, forced_close=False,
+        return [GenerationResult(tokens=t, forced_mask=[False] * len(t), logprobs=[-1.0] * len(t), thinking_tokens=5, forced_close=False,
                                  finished=True) for t in ids]
 
     monkeypatch.setattr(evaluate, "generate", scripted_generate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -318,6 +319,44 @@ def test_tiny_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny_model):
     assert first != generate(tiny_model, prompts, settings=sampled, budgets=[4] * 4, seed=8)
     nucleus_of_one = generate(tiny_model, prompts, settings=tiny_settings(temperature=1.0, top_p=1e-6), seed=3)
     assert nucleus_of_one == generate(tiny_model, prompts, settings=tiny_settings())
+
+
+def full_forward_logprobs(model, prompt: list[int], result: GenerationResult, temperature: float) -> torch.Tensor:
+    """Slow reference: log-softmax at `temperature` of a no-cache forward, at each generated token. [N]"""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + result.tokens])).logits[0, len(prompt) - 1 : -1]  # [N, V]
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logps.gather(-1, torch.tensor(result.tokens)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_sampler_logprobs_are_the_sampling_distribution_at_each_token(tiny_model, decode):
+    prompts = tiny_prompts(len(MIXED_BUDGETS), seed=3)
+    config = tiny_settings(temperature=0.7, decode=decode, batch_size=6)
+    results = generate(tiny_model, prompts, settings=config, budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING, seed=1)
+    assert any(any(r.forced_mask) for r in results)
+    for prompt, result in zip(prompts, results):
+        assert len(result.logprobs) == len(result.tokens)
+        sampled = torch.tensor([not f for f in result.forced_mask])
+        got = torch.tensor(result.logprobs)
+        assert torch.isnan(got[~sampled]).all(), "forced tokens were not sampled: no sampler log-prob"
+        want = full_forward_logprobs(tiny_model, prompt, result, temperature=0.7)
+        torch.testing.assert_close(got[sampled], want[sampled], atol=1e-4, rtol=0)
+
+
+def test_sampler_logprobs_under_top_p_are_of_the_renormalised_nucleus(tiny_model):
+    prompts = tiny_prompts(6, seed=4)
+    results = generate(tiny_model, prompts, settings=tiny_settings(temperature=1.0, top_p=0.5), seed=2)
+    raised = 0
+    for prompt, result in zip(prompts, results):
+        full = full_forward_logprobs(tiny_model, prompt, result, temperature=1.0)
+        got = torch.tensor(result.logprobs)
+        # p / (nucleus mass): the mass is in [0.5, 1], so the log-prob rises by at most ln 2 and never falls.
+        assert (got >= full - 1e-5).all() and (got <= full + math.log(2) + 1e-4).all()
+        raised += int((got > full + 1e-3).sum())
+    assert raised > 0, "renormalised over the nucleus, not the full softmax's probability"
+    one = generate(tiny_model, prompts, settings=tiny_settings(temperature=1.0, top_p=1e-6), seed=2)
+    assert all(lp == 0.0 for r in one for lp in r.logprobs)  # a nucleus of one token has probability 1
 
 
 def test_decoding_on_cuda_leaves_cudnn_attention_out_and_restores_it():

@@ -27,6 +27,7 @@ from tests.conftest import TINY_MODEL, TINY_TOKENIZER
 def completion(tokens, rew=0.0, finished=True, forced=None) -> Completion:
     forced = forced or [False] * len(tokens)
     result = GenerationResult(tokens=list(tokens), forced_mask=forced, thinking_tokens=0,
+                              logprobs=[float("nan") if f else -1.0 for f in forced],
                               forced_close=any(forced), finished=finished)
     return Completion(result=result, text="", reward=rew)
 
@@ -142,7 +143,7 @@ def test_budgeted_rollout_masks_what_generation_forced(tokenizer):
     groups, timings = rollout(model, tokenizer, rows, config, settings, scorer, random.Random(0), seed=0)
     assert groups[0].budget == 0 and set(timings) >= {"generate", "reward_wait"}
     close = tokenizer("</think>", add_special_tokens=False)["input_ids"]
-    samples, _, counts = learner_samples(groups, PolicyLossConfig(overlong_filter=False))
+    samples, _, counts = learner_samples(groups, PolicyLossConfig(overlong="keep"))
     for c, sample in zip(groups[0].completions, samples):
         assert c.result.tokens[: len(close)] == close and c.result.forced_mask[: len(close)] == [True] * len(close)
         completion_labels = sample["labels"][len(groups[0].prompt_ids):]
@@ -158,7 +159,7 @@ def test_overlong_completions_are_filtered_but_count_in_the_baseline():
     assert samples[2]["input_ids"][3] == 13  # the 4th completion; the cut 3rd one is gone
     # The baselines still include the cut completion's reward: +-2/3 as in [1, 0, 0, 1].
     assert torch.allclose(advantages, torch.tensor([2 / 3, -2 / 3, 2 / 3]))
-    samples, _, counts = learner_samples([g], PolicyLossConfig(overlong_filter=False))
+    samples, _, counts = learner_samples([g], PolicyLossConfig(overlong="keep"))
     assert counts["overlong_filtered"] == 0 and len(samples) == 4
 
 
@@ -266,7 +267,7 @@ def test_one_step_end_to_end_with_a_failing_reward(tiny_data, tmp_path):
         f"data.train_path={tiny_data / 'train.jsonl'}", f"eval.test_path={tiny_data / 'test.jsonl'}",
         "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
         "rollout.reasoning_off_fraction=0.5", "rollout.budget_fraction=0.5", "rollout.budget_max=2",
-        "loss.overlong_filter=false",  # a random-init model rarely ends within 8 tokens
+        "loss.overlong=keep",  # a random-init model rarely ends within 8 tokens
         "sampling.dynamic_sampling=false", "train.max_steps=1",
         "rewards.rewards=[{name: grpo_test_flaky}]", "rewards.mode=inprocess",
         "eval.max_samples=2", "eval.max_new_tokens=8", "eval.budgets=[2]", "evaluate_before=true",
