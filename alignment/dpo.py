@@ -60,6 +60,7 @@ from alignment.packing import SampleCollator, per_sample_sums
 from alignment.runtime import pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
+from alignment.split_guard import guard_splits
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
@@ -515,6 +516,10 @@ def run_dpo(config: DPOConfig) -> dict:
     rng = random.Random(config.train.seed)
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
+    # No prompt may be in two splits: refused before anything loads (a preference file is checked once read).
+    mined = config.pairs.source == "mined"
+    splits = guard_splits("dpo", rl=config.mining.prompts_path if mined else None,
+                          validation=config.selection.validation_path, test=config.eval.test_path)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     if config.train.activation_checkpointing:
@@ -530,6 +535,8 @@ def run_dpo(config: DPOConfig) -> dict:
     if config.pairs.source == "dataset":
         file_pairs, file_report = read_pairs(config.pairs.dataset_path, config.pairs.schema,
                                              config.pairs.max_bad_fraction)
+        splits = guard_splits("dpo", pairs=file_pairs, validation=config.selection.validation_path,
+                              test=config.eval.test_path)
         for pair in file_pairs:
             pair["encoded"] = encode_pair(tokenizer, pair)
     else:
@@ -655,6 +662,7 @@ def run_dpo(config: DPOConfig) -> dict:
         "data_fingerprint": fingerprint_files(
             config.pairs.dataset_path if config.pairs.source == "dataset" else config.mining.prompts_path),
         "packing": packed_path,
+        "splits": splits,
         "train_seconds": round(train_seconds, 1),
         "rounds": history,
         "selected_round": selected_round,

@@ -61,6 +61,7 @@ from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.split_guard import guard_splits
 from alignment.lora import LoraConfig, apply_lora
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
@@ -686,6 +687,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)
     parent = read_manifest(start) if (start / "manifest.json").is_file() else {}
+    splits = guard_splits("grpo", rl=config.data.train_path, test=config.eval.test_path)  # before anything loads
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     if config.lora.enabled:
@@ -819,6 +821,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         "data_fingerprint": fingerprint_files(config.data.train_path),
         "data": {"train": report.summary(), "prompts": len(rows), "retired_by_curriculum": len(pool.retired)},
         "packing": str(packed_path),
+        "splits": splits,
         "train_seconds": round(train_seconds, 1),
         "phase_seconds": phase_totals,
         "reward_failures": dict(scorer.failure_counts),

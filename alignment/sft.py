@@ -38,6 +38,7 @@ from alignment.packing import SampleCollator, plan_packed_batches
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging, to_device
 from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
                               save_sharded_training_state, save_training_state)
+from alignment.split_guard import guard_splits
 from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
 from data_recipes.truncation import TruncationConfig, mask_forced_close, truncate_rows
@@ -261,6 +262,9 @@ def run_sft(config: SFTConfig) -> dict:
                                          grad_accum=config.train.grad_accum, world=world,
                                          bf16=config.model.dtype == "bfloat16")
 
+    # Before the model loads, so a held-out prompt in the training rows fails in seconds, not after training.
+    splits = guard_splits("sft", train=config.data.train_path, test=config.data.test_path)
+
     # Model and tokenizer.
     tokenizer = load_tokenizer(config.model)
     model = build_model(config, device)
@@ -398,7 +402,8 @@ def run_sft(config: SFTConfig) -> dict:
         "stage": "sft",
         "config": to_dict(config),
         "data_fingerprint": fingerprint_files(config.data.train_path),
-        "data": {"train": report.summary(), "dropped_too_long": too_long, "truncation": truncation_stats},
+        "data": {"train": report.summary(), "dropped_too_long": too_long, "truncation": truncation_stats,
+                 "splits": splits},
         "packing": packed_path,
         "train_seconds": round(train_seconds, 1),
         "metrics": summary,

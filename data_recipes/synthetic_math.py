@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from alignment.split_guard import prompt_key
+
 MAX_VALUE = 99  # every intermediate result stays in 0..MAX_VALUE so one step is two-digit arithmetic
 
 
@@ -117,7 +119,11 @@ def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool
 
 
 def generate_splits(config: MathTaskConfig) -> dict[str, list[dict]]:
-    """Train/validation/test(/rl) rows with no question shared between splits (nor repeated within one)."""
+    """Train/validation/test(/rl) rows with no prompt shared between splits (nor repeated within one).
+
+    Prompts are compared as the stages' split guard compares them (`alignment.split_guard.prompt_key`), so the
+    written splits always pass it.
+    """
     config.validate()
     rng = random.Random(config.seed)
     seen: set[str] = set()
@@ -133,9 +139,10 @@ def generate_splits(config: MathTaskConfig) -> dict[str, list[dict]]:
             if attempts > 50 * size + 1000:
                 raise ValueError(f"could not draw {size} distinct {split} problems; widen min_steps..max_steps")
             problem = make_problem(rng, config.min_steps, config.max_steps)
-            if problem.question in seen:
+            key = prompt_key(problem_to_row(problem, "", split, reasoning_on=True))  # the mode does not change it
+            if key in seen:
                 continue
-            seen.add(problem.question)
+            seen.add(key)
             reasoning_on = split != "train" or rng.random() >= config.reasoning_off_fraction
             rows.append(problem_to_row(problem, f"math-{split}-{len(rows):06d}", split, reasoning_on))
         splits[split] = rows

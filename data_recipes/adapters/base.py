@@ -41,6 +41,8 @@ class AdapterReport:
     schema: str
     total: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)  # (0-based record index, reason)
+    exclude_prompts: list[str] = field(default_factory=list)  # held-out files whose prompts were dropped
+    excluded: list[str] = field(default_factory=list)  # ids of good rows dropped for a held-out prompt
 
     @property
     def bad_fraction(self) -> float:
@@ -53,7 +55,8 @@ class AdapterReport:
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "schema": self.schema, "records": self.total, "bad": len(self.bad),
-                "bad_examples": self.bad[:5]}
+                "bad_examples": self.bad[:5], "exclude_prompts": self.exclude_prompts,
+                "excluded": len(self.excluded), "excluded_examples": self.excluded[:5]}
 
 
 _SCHEMAS: dict[str, RecordConverter] = {}

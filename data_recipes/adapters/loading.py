@@ -4,20 +4,26 @@
     rows = load_dataset_rows("openai/gsm8k", "gsm8k", split="train", name="main")   # through `datasets`
 
     python -m data_recipes.adapters openai/gsm8k --schema gsm8k --name main --split train \\
-        --out runs/data/gsm8k/train.jsonl
+        --out runs/data/gsm8k/train.jsonl --exclude-prompts runs/data/gsm8k/test.jsonl
 
 The written JSONL is what stages read (`data.train_path`, `eval.test_path`); `<name>.manifest.json` next to it
-records the source, schema and rejected records.
+records the source, schema, rejected records and the rows dropped because their prompt (normalised as
+`alignment.split_guard` does) is in one of the `--exclude-prompts` files: public training sets repeat questions of
+public test sets, and the split guard refuses splits that share a prompt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+from alignment.split_guard import prompt_key, prompt_keys
 from data_recipes.adapters.base import AdapterReport, UnreadableRecord, adapt, register_schema, schema_names
+
+log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -81,29 +87,50 @@ def load_records(source: str | Path, split: str = "train", name: str | None = No
     return list(datasets.load_dataset(str(source), name, split=split))
 
 
+def drop_excluded_prompts(rows: list[dict[str, Any]], report: AdapterReport,
+                           exclude_prompts: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The rows whose normalised prompt is in none of the `exclude_prompts` files; the dropped ids go to `report`."""
+    report.exclude_prompts = [str(p) for p in exclude_prompts]
+    if not exclude_prompts:
+        return rows
+    held_out = prompt_keys(exclude_prompts)
+    kept = []
+    for row in rows:
+        if prompt_key(row) in held_out:
+            report.excluded.append(str(row.get("id")))
+        else:
+            kept.append(row)
+    log.info("%s: %d of %d rows dropped, their prompt is in %s", report.path, len(report.excluded), len(rows),
+             ", ".join(report.exclude_prompts))
+    return kept
+
+
 def load_dataset_rows_with_report(
     source: str | Path, schema: str, split: str = "train", *, name: str | None = None,
-    max_bad_fraction: float = 0.01, limit: int | None = None,
+    max_bad_fraction: float = 0.01, limit: int | None = None, exclude_prompts: Sequence[str | Path] = (),
 ) -> tuple[list[dict[str, Any]], AdapterReport]:
-    """`load_dataset_rows`, and the report of rejected records for a manifest."""
+    """`load_dataset_rows`, and the report of rejected records (and excluded rows) for a manifest."""
     records = load_records(source, split, name)
     if limit is not None:
         records = records[:limit]
     label = f"{source}" if Path(source).exists() else f"{source}:{split}"
-    return adapt(records, schema, max_bad_fraction=max_bad_fraction, source=label)
+    rows, report = adapt(records, schema, max_bad_fraction=max_bad_fraction, source=label)
+    return drop_excluded_prompts(rows, report, exclude_prompts), report
 
 
 def load_dataset_rows(
     source: str | Path, schema: str, split: str = "train", *, name: str | None = None,
-    max_bad_fraction: float = 0.01, limit: int | None = None,
+    max_bad_fraction: float = 0.01, limit: int | None = None, exclude_prompts: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
     """Rows in the project's schema from `source` (local path or hub id) read as `schema` (see `schema_names()`).
 
     Bad records are logged with their index and reason; `BadDataError` is raised when more than
     `max_bad_fraction` of them are bad. `limit` keeps the first records only; `name` is the hub config name.
+    Rows whose normalised prompt is in one of the `exclude_prompts` JSONL files (held-out splits) are dropped.
     """
     return load_dataset_rows_with_report(
-        source, schema, split, name=name, max_bad_fraction=max_bad_fraction, limit=limit
+        source, schema, split, name=name, max_bad_fraction=max_bad_fraction, limit=limit,
+        exclude_prompts=exclude_prompts,
     )[0]
 
 
@@ -118,13 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="Keep only the first N records.")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01, help="Fail above this fraction of bad records.")
     parser.add_argument("--out", required=True, help="Output JSONL path; <name>.manifest.json goes next to it.")
+    parser.add_argument("--exclude-prompts", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="Held-out JSONL split(s): drop rows whose normalised prompt is in them (counted).")
     args = parser.parse_args(argv)
     rows, report = load_dataset_rows_with_report(
         args.source, args.schema, args.split, name=args.name, max_bad_fraction=args.max_bad_fraction,
-        limit=args.limit,
+        limit=args.limit, exclude_prompts=args.exclude_prompts,
     )
     out = Path(args.out)
     write_rows(out, rows)
     manifest = {"recipe": "adapters", "split": args.split, "rows": len(rows), **report.summary()}
     (out.parent / f"{out.stem}.manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {len(rows)} rows to {out} ({len(report.bad)} of {report.total} records rejected)")
+    excluded = f", {len(report.excluded)} rows with a held-out prompt dropped" if args.exclude_prompts else ""
+    print(f"wrote {len(rows)} rows to {out} ({len(report.bad)} of {report.total} records rejected{excluded})")
