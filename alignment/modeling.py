@@ -1,7 +1,8 @@
 """Loading models and tokenizers: the embedded tiny hybrid (built from a config file), local checkpoints, hub ids.
 
-Also reports which Mamba kernel path a model will use, so that logs say whether training runs on the CUDA kernels
-or on the (slow, correct) PyTorch reference.
+Every model loaded here has its Mamba kernels routed by device (alignment/mamba_kernels.py): CUDA tensors run the
+kernels, CPU tensors the PyTorch reference. The log says which path the model takes, so that it shows whether
+training runs on the CUDA kernels or on the (slow, correct) PyTorch reference.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from alignment.chat_format import parse_chat_format, use_chat_format
 from alignment.config import option
+from alignment.mamba_kernels import kernel_path, route_kernels_by_device
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> PreTr
         )
         source, made = path, "loaded"
     model.to(device)  # a no-op unless the model class left a buffer elsewhere
+    route_kernels_by_device(model)  # with the `gpu` extra installed, a model on the CPU must not reach CUDA kernels
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the seconds include the kernels that filled the weights
     seconds = time.perf_counter() - started
@@ -119,12 +122,10 @@ def mamba_kernels_available() -> bool:
 
 
 def mamba_kernel_path(model: PreTrainedModel) -> str:
+    """The Mamba implementation the model runs on its current device; routes its kernels by device on the way."""
     if not is_hybrid(model):
         return "none (no recurrent layers)"
-    device = next(model.parameters()).device
-    if device.type == "cuda" and mamba_kernels_available():
-        return "cuda-kernels (mamba-ssm + causal-conv1d)"
-    return "pytorch-reference (slow, correct; install the `gpu` extra on CUDA machines)"
+    return kernel_path(model)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -17,8 +17,10 @@ itself plugs in a kernel (`use_kernel_func_from_hub_with_fallback` picks mamba-s
 PyTorch function at import; `use_kernelized_func` only tags them for the Hub `kernelize` flow, a no-op without
 the `kernels` package). Wrapping those three names is therefore the one hook every code path goes through, and
 the wrappers defer to the original function whenever `seq_idx` is absent, so nothing changes for unpacked
-forwards. If an upstream change routes around them, the probe run by `enable_packed_sequences` notices
-(packed vs. one-by-one outputs disagree) and packing is refused, never silently wrong.
+forwards. Beneath them `alignment.mamba_kernels` routes each call by device, so that on the CPU the original is
+the PyTorch function even where the CUDA kernels are installed. If an upstream change routes around them, the
+probe run by `enable_packed_sequences` notices (packed vs. one-by-one outputs disagree) and packing is refused,
+never silently wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from transformers.activations import ACT2FN
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
+
+from alignment.mamba_kernels import route_kernels_by_device
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +308,10 @@ def _install_reference_path(module: ModuleType) -> None:
     if getattr(module, _INSTALLED_FLAG, False):
         return
     for name, make in _OVERRIDES.items():
-        setattr(module, name, make(getattr(module, name)))
+        original = getattr(module, name)
+        override = make(original)
+        override.__wrapped__ = original  # alignment.mamba_kernels follows it to transformers' kernel binding
+        setattr(module, name, override)
     setattr(module, _INSTALLED_FLAG, True)
 
 
@@ -519,6 +526,7 @@ def enable_packed_sequences(
 
     Safe to call twice. Forwards without `seq_idx` (generation, padded batches) are unchanged.
     """
+    route_kernels_by_device(model)  # beneath the overrides: unpacked calls on the CPU must not reach CUDA kernels
     mixers = recurrent_modules(model)
     if not mixers and has_recurrent_layers(model):
         raise PackingNotSupportedError(f"{type(model).__name__}: config lists recurrent layers but none was found")

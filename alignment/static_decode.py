@@ -8,9 +8,10 @@ its address and shape, and transformers' DynamicCache grows the attention KV by 
 So the prompt is still prefilled by the model's own forward (the chunked scan, any prompt length). Its cache is then
 copied into preallocated buffers: attention KV for `max_len` positions, Mamba conv and SSM states. Each decode step is
 written here against the model's modules: the same weights, and the same decode functions the Mamba-2 mixer calls
-(its modeling module's `causal_conv1d_update` and `mamba2_selective_state_update`, which are the causal-conv1d and
-mamba-ssm kernels when those are installed). NemotronH attention has no positional encoding, so a step needs only the
-write position and the mask of valid key positions.
+(its modeling module's `causal_conv1d_update` and `mamba2_selective_state_update`: the causal-conv1d and mamba-ssm
+kernels for CUDA tensors when those are installed, the PyTorch reference otherwise, see alignment/mamba_kernels.py).
+NemotronH attention has no positional encoding, so a step needs only the write position and the mask of valid key
+positions.
 
 Shapes cannot change between replays, so finished rows stay in the batch: they are fed a filler token (id 0) and
 their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
@@ -28,6 +29,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alignment.mamba_kernels import route_kernels_by_device
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,8 @@ class StaticDecoder:
         self.lm_head = model.get_output_embeddings()
         mamba = next((b.mixer for b in self.blocks if b.block_type in MAMBA_BLOCKS), None)
         modeling = sys.modules[type(mamba).__module__] if mamba is not None else None
-        # The functions the mixer's own decode branch calls: kernel when installed, PyTorch reference otherwise.
+        route_kernels_by_device(model)  # before the look-up below: a CPU step must not reach a CUDA kernel
+        # The functions the mixer's own decode branch calls: kernel on CUDA when installed, PyTorch reference otherwise.
         self.conv_update = getattr(modeling, "causal_conv1d_update", None)
         self.state_update = getattr(modeling, "mamba2_selective_state_update", None)
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph

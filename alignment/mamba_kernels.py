@@ -1,0 +1,191 @@
+"""Which Mamba kernel a call runs: the CUDA kernels for CUDA tensors, the PyTorch reference for every other device.
+
+transformers (5.17 through 5.24) binds the Mamba-2 mixer's functions (`causal_conv1d_fn`, `causal_conv1d_update`,
+`mamba2_chunk_scan`, `mamba2_selective_state_update`, `mamba2_split_conv1d_scan_combined`) once, when the modeling
+module is imported: `use_kernel_func_from_hub_with_fallback` wraps each PyTorch function and, if causal-conv1d /
+mamba-ssm import, sends every call to the kernel whatever device its tensors are on. With the `gpu` extra installed,
+a model on the CPU (CPU evaluation, the CPU tests on a GPU machine) therefore hands CPU tensors to CUDA kernels.
+
+`route_kernels_by_device(model)` puts a dispatcher in place of each such function in the model's modeling modules.
+It decides per call, from the device of the call's first tensor: CUDA goes to transformers' function (the kernel
+when installed), anything else to the PyTorch function it wraps. Per call rather than per model, so a model moved
+between the CPU and a GPU takes the right path on both. Without the kernels nothing is replaced.
+
+The routing lives in the modeling module, so it holds for every model of its classes. NemotronH, the family this
+project trains, is routed when this module is imported (alignment.modeling, packed_model and static_decode import
+it): a NemotronH model built with transformers' own constructors, as tests do, is covered before its first
+forward. `load_model`, `enable_packed_sequences` and `StaticDecoder` also route the models they get, which covers
+other hybrid families.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KERNEL_DEVICE_TYPES = ("cuda",)  # where mamba-ssm and causal-conv1d run (ROCm builds report "cuda" too)
+PACKED_KWARGS = ("seq_idx", "cu_seqlens")  # only a kernel (or alignment.packed_model) keeps packed samples apart
+_ROUTED = "_routed_by_device"  # marks a dispatcher, so routing twice leaves the first one in place
+
+
+@dataclass(frozen=True)
+class KernelBinding:
+    """A function transformers bound to a kernel package, as found in a modeling module."""
+
+    name: str  # its name in the modeling module, e.g. "causal_conv1d_fn"
+    package: str  # where transformers looked for the kernel: "causal_conv1d", "mamba_ssm"
+    kernel: Callable | None  # what transformers calls; None when the package did not import (the reference then)
+    reference: Callable  # the PyTorch function
+
+
+def _binding(name: str, fn: object) -> KernelBinding | None:
+    """The binding behind `fn` if it is transformers' kernel-or-reference wrapper, else None.
+
+    The wrapper is a closure over `torch_function` (the reference) and `implementation` (what it calls); both names
+    are the same in transformers 5.17 through 5.24. Anything else (a dispatcher of ours, a plain function) is None.
+    """
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not closure or not {"torch_function", "implementation"} <= set(code.co_freevars):
+        return None
+    try:
+        cells = {var: cell.cell_contents for var, cell in zip(code.co_freevars, closure)}
+    except ValueError:  # an empty cell: not a finished wrapper
+        return None
+    reference, implementation = cells["torch_function"], cells["implementation"]
+    if not callable(reference):
+        return None
+    kernel = None if implementation is reference else implementation
+    return KernelBinding(name, str(cells.get("package", "?")), kernel, reference)
+
+
+def _unwrap(name: str, fn: object) -> tuple[KernelBinding | None, int, bool]:
+    """(binding, depth, routed) of a module attribute: the kernel binding found by following `__wrapped__` (at
+    `depth` 0 when the attribute is transformers' wrapper itself), and whether one of our dispatchers is on the way.
+
+    Other wrappers may sit on top (alignment.packed_model's seq_idx overrides set `__wrapped__` too).
+    """
+    routed = False
+    for depth in range(8):  # a short chain; a cycle of `__wrapped__` must not hang us
+        binding = _binding(name, fn)
+        if binding is not None:
+            return binding, depth, routed
+        routed = routed or getattr(fn, _ROUTED, False)
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            break
+    return None, 0, False
+
+
+def _call_reference(reference: Callable, name: str) -> Callable:
+    """`reference` called with the keyword arguments it takes, as transformers' wrapper does."""
+    params = inspect.signature(reference).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def call(*args, **kwargs):
+        packed = [k for k in PACKED_KWARGS if kwargs.get(k) is not None]
+        if packed:  # the reference would ignore them and let one sample's state run into the next
+            raise ValueError(
+                f"`{name}` got {', '.join(packed)} on its PyTorch path, which cannot keep packed samples apart: call "
+                "alignment.packed_model.enable_packed_sequences(model) first, or move the model to CUDA with the "
+                "Mamba kernels installed."
+            )
+        if not takes_any:
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        return reference(*args, **kwargs)
+
+    return call
+
+
+def _dispatcher(bound: Callable, binding: KernelBinding) -> Callable:
+    """Call `bound` (transformers' wrapper) for CUDA tensors and the PyTorch reference for all others."""
+    reference = _call_reference(binding.reference, binding.name)
+
+    @functools.wraps(binding.reference)
+    def routed(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.device.type in KERNEL_DEVICE_TYPES:
+            return bound(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    routed.__wrapped__ = bound  # what `_unwrap` follows to the binding
+    setattr(routed, _ROUTED, True)
+    return routed
+
+
+def route_module(module: ModuleType) -> list[KernelBinding]:
+    """Route every kernel-bound function of `module` by device (idempotent); return the bindings found."""
+    bindings, routed_now = [], []
+    for name, fn in list(vars(module).items()):
+        binding, depth, routed = _unwrap(name, fn)
+        if binding is None:
+            continue
+        bindings.append(binding)
+        if routed or binding.kernel is None:  # no kernel: transformers' wrapper runs the reference everywhere
+            continue
+        if depth == 0:
+            setattr(module, name, _dispatcher(fn, binding))
+            routed_now.append(name)
+        else:
+            log.warning("%s.%s wraps a kernel-bound function that cannot be routed by device: CPU calls may reach "
+                        "the %s kernel", module.__name__, name, _distribution(binding.package))
+    if routed_now:
+        log.info("%s: kernels for CUDA tensors, the PyTorch reference for others: %s", module.__name__,
+                 ", ".join(sorted(routed_now)))
+    return bindings
+
+
+def _distribution(package: str) -> str:
+    return package.replace("_", "-")  # mamba_ssm -> mamba-ssm, as pip and the `gpu` extra name it
+
+
+def _modeling_modules(model: nn.Module) -> list[ModuleType]:
+    """The transformers modules that define the model's submodule classes (where the mixers look their functions up)."""
+    names = {type(m).__module__ for m in model.modules()}
+    return [sys.modules[n] for n in sorted(names) if n.startswith("transformers") and n in sys.modules]
+
+
+def route_kernels_by_device(model: nn.Module) -> list[KernelBinding]:
+    """Make every kernel-bound function the model's layers call choose kernel or reference per call, by device.
+
+    Returns the bindings found (empty for a model without them, e.g. a pure transformer). Safe to call again, and
+    on other models of the same classes (the routing lives in the modeling module).
+    """
+    return [b for module in _modeling_modules(model) for b in route_module(module)]
+
+
+def kernel_path(model: nn.Module) -> str:
+    """Which implementation the model's Mamba functions run where its parameters are now (routing them first)."""
+    bindings = route_kernels_by_device(model)
+    if not bindings:
+        return "unknown (no kernel-bound functions in its modeling code for alignment/mamba_kernels.py to route)"
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    kernels = sorted({_distribution(b.package) for b in bindings if b.kernel is not None})
+    if device.type in KERNEL_DEVICE_TYPES and kernels:
+        missing = sorted({_distribution(b.package) for b in bindings if b.kernel is None})
+        return f"cuda-kernels ({' + '.join(kernels)}{'; PyTorch for ' + ', '.join(missing) if missing else ''})"
+    if kernels:
+        return f"pytorch-reference (model on {device.type}; the {' + '.join(kernels)} kernels run CUDA tensors only)"
+    return "pytorch-reference (slow, correct; install the `gpu` extra on CUDA machines)"
+
+
+def _route_nemotron_h() -> None:
+    try:
+        module = importlib.import_module("transformers.models.nemotron_h.modeling_nemotron_h")
+    except ImportError:  # a transformers without NemotronH: nothing of ours to route
+        return
+    route_module(module)
+
+
+_route_nemotron_h()
