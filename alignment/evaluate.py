@@ -7,6 +7,9 @@ A completion is well-formed when it ended on its own (end-of-turn token), has ex
 mode and none in reasoning-off mode (the prefill already holds the empty think block), no `<think>` after the close,
 an extractable `\\boxed{}` answer, and an answer part no longer than `max_answer_tokens` (a model whose thinking was
 cut and that carries on reasoning in its answer fails this).
+
+An early close is a reasoning-on trace the model closed itself in the middle of a line (or before writing anything):
+what a trained `</think>` label after a mid-line cut could teach, while at inference only the budget rule cuts.
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
         body = result.tokens[:-1] if result.finished else result.tokens
         close_at = next((i for i, t in enumerate(body) if t in think_end), -1)
         answer_tokens = len(body) - close_at - 1
+        early_close = reasoning and not result.forced_close and close_at >= 0 and \
+            (close_at == 0 or body[close_at - 1] not in settings.line_end_ids)
         verdict = judge(text, reasoning, result.finished, answer_tokens, config.max_answer_tokens)
         records.append({
             "id": row.get("id"),
@@ -114,6 +119,7 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
             "thinking_tokens": result.thinking_tokens,
             "answer_tokens": answer_tokens,
             "forced_close": result.forced_close,
+            "early_close": early_close,
             "completion": text,
         })
     n = len(records)
@@ -128,6 +134,7 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
         "mean_thinking_tokens": sum(r["thinking_tokens"] for r in records) / n,
         "mean_answer_tokens": sum(r["answer_tokens"] for r in records) / n,
         "forced_fraction": sum(r["forced_close"] for r in records) / n,
+        "early_close_rate": sum(r["early_close"] for r in records) / n,
         "examples": records[:3],
     }
 
@@ -173,9 +180,10 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "well_formed_think": think["well_formed"],
         "well_formed_no_think": no_think["well_formed"],
         "mean_thinking_tokens": think["mean_thinking_tokens"],
+        "early_close_think": think["early_close_rate"],
         "budget_sweep": [
             {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "accuracy_well_formed", "mean_thinking_tokens",
-                                     "mean_answer_tokens", "forced_fraction")},
+                                     "mean_answer_tokens", "forced_fraction", "early_close_rate")},
              "reference_fits": fits}
             for cell, fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config))
         ],

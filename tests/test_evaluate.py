@@ -76,3 +76,29 @@ def test_pipeline_report_carries_the_reference_line(tmp_path):
     metrics = write_report(tmp_path, ["sft"], {"sft": 1.0})
     assert metrics["stages"]["sft"]["budget_sweep"][0]["reference_fits"] == 0.25
     assert "| reference trace fits | 0.25 |" in (tmp_path / "report.md").read_text()
+
+
+def test_an_unforced_close_in_the_middle_of_a_line_is_an_early_close(tokenizer, monkeypatch):
+    import alignment.evaluate as evaluate
+    from alignment.generation import GenerationResult
+
+    completions = [  # (text, forced by the budget rule)
+        (f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{3}}.", False),  # closed at a line end
+        (f"1 + 2 = 3{THINK_CLOSE}The result is \\boxed{{3}}.", False),  # closed mid-line on its own: early
+        (f"{THINK_CLOSE}The result is \\boxed{{3}}.", False),  # closed before any trace: early
+        (f"1 + 2{THINK_CLOSE}The result is \\boxed{{3}}.", True),  # cut mid-line by the budget rule: not early
+    ]
+
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning):
+        results = []
+        for text, forced in completions:
+            t = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            results.append(GenerationResult(tokens=t, forced_mask=[False] * len(t), logprobs=[-1.0] * len(t),
+                                            thinking_tokens=3, forced_close=forced, finished=True))
+        return results
+
+    monkeypatch.setattr(evaluate, "generate", scripted_generate)
+    rows = [{"messages": [{"role": "user", "content": "Start with 1. Add 2. What is the result?"}], "answer": "3"}] * 4
+    cell = evaluate.run_cell(None, tokenizer, rows, True, None, EvalConfig())
+    assert cell["early_close_rate"] == 2 / 4
+    assert evaluate.run_cell(None, tokenizer, rows, False, None, EvalConfig())["early_close_rate"] == 0
