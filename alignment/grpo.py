@@ -9,8 +9,8 @@ One step of `run_grpo`, top to bottom:
    completions of one generation batch are scored while the next batch is generated.
 2. Filter. A group whose completions all got the same reward has advantage 0 everywhere and teaches nothing:
    dynamic sampling drops it and refills from more prompts (a bounded number of rounds). Completions cut by
-   `max_new_tokens` before they finished get no loss (overlong filtering): their reward says nothing about the
-   answer they never wrote. Prompts every completion solved leave the pool (pass-rate curriculum).
+   `max_new_tokens` before they finished leave their group (`loss.overlong=exclude`): their reward says nothing
+   about the answer they never wrote, and kept in the baseline it would pay the others for finishing sooner. Prompts every completion solved leave the pool (pass-rate curriculum).
 3. Learn. Group-relative advantages (`alignment.advantages`); log-probs of the sampling policy (and of the reference
    when KL is on) computed once; then `loss.epochs * loss.minibatches` optimizer steps of the token-level clipped
    loss over packed rows (`SampleCollator(mode="packed")`, exact for the Mamba layers through `seq_idx`). Tokens the
@@ -139,8 +139,8 @@ class PolicyLossConfig:
     epochs: int = option(1, "Passes over each rollout batch.")
     minibatches: int = option(2, "Optimizer steps per pass: the rollout batch is split into this many parts.")
     overlong: Literal["mask", "exclude", "soft_penalty", "keep"] = option(
-        "mask",
-        "Completions cut by rollout.max_new_tokens. mask: no loss, their reward stays in the group's baseline. "
+        "exclude",
+        "Completions cut by rollout.max_new_tokens (default exclude, chosen on the validation split). mask: no loss, their reward stays in the group's baseline. "
         "exclude: they leave their group (no loss, not in the baseline); a group whose finished completions all "
         "score alike is dropped. soft_penalty: DAPO's length penalty, 0 up to max_new_tokens - overlong_window, "
         "then falling linearly to -1, and -1 for a cut completion; all are trained. keep: trained like any other.",

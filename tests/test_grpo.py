@@ -155,7 +155,7 @@ def test_budgeted_rollout_masks_what_generation_forced(tokenizer):
 
 def test_overlong_completions_are_filtered_but_count_in_the_baseline():
     g = group([1.0, 0.0, 0.0, 1.0], finished=[True, True, False, True])
-    samples, advantages, counts = learner_samples([g], PolicyLossConfig(std_normalize=False))
+    samples, advantages, counts = learner_samples([g], PolicyLossConfig(std_normalize=False, overlong="mask"))
     assert counts["overlong_filtered"] == 1 and len(samples) == 3
     assert samples[2]["input_ids"][3] == 13  # the 4th completion; the cut 3rd one is gone
     # The baselines still include the cut completion's reward: +-2/3 as in [1, 0, 0, 1].
