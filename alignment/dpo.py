@@ -516,9 +516,14 @@ def run_dpo(config: DPOConfig) -> dict:
     rng = random.Random(config.train.seed)
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
-    # No prompt may be in two splits: refused before anything loads (a preference file is checked once read).
+    # Pair sources: one preference file for every round, or fresh training prompts per round for mining. No prompt
+    # may be in two splits: refused before anything loads.
     mined = config.pairs.source == "mined"
-    splits = guard_splits("dpo", rl=config.mining.prompts_path if mined else None,
+    file_pairs, file_report = [], None
+    if not mined:
+        file_pairs, file_report = read_pairs(config.pairs.dataset_path, config.pairs.schema,
+                                             config.pairs.max_bad_fraction)
+    splits = guard_splits("dpo", rl=config.mining.prompts_path if mined else None, pairs=None if mined else file_pairs,
                           validation=config.selection.validation_path, test=config.eval.test_path)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
@@ -530,13 +535,7 @@ def run_dpo(config: DPOConfig) -> dict:
     # Decoding the whole vocabulary takes a while for real tokenizers: only when the loss needs line ends.
     line_ends = line_end_token_ids(tokenizer) if config.loss.score_until == "divergent_line" else None
 
-    # Pair sources: one preference file for every round, or fresh training prompts per round for mining.
-    file_pairs, file_report = [], None
-    if config.pairs.source == "dataset":
-        file_pairs, file_report = read_pairs(config.pairs.dataset_path, config.pairs.schema,
-                                             config.pairs.max_bad_fraction)
-        splits = guard_splits("dpo", pairs=file_pairs, validation=config.selection.validation_path,
-                              test=config.eval.test_path)
+    if not mined:
         for pair in file_pairs:
             pair["encoded"] = encode_pair(tokenizer, pair)
     else:
@@ -602,8 +601,8 @@ def run_dpo(config: DPOConfig) -> dict:
         # batched as `heldout_metrics` batches them, so at the round start their margins are exactly zero. The
         # reference is the policy that mined the pairs: next to the sampler's own log-probs it shows whether the
         # decode path samples the distribution that is trained (comparable at temperature 1 and top_p 1 only).
-        mismatch = MismatchMeter() if config.pairs.source == "mined" and config.mining.temperature == 1.0 \
-            and config.mining.top_p == 1.0 else None
+        mismatch = MismatchMeter() if mined and config.mining.temperature == 1.0 and config.mining.top_p == 1.0 \
+            else None
         for group in (train_pairs, heldout_pairs):
             with reference(model):
                 ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step,

@@ -10,7 +10,8 @@ One step of `run_grpo`, top to bottom:
 2. Filter. A group whose completions all got the same reward has advantage 0 everywhere and teaches nothing:
    dynamic sampling drops it and refills from more prompts (a bounded number of rounds). Completions cut by
    `max_new_tokens` before they finished leave their group (`loss.overlong=exclude`): their reward says nothing
-   about the answer they never wrote, and kept in the baseline it would pay the others for finishing sooner. Prompts every completion solved leave the pool (pass-rate curriculum).
+   about the answer they never wrote, and kept in the baseline it would pay the others for finishing sooner.
+   Prompts every completion solved leave the pool (pass-rate curriculum).
 3. Learn. Group-relative advantages (`alignment.advantages`); log-probs of the sampling policy (and of the reference
    when KL is on) computed once; then `loss.epochs * loss.minibatches` optimizer steps of the token-level clipped
    loss over packed rows (`SampleCollator(mode="packed")`, exact for the Mamba layers through `seq_idx`). Tokens the
@@ -65,17 +66,11 @@ from alignment.split_guard import guard_splits
 from alignment.lora import LoraConfig, apply_lora
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
-from envs.code_env import CodeEnv
+from envs import task_environments
 from envs.code_tasks import generate_code_tasks
-from envs.instruction_env import InstructionEnv
-from envs.math_env import MathEnv
 from rewards import RewardScorer, RewardsConfig, RewardSpec
 
 log = logging.getLogger(__name__)
-
-# Rows without chat `messages` are turned into a prompt by the environment their `task` names.
-ENVIRONMENTS = {env.task: env for env in (MathEnv(), CodeEnv(), InstructionEnv())}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -140,7 +135,8 @@ class PolicyLossConfig:
     minibatches: int = option(2, "Optimizer steps per pass: the rollout batch is split into this many parts.")
     overlong: Literal["mask", "exclude", "soft_penalty", "keep"] = option(
         "exclude",
-        "Completions cut by rollout.max_new_tokens (default exclude, chosen on the validation split). mask: no loss, their reward stays in the group's baseline. "
+        "Completions cut by rollout.max_new_tokens (default exclude, chosen on the validation split). mask: no loss, "
+        "their reward stays in the group's baseline. "
         "exclude: they leave their group (no loss, not in the baseline); a group whose finished completions all "
         "score alike is dropped. soft_penalty: DAPO's length penalty, 0 up to max_new_tokens - overlong_window, "
         "then falling linearly to -1, and -1 for a cut completion; all are trained. keep: trained like any other.",
@@ -257,10 +253,10 @@ def prompt_for(row: dict) -> list[dict]:
     """The conversation to complete, without any reasoning switch (the rollout sets the mode)."""
     if "messages" in row:
         return prompt_messages(row)
-    task = row.get("task", "math")
-    if task not in ENVIRONMENTS:
+    task, environments = row.get("task", "math"), task_environments()  # rows without chat `messages`
+    if task not in environments:
         raise ValueError(f"row {row.get('id')}: no `messages` and no environment for task {task!r}")
-    return ENVIRONMENTS[task].prompt_messages({k: v for k, v in row.items() if k != "reasoning"})
+    return environments[task].prompt_messages({k: v for k, v in row.items() if k != "reasoning"})
 
 
 class PromptPool:
@@ -453,16 +449,16 @@ def learner_samples(
     counts = {"overlong_filtered": 0, "too_long_dropped": 0, "forced_tokens_masked": 0, "loss_tokens": 0}
     samples, sample_adv = [], []
     for group in groups:
+        if config.overlong in ("mask", "exclude"):  # the cut completions that get no loss
+            counts["overlong_filtered"] += sum(not c.result.finished for c in group.completions)
         members = group.members(config.overlong)
         if len(members) < 2:  # every completion but one was cut (exclude): no baseline to compare with
-            counts["overlong_filtered"] += sum(not c.result.finished for c in group.completions)
             continue
         rewards = torch.tensor([[group.completions[k].reward for k in members]])  # [1, G']
         advantages = group_advantages(rewards, config.std_normalize, config.leave_one_out)[0]  # [G']
         for k, advantage in zip(members, advantages):
             result = group.completions[k].result
             if config.overlong == "mask" and not result.finished:
-                counts["overlong_filtered"] += 1
                 continue
             if max_tokens_per_row is not None and len(group.prompt_ids) + len(result.tokens) > max_tokens_per_row:
                 counts["too_long_dropped"] += 1
@@ -479,8 +475,6 @@ def learner_samples(
                 "sampler_logps": [math.nan] * len(group.prompt_ids) + list(result.logprobs),
             })
             sample_adv.append(advantage)
-        counts["overlong_filtered"] += sum(not group.completions[k].result.finished
-                                           for k in range(len(group.completions)) if k not in members)
     return samples, torch.stack(sample_adv) if sample_adv else torch.zeros(0), counts
 
 
@@ -540,17 +534,17 @@ def policy_update(
                 if batch["old_logps"] is None:
                     batch["old_logps"] = logps.detach()
                 mask = batch["loss_mask"]
+                old_logps = batch["old_logps"][mask]  # [N]
                 sampler_logps = batch["sampler_logps"][:, 1:].to(device)[mask] if "sampler_logps" in batch \
-                    else torch.full_like(logps[mask], math.nan)  # [N]; NaN: not sampled here (no comparison)
+                    else torch.full_like(old_logps, math.nan)  # [N]; NaN: not sampled here (no comparison)
                 if epoch == 0:
-                    mismatch.add(batch["old_logps"][mask], sampler_logps)
+                    mismatch.add(old_logps, sampler_logps)
                 ref_logps = batch["ref_logps"][mask] if reference is not None else None
                 is_weights = None
                 if config.loss.tis_cap:  # old (learner) / sampler, capped; a token without sampler log-prob: 1
-                    is_weights = torch.exp(batch["old_logps"][mask] - sampler_logps).nan_to_num(1.0)
-                    is_weights = is_weights.clamp(max=config.loss.tis_cap)
+                    is_weights = torch.exp(old_logps - sampler_logps).nan_to_num(1.0).clamp(max=config.loss.tis_cap)
                 loss, stats = clipped_policy_loss(
-                    logps[mask], batch["old_logps"][mask], batch["token_adv"][mask],  # [N] each
+                    logps[mask], old_logps, batch["token_adv"][mask],  # [N] each
                     config.loss.clip_low, config.loss.clip_high, ref_logps, config.loss.kl_coef, is_weights,
                 )
                 (loss.sum() / n_tokens).backward()

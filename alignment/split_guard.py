@@ -19,7 +19,6 @@ A prompt repeated within one split is that split's own business and passes.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from alignment.data import BadDataError
+from envs import task_environments
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,6 @@ def normalise_text(text: str) -> str:
     return _WHITESPACE.sub(" ", _SWITCH.sub(" ", text)).strip()
 
 
-@functools.cache
-def _environments() -> dict[str, Any]:
-    # The environments alignment.grpo routes rows without `messages` to; imported only for such rows, so reading
-    # chat rows (the adapters, the data stage) does not pull in the reward stack.
-    from envs.code_env import CodeEnv
-    from envs.instruction_env import InstructionEnv
-    from envs.math_env import MathEnv
-
-    return {env.task: env for env in (MathEnv(), CodeEnv(), InstructionEnv())}
-
-
 def prompt_turns(row: Any) -> list[dict] | None:
     """The messages a row prompts the model with; None when it has none the guard can read."""
     if not isinstance(row, dict):
@@ -82,7 +71,7 @@ def prompt_turns(row: Any) -> list[dict] | None:
         return messages[:-1] if isinstance(last, dict) and last.get("role") == "assistant" else messages
     if isinstance(row.get("prompt"), list):  # preference pairs (data_recipes/preference.py)
         return row["prompt"]
-    env = _environments().get(row.get("task", "math"))
+    env = task_environments().get(row.get("task", "math"))
     if env is None:
         return None
     try:  # the environment adds the row's `reasoning` switch, which the key ignores anyway
