@@ -322,7 +322,7 @@ class Group:
         """Indices of the completions that form the group for advantages: all but the cut ones with `exclude`."""
         return [k for k, c in enumerate(self.completions) if overlong != "exclude" or c.result.finished]
 
-    def has_signal(self, overlong: str = "mask") -> bool:
+    def has_signal(self, overlong: str) -> bool:
         """Rewards differ inside the group (its members), so some advantage is non-zero."""
         rewards = [self.completions[k].reward for k in self.members(overlong)]
         return len(rewards) >= 2 and max(rewards) - min(rewards) > 1e-6
@@ -409,7 +409,7 @@ def rollout(
 
 
 def collect_groups(
-    rollout_fn: Callable[[int], list[Group]], n_groups: int, config: SamplingConfig, overlong: str = "mask",
+    rollout_fn: Callable[[int], list[Group]], n_groups: int, config: SamplingConfig, overlong: str,
 ) -> tuple[list[Group], list[Group], int]:
     """Roll out until `n_groups` groups carry a learning signal (dynamic sampling) or the refill rounds run out.
 
@@ -641,7 +641,7 @@ def plot_reward_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def step_metrics(kept: list[Group], seen: list[Group], threshold: float) -> dict[str, float]:
+def step_metrics(kept: list[Group], seen: list[Group], threshold: float, overlong: str) -> dict[str, float]:
     completions = [c for g in seen for c in g.completions]
     rewards = [c.reward for c in completions]
     mean = sum(rewards) / len(rewards)
@@ -651,7 +651,7 @@ def step_metrics(kept: list[Group], seen: list[Group], threshold: float) -> dict
         "pass_rate": sum(r >= threshold for r in rewards) / len(rewards),
         "groups_rolled_out": len(seen),
         "groups_kept": len(kept),
-        "groups_zero_variance": sum(not g.has_signal() for g in seen),
+        "groups_zero_variance": sum(not g.has_signal(overlong) for g in seen),
         "reward_failures": sum(c.reward_failed for c in completions),
         "completion_tokens_mean": sum(len(c.result.tokens) for c in completions) / len(completions),
         "thinking_tokens_mean": sum(c.result.thinking_tokens for c in completions) / len(completions),
@@ -772,7 +772,7 @@ def run_grpo(config: GRPOConfig) -> dict:
 
             tokens_generated = sum(len(c.result.tokens) for g in seen for c in g.completions)
             record = {
-                **step_metrics(kept, seen, config.sampling.pass_threshold),
+                **step_metrics(kept, seen, config.sampling.pass_threshold, config.loss.overlong),
                 "refill_rounds": refills, "samples_trained": len(samples), **counts, **learn,
                 "pool_retired": len(pool.retired), "lr": optimizer.param_groups[0]["lr"],
                 "time_generate": timings["generate"], "time_reward": timings["reward_wait"],

@@ -190,9 +190,9 @@ def test_dynamic_sampling_drops_zero_variance_groups_and_refills():
         asked.append(n)
         return next(script)
 
-    kept, seen, rounds = collect_groups(rollout_fn, 4, SamplingConfig(max_refill_rounds=3))
+    kept, seen, rounds = collect_groups(rollout_fn, 4, SamplingConfig(max_refill_rounds=3), "mask")
     assert asked == [4, 2, 1] and rounds == 2 and len(kept) == 4 and len(seen) == 7
-    assert all(g.has_signal() for g in kept)
+    assert all(g.has_signal("mask") for g in kept)
 
 
 def test_dynamic_sampling_is_bounded_and_can_be_off():
@@ -202,9 +202,9 @@ def test_dynamic_sampling_is_bounded_and_can_be_off():
         calls.append(n)
         return [group([1, 1]) for _ in range(n)]
 
-    kept, seen, rounds = collect_groups(no_signal, 3, SamplingConfig(max_refill_rounds=2))
+    kept, seen, rounds = collect_groups(no_signal, 3, SamplingConfig(max_refill_rounds=2), "mask")
     assert kept == [] and rounds == 2 and calls == [3, 3, 3]
-    kept, _, rounds = collect_groups(no_signal, 3, SamplingConfig(dynamic_sampling=False))
+    kept, _, rounds = collect_groups(no_signal, 3, SamplingConfig(dynamic_sampling=False), "mask")
     assert len(kept) == 3 and rounds == 0
 
 
