@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.config import option
+from alignment.mamba_kernels import FUSED_TRAINING_KERNEL
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,16 @@ def compute_adapters_in_input_dtype(model: nn.Module) -> int:
     return changed
 
 
+def fused_kernel_projections(model: nn.Module, targets: list[str]) -> list[str]:
+    """Targets that are the out_proj of a Mamba-2 mixer, whose fused training kernel reads the weight directly."""
+    found = []
+    for name, module in model.named_modules():
+        calls_fused = hasattr(sys.modules.get(type(module).__module__), FUSED_TRAINING_KERNEL)
+        if "out_proj" in targets and calls_fused and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            found.append(f"{name}.out_proj")
+    return found
+
+
 def apply_lora(model, config: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
@@ -77,6 +89,12 @@ def apply_lora(model, config: LoraConfig):
     targets = [t for t in config.target_modules if t in present]
     if not targets:
         raise ValueError(f"lora.target_modules {config.target_modules} match no module of this model")
+    if bypassed := fused_kernel_projections(model, targets):
+        raise ValueError(
+            f"lora.target_modules has out_proj, the Mamba-2 mixers' output projection ({bypassed[0]} and "
+            f"{len(bypassed) - 1} more): the fused training kernel reads its base weight directly, so an adapter there "
+            "would train on the CPU and be skipped on the GPU. Leave out_proj out (in_proj adapts every Mamba block)."
+        )
     peft_config = PeftLoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type="CAUSAL_LM"
     )

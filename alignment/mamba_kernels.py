@@ -16,20 +16,31 @@ project trains, is routed when this module is imported (alignment.modeling, pack
 it): a NemotronH model built with transformers' own constructors, as tests do, is covered before its first
 forward. `load_model`, `enable_packed_sequences` and `StaticDecoder` also route the models they get, which covers
 other hybrid families.
+
+Two more changes of NemotronH's calls, at the same import, for CUDA tensors only:
+- `frozen_outproj_outside` over the fused training kernel (`mamba2_split_conv1d_scan_combined`): the mixer hands it
+  `out_proj`'s weight, and mamba-ssm's backward then always computes that weight's gradient and recomputes the
+  gated-norm output for it. With LoRA the weight is frozen, so the wrapper keeps the projection out of the kernel
+  and autograd skips the gradient nobody reads.
+- `rms_norm_kernel_on_cuda` as the RMSNorm's forward: mamba-ssm's fused RMSNorm instead of six float32 elementwise
+  ops. `transformers_kernel_calls` takes both off for a block of code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -180,12 +191,120 @@ def kernel_path(model: nn.Module) -> str:
     return "pytorch-reference (slow, correct; install the `gpu` extra on CUDA machines)"
 
 
+FUSED_TRAINING_KERNEL = "mamba2_split_conv1d_scan_combined"
+_OUTPROJ_OUTSIDE = "_frozen_outproj_outside"  # marks the wrapper, so installing twice keeps one
+
+
+def frozen_outproj_outside(fused: Callable) -> Callable:
+    """`fused` (the mixer's fused conv + scan + gated norm + out_proj) with a frozen out_proj applied outside it.
+
+    mamba-ssm's backward computes the out_proj weight gradient (2 x tokens x d_inner x hidden FLOPs per layer, ~7% of
+    a Nano-9B-v2 LoRA step) and recomputes the normalised output for it, whether or not the weight requires grad.
+    Called without the weight, the kernel returns that output and `F.linear` does the projection: the same forward
+    (the kernel's own last step is this `F.linear`), an activation gradient only. A trainable out_proj (full
+    fine-tuning) goes through the kernel unchanged. `fused` returning None (no kernel: the mixer's unfused path)
+    passes through.
+    """
+
+    @functools.wraps(fused, updated=())  # not the dispatcher's marks: this is another wrapper
+    def mamba2_split_conv1d_scan_combined(*args, outproj_weight=None, outproj_bias=None, **kwargs):
+        trainable = any(t is not None and t.requires_grad for t in (outproj_weight, outproj_bias))
+        if outproj_weight is None or trainable or not torch.is_grad_enabled():
+            return fused(*args, outproj_weight=outproj_weight, outproj_bias=outproj_bias, **kwargs)
+        out = fused(*args, **kwargs)
+        if out is None:
+            return None
+        if isinstance(out, tuple):  # return_final_states=True: (output, final states)
+            return (F.linear(out[0], outproj_weight, outproj_bias), *out[1:])
+        return F.linear(out, outproj_weight, outproj_bias)
+
+    mamba2_split_conv1d_scan_combined.__wrapped__ = fused
+    setattr(mamba2_split_conv1d_scan_combined, _OUTPROJ_OUTSIDE, True)
+    return mamba2_split_conv1d_scan_combined
+
+
+def keep_frozen_outproj_outside(module: ModuleType) -> bool:
+    """Put `frozen_outproj_outside` over the module's fused training kernel (idempotent); False if it has none."""
+    fused = getattr(module, FUSED_TRAINING_KERNEL, None)
+    if fused is None:
+        return False
+    if not getattr(fused, _OUTPROJ_OUTSIDE, False):
+        setattr(module, FUSED_TRAINING_KERNEL, frozen_outproj_outside(fused))
+    return True
+
+
+RMS_NORM_CLASS = "NemotronHRMSNorm"
+_NORM_KERNEL = "_rms_norm_kernel_on_cuda"
+
+
+@functools.cache
+def _rms_norm_kernel() -> Callable | None:
+    """mamba-ssm's fused RMSNorm (Triton, forward and backward), or None where mamba-ssm is not installed."""
+    try:
+        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    except ImportError:
+        return None
+    return rms_norm_fn
+
+
+def rms_norm_kernel_on_cuda(reference: Callable) -> Callable:
+    """An RMSNorm `forward` that runs mamba-ssm's fused kernel for CUDA tensors and `reference` for others.
+
+    transformers' NemotronH RMSNorm is six elementwise ops over a float32 copy of the hidden states, and autograd
+    keeps [tokens, hidden] float32 tensors per norm for the backward (57 norms in Nano-9B-v2). The kernel computes
+    in float32 in one pass (statistics and the weight multiply, one rounding to the input dtype at the end) and keeps
+    only the input and the per-row inverse RMS; tests/test_kernel_calls.py compares it with transformers' norm.
+    """
+
+    @functools.wraps(reference)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        kernel = _rms_norm_kernel() if hidden_states.device.type in KERNEL_DEVICE_TYPES else None
+        if kernel is None:
+            return reference(self, hidden_states)
+        return kernel(hidden_states, self.weight, None, eps=self.variance_epsilon)
+
+    setattr(forward, _NORM_KERNEL, True)
+    return forward
+
+
+def fuse_rms_norms(module: ModuleType) -> bool:
+    """Give the module's RMSNorm class `rms_norm_kernel_on_cuda` (idempotent); False if it has no such class."""
+    norm = getattr(module, RMS_NORM_CLASS, None)
+    if norm is None:
+        return False
+    if not getattr(norm.forward, _NORM_KERNEL, False):
+        norm.forward = rms_norm_kernel_on_cuda(norm.forward)
+    return True
+
+
+@contextlib.contextmanager
+def transformers_kernel_calls(module: ModuleType) -> Iterator[None]:
+    """Inside: the module runs as transformers wrote it, without `frozen_outproj_outside` and the fused RMSNorm
+    (baselines such as TRL as it runs elsewhere, and the tests that compare both ways)."""
+    fused = getattr(module, FUSED_TRAINING_KERNEL, None)
+    norm = getattr(module, RMS_NORM_CLASS, None)
+    norm_forward = getattr(norm, "forward", None)
+    if getattr(fused, _OUTPROJ_OUTSIDE, False):
+        setattr(module, FUSED_TRAINING_KERNEL, fused.__wrapped__)
+    if getattr(norm_forward, _NORM_KERNEL, False):
+        norm.forward = norm_forward.__wrapped__
+    try:
+        yield
+    finally:
+        if fused is not None:
+            setattr(module, FUSED_TRAINING_KERNEL, fused)
+        if norm_forward is not None:
+            norm.forward = norm_forward
+
+
 def _route_nemotron_h() -> None:
     try:
         module = importlib.import_module("transformers.models.nemotron_h.modeling_nemotron_h")
     except ImportError:  # a transformers without NemotronH: nothing of ours to route
         return
     route_module(module)
+    keep_frozen_outproj_outside(module)
+    fuse_rms_norms(module)
 
 
 _route_nemotron_h()
