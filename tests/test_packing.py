@@ -151,11 +151,13 @@ def test_packed_batch_layout():
 
 def test_overlong_samples_are_truncated_in_both_modes():
     samples = make_samples([50, 3])
+    short = SampleCollator(mode="packed", pad_token_id=PAD, max_tokens_per_row=BUDGET)(make_samples([5, 3, 9]))
+    assert short["input_ids"].shape[1] == 32  # 17 tokens in one row, rounded up to the default multiple (16)
     for mode in ("packed", "padded"):
         collate = SampleCollator(mode=mode, pad_token_id=PAD, max_tokens_per_row=BUDGET, pad_to_multiple_of=16)
         batch = collate(samples)
         assert collate.num_truncated == 1
-        assert batch["input_ids"].shape[1] == 48  # 40 rounded up to the multiple
+        assert batch["input_ids"].shape[1] == BUDGET  # rounded up to the multiple, but never past the budget
         row = batch["sample_ids"] == 0
         assert row.sum() == BUDGET and batch["input_ids"][row].tolist() == samples[0]["input_ids"][:BUDGET]
 
