@@ -39,8 +39,14 @@ autotunes the Mamba kernels on first use of a shape, which the warm-up absorbs):
            path --decode (auto: the static step as a CUDA graph), at each of --rollout-batches rows, prompts of
            --prompt-len tokens, every row decoding to the end (no end-of-turn token). Two lengths of decoding are
            timed; their difference is the decode step without the prefill.
+  sft_as_transformers
+           The sft part with NemotronH's kernel calls as transformers makes them
+           (`alignment.mamba_kernels.transformers_kernel_calls`): out_proj inside the fused Mamba kernel, which then
+           computes the frozen weight's gradient, and the PyTorch RMSNorm. The side-by-side reference for
+           `frozen_outproj_outside` and `rms_norm_kernel_on_cuda`, which every other part of ours runs.
   trl      TRL's SFTTrainer on the same model, samples and LoRA settings (peft_config), padded batches of
-           --trl-batch-size (1: no padding), gradient checkpointing as for ours, sequential order.
+           --trl-batch-size (1: no padding), gradient checkpointing as for ours, sequential order; NemotronH's
+           kernel calls as transformers makes them (`transformers_kernel_calls`), as TRL runs without this project.
 
 The learner parts (and TRL) run with activation checkpointing, and ours with the stages' chunked loss (the LM head
 and log-softmax a chunk of tokens at a time), switched on through the stage config fields the stages read:
@@ -103,6 +109,7 @@ from typing import Callable, NamedTuple
 import torch
 import transformers
 from torch import nn
+from transformers.models.nemotron_h import modeling_nemotron_h
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -113,6 +120,7 @@ from alignment.activation_checkpointing import (activation_checkpointing_status,
 from alignment.config import load_config  # noqa: E402
 from alignment.generation import GenerationSettings, generate  # noqa: E402
 from alignment.lora import apply_lora  # noqa: E402
+from alignment.mamba_kernels import transformers_kernel_calls  # noqa: E402
 from alignment.modeling import (ModelConfig, count_parameters, layer_types, load_model, mamba_kernel_path,  # noqa: E402
                                  mamba_kernels_available)
 from alignment.packed_model import enable_packed_sequences  # noqa: E402
@@ -126,7 +134,7 @@ HBM_TBPS = 4.8  # H200 HBM3e bandwidth (datasheet); an H100 SXM has 3.35
 TOKENIZER = REPO / "configs" / "tiny" / "tokenizer"  # TRL's pad token only: the samples are token ids already
 STAGE_CONFIGS = {part: REPO / "configs" / "nano9b" / name
                  for part, name in [("sft", "sft_lora.yaml"), ("dpo", "dpo.yaml"), ("grpo", "grpo.yaml")]}
-PARTS = ("sft", "dpo", "grpo", "rollout", "trl")
+PARTS = ("sft", "sft_as_transformers", "dpo", "grpo", "rollout", "trl")
 
 
 @dataclass(frozen=True)
@@ -442,6 +450,13 @@ def part_sft(args, spec: ModelSpec, shared: dict) -> dict:
     return result
 
 
+def part_sft_as_transformers(args, spec: ModelSpec, shared: dict) -> dict:
+    """The sft part with transformers' kernel calls (out_proj inside the fused kernel, the PyTorch RMSNorm)."""
+    with transformers_kernel_calls(modeling_nemotron_h):
+        result = part_sft(args, spec, shared)
+    return result | {"what": result["what"] + ", transformers' kernel calls (out_proj in the fused kernel, PyTorch RMSNorm)"}
+
+
 def part_dpo(args, spec: ModelSpec, shared: dict) -> dict:
     """The DPO step: reference log-probs with adapters disabled, then the policy's loss step."""
     config = load_config(dpo.DPOConfig, STAGE_CONFIGS["dpo"], [
@@ -660,7 +675,8 @@ def part_trl(args, spec: ModelSpec, shared: dict) -> dict:
                              processing_class=AutoTokenizer.from_pretrained(TOKENIZER), peft_config=peft_config)
         trainer.remove_callback(PrinterCallback)
         adapters = count_parameters(trainer.model, trainable_only=True)
-        trainer.train()
+        with transformers_kernel_calls(modeling_nemotron_h):  # TRL as it runs without this project
+            trainer.train()
     del trainer
     seconds = timer.seconds[args.warmup:]
     lengths = [[len(s["input_ids"]) for s in g] for g in groups[args.warmup:]][:len(seconds)]
@@ -676,7 +692,8 @@ def part_trl(args, spec: ModelSpec, shared: dict) -> dict:
     return result
 
 
-PART_FUNCTIONS = {"sft": part_sft, "dpo": part_dpo, "grpo": part_grpo, "rollout": part_rollout, "trl": part_trl}
+PART_FUNCTIONS = {"sft": part_sft, "sft_as_transformers": part_sft_as_transformers, "dpo": part_dpo, "grpo": part_grpo,
+                  "rollout": part_rollout, "trl": part_trl}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -772,16 +789,16 @@ def print_table(report: dict) -> None:
     for entry in report["models"].values():
         print(f"\n{entry['name']} ({entry['params'] / 1e9:.2f}B), {report['env']['device']}; tokens/s: median of "
               f"per-step rates (all timed steps together); MFU against {report['env']['peak_bf16_tflops']:.0f} TFLOP/s")
-        header = f"{'part':<9}{'steps':>6}{'tokens/s':>12}{'(all)':>11}{'MFU':>8}{'(all)':>8}{'peak mem':>11}  what"
+        header = f"{'part':<19}{'steps':>6}{'tokens/s':>12}{'(all)':>11}{'MFU':>8}{'(all)':>8}{'peak mem':>11}  what"
         print(header)
         print("-" * len(header))
         for part in PARTS:
             r = entry["parts"].get(part)
             if part in entry["errors"]:
-                print(f"{part:<9}  failed: {entry['errors'][part]['error'][:120]}")
+                print(f"{part:<19}  failed: {entry['errors'][part]['error'][:120]}")
             elif r and "tokens_per_s" in r:
                 mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "-"
-                print(f"{part:<9}{r['steps_timed']:>6}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s_total']:>11,.0f}"
+                print(f"{part:<19}{r['steps_timed']:>6}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s_total']:>11,.0f}"
                       f"{r['mfu']:>8.1%}{r['mfu_total']:>8.1%}{mem:>11}  {r['what']}")
         rollout = entry["parts"].get("rollout")
         if rollout:
