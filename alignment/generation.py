@@ -48,6 +48,8 @@ DECODE_PATHS = {
     "dynamic": "transformers' forward and growing cache per step; finished rows leave the batch",
     "static": "preallocated caches, the step written against the model's modules (alignment/static_decode.py)",
     "cuda-graph": "the static step captured once per batch shape and replayed (CUDA only)",
+    "continuous": "continuous batching: batch_size slots refilled as samples finish, one prefill per distinct prompt, "
+                  "the static step (a CUDA graph on CUDA); sampling keyed per sample (alignment/rollout_engine.py)",
 }
 
 
@@ -135,6 +137,7 @@ class _Sample:
         self.forced_close = False
         self.finished = False
         self.done = False
+        self.uniforms: torch.Tensor | None = None  # per-position draws when sampling is keyed per sample
         if self.budget is not None and not settings.think_end_ids:
             raise ValueError("a thinking budget needs settings.think_end_ids")
         if self.budget == 0:
@@ -185,6 +188,32 @@ class _Sample:
         )
 
 
+def draw(
+    logits: torch.Tensor, samples: list[_Sample], settings: GenerationSettings, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each sample (row of `logits`): from its own draws when it has them, else from `generator`."""
+    if samples and samples[0].uniforms is not None:
+        return next_tokens_from_uniforms(logits, settings, torch.stack([s.uniforms[len(s.tokens)] for s in samples]))
+    return _next_tokens(logits, settings, generator)
+
+
+def _greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    choice = logits.argmax(dim=-1)  # [B]
+    return choice, torch.log_softmax(logits.float(), dim=-1).gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _sampling_distribution(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """What a token is drawn from: softmax at the temperature, renormalised over the nucleus when top_p < 1. [B, V]"""
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)  # [B, V]
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= settings.top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # the nucleus, renormalised: what is sampled from
+    return probs
+
+
 def _next_tokens(
     logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,17 +222,33 @@ def _next_tokens(
     Greedy at temperature 0 (the log-prob is then the plain softmax's), else temperature + top-p sampling.
     """
     if settings.temperature == 0:
-        choice = logits.argmax(dim=-1)  # [B]
-        return choice, torch.log_softmax(logits.float(), dim=-1).gather(-1, choice[:, None]).squeeze(-1)
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)  # [B, V]
-    if settings.top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [B, V]
-        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= settings.top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        probs = probs / probs.sum(dim=-1, keepdim=True)  # the nucleus, renormalised: what is sampled from
+        return _greedy(logits)
+    probs = _sampling_distribution(logits, settings)
     choice = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
     return choice.squeeze(-1), probs.gather(-1, choice).log().squeeze(-1)
+
+
+def next_tokens_from_uniforms(
+    logits: torch.Tensor, settings: GenerationSettings, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_next_tokens` with each row's draw given: the token where the row's CDF first exceeds its uniform in [0, 1).
+
+    The same distribution as `torch.multinomial`, but a row's token depends on its own uniform only, not on which
+    rows share the batch. [B, V], [B] float64 -> [B], [B]
+    """
+    if settings.temperature == 0:
+        return _greedy(logits)
+    probs = _sampling_distribution(logits, settings)
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)  # zero-mass tokens skipped
+    return choice.squeeze(-1), probs.gather(-1, choice).log().squeeze(-1)
+
+
+def sample_uniforms(seed: int, index: int, length: int) -> torch.Tensor:
+    """The uniform draws of sample `index` of a call with `seed`: one per token position, float64 [length]."""
+    mixed = (seed * 6364136223846793005 + (index + 1) * 1442695040888963407) % 2**64  # distinct streams per sample
+    return torch.rand(length, generator=torch.Generator().manual_seed(mixed), dtype=torch.float64)
 
 
 # cuDNN's SDPA builds an execution plan for every new key length, and decoding makes a new one every step: on an H200
@@ -244,6 +289,28 @@ class _DynamicDecoder:
         return out.logits[:, -1, :]
 
 
+def prefill(model: nn.Module, prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """Run `prompts` through the model together, left-padded: (last-position logits [n, V], cache, mask [n, width]).
+
+    With use_cache and no cache given, the model builds its own: for NemotronH a DynamicCache(config) holding the
+    attention KV and the Mamba conv/SSM states. The 2D mask zeroes the left padding before the Mamba mixers, so a
+    padded row's states equal those of its prompt alone; attention masks the padding out.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # [n, T]
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [n, T]
+    for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in the last column
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [n, T]
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1, :], out.past_key_values, attention_mask
+
+
 @torch.inference_mode()
 def _generate_batch(
     model: nn.Module,
@@ -256,32 +323,16 @@ def _generate_batch(
 
     `static`: a decoder for exactly this many rows, else transformers' dynamic cache is used.
     """
-    device = next(model.parameters()).device
-    width = max(len(s.prompt) for s in samples)
-    input_ids = torch.full((len(samples), width), settings.pad_token_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)  # [B, T]
-    for row, sample in enumerate(samples):  # left padding: every row's next token lands in the last column
-        input_ids[row, width - len(sample.prompt) :] = torch.tensor(sample.prompt)
-        attention_mask[row, width - len(sample.prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
-
-    # With use_cache and no cache given, the model builds its own: for NemotronH a DynamicCache(config) holding the
-    # attention KV and the Mamba conv/SSM states. The 2D mask zeroes the left padding before the Mamba mixers, so a
-    # padded row's states equal those of its prompt alone; attention masks the padding out.
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
-    )
-    logits, cache = out.logits[:, -1, :], out.past_key_values  # [B, V]
-    del out
+    logits, cache, attention_mask = prefill(model, [s.prompt for s in samples], settings.pad_token_id)  # [B, V]
     if static is not None:
         static.start(cache, attention_mask)  # copied into the decoder's buffers: the prefill cache can go
         decoder, cache = static, None
     else:
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         decoder = _DynamicDecoder(model, cache, attention_mask, position_ids)
     active = list(range(len(samples)))  # decoding row -> index into samples
     while True:
-        choice, choice_logprob = _next_tokens(logits, settings, generator)  # [B], [B]
+        choice, choice_logprob = draw(logits, [samples[i] for i in active], settings, generator)  # [B], [B]
         fed = [samples[i].step(c, lp) for i, c, lp in zip(active, choice.tolist(), choice_logprob.tolist())]
         keep = [row for row, i in enumerate(active) if not samples[i].done]
         if not keep:
@@ -299,7 +350,7 @@ def _decode_path(model: nn.Module, requested: str, device: torch.device) -> str:
         if device.type == "cuda" and unsupported:
             log.info("no CUDA-graph decoding for this model (%s): transformers' dynamic cache", unsupported)
         return "cuda-graph" if device.type == "cuda" and unsupported is None else "dynamic"
-    if requested in ("static", "cuda-graph") and unsupported:
+    if requested in ("static", "cuda-graph", "continuous") and unsupported:
         raise ValueError(f"decode={requested!r}: {unsupported}")
     if requested == "cuda-graph" and device.type != "cuda":
         raise ValueError(f"decode='cuda-graph' needs a CUDA device, the model is on {device}")
@@ -345,10 +396,26 @@ def generate(
 
     was_training = model.training
     model.eval()
-    order = sorted(range(n), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    first_seen = {}
+    for i, prompt in enumerate(prompts):
+        first_seen.setdefault(tuple(prompt), i)
+    # Similar lengths together (less padding), the samples of one prompt next to each other (one prefill for them).
+    order = sorted(range(n), key=lambda i: (len(prompts[i]), first_seen[tuple(prompts[i])]))
     try:
         with decode_attention_backends(device), \
                 tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:
+            if path == "continuous":
+                from alignment.rollout_engine import generate_continuous  # it builds on this module
+
+                base_seed = torch.Generator().seed() if seed is None else seed
+                for i, sample in enumerate(samples):  # keyed by the sample's place in the call, not in the slots
+                    sample.uniforms = sample_uniforms(base_seed, i, settings.max_new_tokens)
+                stats = generate_continuous(model, [samples[i] for i in order], settings, max_len=max_len,
+                                            use_graph=device.type == "cuda", on_done=bar.update)
+                log.info("continuous batching: %d samples, %d distinct prompts prefilled in %d forwards, %d decode "
+                         "steps at %.0f%% slot occupancy", stats.samples, stats.prompts_prefilled, stats.prefills,
+                         stats.decode_steps, 100 * stats.occupancy(min(settings.batch_size, n)))
+                return [s.result() for s in samples]
             for start in range(0, n, settings.batch_size):
                 batch = [samples[i] for i in order[start : start + settings.batch_size]]
                 if path in ("static", "cuda-graph") and (static is None or static.batch_size != len(batch)):

@@ -10,12 +10,14 @@ copied into preallocated buffers: attention KV for `max_len` positions, Mamba co
 written here against the model's modules: the same weights, and the same decode functions the Mamba-2 mixer calls
 (its modeling module's `causal_conv1d_update` and `mamba2_selective_state_update`: the causal-conv1d and mamba-ssm
 kernels for CUDA tensors when those are installed, the PyTorch reference otherwise, see alignment/mamba_kernels.py).
-NemotronH attention has no positional encoding, so a step needs only the write position and the mask of valid key
-positions.
+NemotronH attention has no positional encoding, so a step needs only each row's write position and the mask of
+valid key positions.
 
 Shapes cannot change between replays, so finished rows stay in the batch: they are fed a filler token (id 0) and
 their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
-models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches).
+models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches). The
+continuous-batching engine (`alignment/rollout_engine.py`) fills such rows again instead: `load_slots` writes another
+prefill's rows into chosen rows (slots) of the buffers, and every row keeps its own write position.
 
 The eager form of the same step runs on any device; `tests/test_generation.py` checks it against transformers'
 forward with its dynamic cache, and `bench/bench_generation.py` checks the graph against both on a GPU.
@@ -115,7 +117,8 @@ class StaticDecoder:
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph
         self.states: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # per block, allocated on start
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] token fed this step
-        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] column the step writes
+        self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] column each row writes
+        self.slot_index = torch.arange(batch_size, device=self.device)  # [B] for per-row writes
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.device)  # [B, L] keys to attend
         self.rows = torch.arange(batch_size)  # batch rows still decoding (on the host: no sync to index with it)
         self.rows_on_device = self.rows.to(self.device)
@@ -155,17 +158,75 @@ class StaticDecoder:
             logits = self._step()
         return logits[self.rows_on_device]
 
+    # --- per slot (the continuous-batching engine) ------------------------------------------------------------
+
+    def load_slots(self, cache, attention_mask: torch.Tensor, rows: list[int], slots: list[int]) -> None:
+        """Write prefill row `rows[k]` (transformers' cache, [n, width] left-padded mask) into slot `slots[k]`.
+
+        The slot's Mamba states become the row's, its KV buffer the row's keys and values (zeros after them), its
+        valid mask the row's, and its write position the prefill width. Other slots are untouched. A row may go to
+        several slots: a prompt prefilled once serves every sample of its group.
+        """
+        width = attention_mask.shape[1]
+        if width + WARMUP_STEPS >= self.max_len:
+            raise ValueError(f"a {width}-token prefill does not fit a decoder of {self.max_len} positions")
+        if self.states is None:
+            self._allocate(cache)
+        source = torch.tensor(rows, device=self.device)
+        target = torch.tensor(slots, device=self.device)
+        for block, state in zip(self.blocks, self.states):
+            if state is None:
+                continue
+            first, second = _cache_states(cache, block.layer_idx, block.block_type)
+            if block.block_type in MAMBA_BLOCKS:
+                state[0][target] = first[source].to(state[0].dtype)
+                state[1][target] = second[source].to(state[1].dtype)
+            else:
+                for buffer, prefill in zip(state, (first, second)):
+                    rows_kv = torch.zeros_like(buffer[target])  # stale keys could be non-finite (0 * inf = nan)
+                    rows_kv[:, :, :width] = prefill[source]
+                    buffer[target] = rows_kv
+        valid = torch.zeros(len(slots), self.max_len, dtype=torch.bool, device=self.device)
+        valid[:, :width] = attention_mask[source].bool()
+        self.valid[target] = valid
+        self.position[target] = width
+        if self.use_graph and self.graph is None:
+            saved = [None if s is None else (s[0].clone(), s[1].clone()) for s in self.states]
+            valid_saved, position_saved = self.valid.clone(), self.position.clone()
+            self._capture()  # the warm-up steps move every slot on: put them back
+            for state, copy in zip(self.states, saved):
+                if state is not None:
+                    state[0].copy_(copy[0])
+                    state[1].copy_(copy[1])
+            self.valid.copy_(valid_saved)
+            self.position.copy_(position_saved)
+
+    def free_slots(self, slots: list[int]) -> None:
+        """Park finished slots: they write at column 0 of their own row until `load_slots` fills them again."""
+        target = torch.tensor(slots, device=self.device)
+        self.valid[target] = False
+        self.position[target] = 0
+
+    def step_slots(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every slot (a filler for free ones); return the logits of every slot [B, V]."""
+        self.input_ids.copy_(torch.tensor(tokens))
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self._step()
+
     # --- buffers ----------------------------------------------------------------------------------------------
 
     def _allocate(self, cache) -> None:
         self.states = []
         for block in self.blocks:
             if block.block_type in MAMBA_BLOCKS:
-                conv, ssm = _cache_states(cache, block.layer_idx, block.block_type)
-                self.states.append((torch.zeros_like(conv), torch.zeros_like(ssm)))
+                conv, ssm = _cache_states(cache, block.layer_idx, block.block_type)  # [n, ...]: n may not be B
+                self.states.append((conv.new_zeros(self.batch_size, *conv.shape[1:]),
+                                    ssm.new_zeros(self.batch_size, *ssm.shape[1:])))
             elif block.block_type in ATTENTION_BLOCKS:
-                keys, _ = _cache_states(cache, block.layer_idx, block.block_type)  # [B, H_kv, width, head_dim]
-                shape = (keys.shape[0], keys.shape[1], self.max_len, keys.shape[3])
+                keys, _ = _cache_states(cache, block.layer_idx, block.block_type)  # [n, H_kv, width, head_dim]
+                shape = (self.batch_size, keys.shape[1], self.max_len, keys.shape[3])
                 self.states.append((keys.new_zeros(shape), keys.new_zeros(shape)))
             else:
                 self.states.append(None)
@@ -192,8 +253,8 @@ class StaticDecoder:
     # --- the step ---------------------------------------------------------------------------------------------
 
     def _step(self) -> torch.Tensor:
-        """One token per row at column `position`: returns [B, V] float logits and advances the column."""
-        self.valid.index_fill_(1, self.position, True)
+        """One token per row at its column `position`: returns [B, V] float logits and advances the columns."""
+        self.valid[self.slot_index, self.position] = True
         hidden = self.embed(self.input_ids[:, None])  # [B, 1, D]
         for block, state in zip(self.blocks, self.states):
             mixed = block.norm(hidden.to(block.norm.weight.dtype))
@@ -234,10 +295,10 @@ class StaticDecoder:
         return mixer.out_proj(y.to(x.dtype))
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Attention of one new token over the valid positions, its key and value written at `position`."""
+        """Attention of one new token over the valid positions, its key and value written at each row's `position`."""
         batch, head_dim, kv_heads = x.shape[0], attn.head_dim, keys.shape[1]
-        keys.index_copy_(2, self.position, attn.k_proj(x).view(batch, kv_heads, 1, head_dim))
-        values.index_copy_(2, self.position, attn.v_proj(x).view(batch, kv_heads, 1, head_dim))
+        keys[self.slot_index, :, self.position] = attn.k_proj(x).view(batch, kv_heads, head_dim)
+        values[self.slot_index, :, self.position] = attn.v_proj(x).view(batch, kv_heads, head_dim)
         # Grouped-query attention without copying the KV: the query heads that share a KV head (consecutive, as in
         # transformers' repeat_kv) become that head's queries. [B, H_kv, H_q / H_kv, head_dim]
         query = attn.q_proj(x).view(batch, kv_heads, -1, head_dim)

@@ -1,0 +1,112 @@
+"""Continuous batching (alignment/rollout_engine.py) against each sample generated alone on transformers' dynamic cache.
+
+Few slots and many samples, so slots are refilled many times; repeated prompts, so prefills are shared; mixed budgets
+and reasoning modes, so forced closes happen in refilled slots. Greedy and seeded sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment.generation import (
+    GenerationSettings, _generate_batch, _Sample, generate, next_tokens_from_uniforms, sample_uniforms,
+)  # fmt: skip
+from alignment.rollout_engine import generate_continuous
+from alignment.static_decode import static_max_len
+from tests.test_generation import MIXED_BUDGETS, MIXED_REASONING, tiny_model, tiny_prompts, tiny_settings  # noqa: F401
+
+
+def alone(model, prompt, budget, reasoning, settings: GenerationSettings, uniforms=None):
+    """The slow obvious reference: one sample, transformers' forward and dynamic cache, its own draws if given."""
+    sample = _Sample(prompt, budget, reasoning, settings)
+    sample.uniforms = uniforms
+    _generate_batch(model, [sample], settings, torch.Generator().manual_seed(0))
+    return sample.result()
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16], ids=["one slot", "three slots", "all at once"])
+def test_greedy_refilled_slots_match_each_sample_alone(tiny_model, slots):
+    prompts, reference = tiny_prompts(len(MIXED_BUDGETS)), tiny_settings()
+    got = generate(tiny_model, prompts, settings=tiny_settings(decode="continuous", batch_size=slots),
+                   budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
+    for i, result in enumerate(got):
+        want = alone(tiny_model, prompts[i], MIXED_BUDGETS[i], MIXED_REASONING[i], reference)
+        assert result == want, f"sample {i}"
+        torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(want.logprobs), equal_nan=True)
+    assert {r.forced_close for r in got} == {True, False} and {r.finished for r in got} == {True, False}
+
+
+def test_seeded_sampling_does_not_depend_on_the_slots_or_the_batching(tiny_model):
+    prompts = tiny_prompts(len(MIXED_BUDGETS), seed=4)
+    sampled = dict(temperature=0.9, top_p=0.95)
+    runs = [generate(tiny_model, prompts, settings=tiny_settings(decode="continuous", batch_size=slots, **sampled),
+                     budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING, seed=11) for slots in (2, 5)]
+    assert runs[0] == runs[1]
+    reference = tiny_settings(**sampled)
+    for i, result in enumerate(runs[0]):
+        draws = sample_uniforms(11, i, reference.max_new_tokens)
+        want = alone(tiny_model, prompts[i], MIXED_BUDGETS[i], MIXED_REASONING[i], reference, draws)
+        assert result == want, f"sample {i}"
+        torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(want.logprobs), equal_nan=True)
+    other_seed = generate(tiny_model, prompts, settings=tiny_settings(decode="continuous", batch_size=2, **sampled),
+                          budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING, seed=12)
+    assert other_seed != runs[0]
+
+
+def test_a_group_shares_one_prefill_and_its_samples_still_differ(tiny_model):
+    distinct, group = tiny_prompts(3, seed=5), 4
+    prompts = [p for p in distinct for _ in range(group)]  # as GRPO asks: each prompt G times
+    settings = tiny_settings(decode="continuous", batch_size=8, temperature=1.0)
+    samples = [_Sample(p, None, True, settings) for p in prompts]
+    for i, sample in enumerate(samples):
+        sample.uniforms = sample_uniforms(3, i, settings.max_new_tokens)
+    max_len = static_max_len(max(map(len, prompts)), settings.max_new_tokens)
+    stats = generate_continuous(tiny_model, samples, settings, max_len=max_len, use_graph=False)
+    assert stats.prompts_prefilled == len(distinct) and stats.samples == len(prompts)
+    assert stats.prefills <= len(distinct)  # forwards: at most one per distinct prompt, fewer when batched
+    for i, sample in enumerate(samples):
+        want = alone(tiny_model, prompts[i], None, True, tiny_settings(temperature=1.0), sample.uniforms)
+        assert sample.result() == want, f"sample {i}"
+    first_group = [tuple(s.tokens) for s in samples[:group]]
+    assert len(set(first_group)) > 1  # one prefill, G different samples
+
+
+def test_uniform_draws_follow_the_sampling_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]])
+    settings = GenerationSettings(temperature=1.0, top_p=0.9)
+    probs = torch.softmax(logits, -1)[0]
+    nucleus = probs.clone()
+    nucleus[3:] = 0  # 0.64 + 0.24 = 0.88 < 0.9, so the third token is the last one in
+    nucleus /= nucleus.sum()
+    draws = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    choice, logprob = next_tokens_from_uniforms(logits.expand(len(draws), -1), settings, draws)
+    frequency = torch.bincount(choice, minlength=5).double() / len(draws)
+    assert frequency[3:].sum() == 0  # outside the nucleus: never drawn
+    standard_error = (nucleus * (1 - nucleus) / len(draws)).sqrt()
+    assert ((frequency - nucleus).abs() <= 5 * standard_error + 1e-12).all(), (frequency, nucleus)
+    torch.testing.assert_close(logprob, nucleus.log()[choice].float())
+    ends = torch.tensor([0.0, 1 - 1e-12], dtype=torch.float64)
+    edges, _ = next_tokens_from_uniforms(logits.expand(2, -1), settings, ends)
+    assert edges.tolist() == [0, 2]  # the ends of [0, 1) land on the first and the last token with mass
+
+
+def test_streams_are_distinct_per_sample_and_fixed_per_seed():
+    a, b = sample_uniforms(1, 0, 8), sample_uniforms(1, 1, 8)
+    assert not torch.equal(a, b) and torch.equal(a, sample_uniforms(1, 0, 8))
+    assert not torch.equal(a, sample_uniforms(2, 0, 8))
+    assert ((a >= 0) & (a < 1)).all() and not math.isnan(float(a.sum()))
+
+
+def test_continuous_batching_is_refused_where_the_static_step_cannot_run():
+    from torch import nn
+
+    class NotAHybrid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+    with pytest.raises(ValueError, match="decode='continuous'"):
+        generate(NotAHybrid(), [[5, 6]], settings=tiny_settings(decode="continuous"))
