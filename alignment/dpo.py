@@ -53,7 +53,7 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
-from alignment.generation import GenerationSettings, generate, line_end_token_ids
+from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
@@ -120,7 +120,11 @@ class MiningConfig:
     max_answer_tokens: int = option(48, "A longer answer part is not well-formed (the tie-break prefers well-formed).")
     min_margin: float = option(0.5, "Keep a pair only when the chosen score beats the rejected one by at least this.")
     max_pairs_per_prompt: int = option(2, "Disjoint pairs per prompt: i-th best with i-th worst, while the margin holds.")
-    batch_size: int = option(128, "Samples generated together.")
+    batch_size: int = option(128, "Samples generated together (continuous: decode slots).")
+    decode: str = option(
+        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
+        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
+    )
     mismatch_warn_kl: float = option(
         0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
               "this (measured at temperature 1, top_p 1).",
@@ -134,6 +138,8 @@ class MiningConfig:
             raise ValueError("samples_per_prompt must be at least 2 to form a pair")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: greedy samples of one prompt are all the same")
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"mining.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
         if self.prompts_per_round < 1 or self.max_pairs_per_prompt < 1:
             raise ValueError("prompts_per_round and max_pairs_per_prompt must be at least 1")
         if not 0 <= self.reasoning_off_fraction <= 1:
@@ -352,7 +358,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
         eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
         think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
-        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size,
+        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
     )
     results = generate(
         model, [p["ids"] for p in plans for _ in range(k)], settings=settings,

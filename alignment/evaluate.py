@@ -42,7 +42,8 @@ class EvalConfig:
     grace_fraction: float = option(0.1, "Grace window as a fraction of the budget (NVIDIA's serving default).")
     batch_size: int = option(64, "Samples generated together.")
     decode: str = option(
-        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static or cuda-graph."
+        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
+        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
     )
 
     def validate(self) -> None:

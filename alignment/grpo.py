@@ -57,7 +57,7 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
-from alignment.generation import GenerationResult, GenerationSettings, generate
+from alignment.generation import DECODE_PATHS, GenerationResult, GenerationSettings, generate
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
@@ -101,8 +101,14 @@ class RolloutConfig:
     budget_max: int = option(64, "Largest sampled thinking budget (tokens); budgets are uniform in [min, max].")
     grace_fraction: float = option(0.1, "Grace window after the budget to finish the line, as a fraction of it.")
     batch_size: int = option(64, "Samples generated together; a batch's rewards are scored while the next one runs.")
+    decode: str = option(
+        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
+        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
+    )
 
     def validate(self) -> None:
+        if self.decode not in DECODE_PATHS:
+            raise ValueError(f"rollout.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be at least 2 (advantages are relative to the group)")
         if self.prompts_per_step < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
@@ -709,7 +715,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     settings = dataclasses.replace(
         generation_settings(tokenizer, config.eval), temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, max_new_tokens=config.rollout.max_new_tokens, batch_size=config.rollout.batch_size,
-        grace_tokens=None, grace_fraction=config.rollout.grace_fraction,
+        grace_tokens=None, grace_fraction=config.rollout.grace_fraction, decode=config.rollout.decode,
     )
     scorer = RewardScorer(config.rewards)
     collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id,

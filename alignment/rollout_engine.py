@@ -118,7 +118,12 @@ def generate_continuous(
         occupied = [slot for slot in range(slots) if holder[slot] is not None]
         if not occupied:
             return stats
-        logits = torch.stack([fresh.pop(slot) if slot in fresh else step_logits[slot] for slot in occupied])
+        if fresh:
+            logits = torch.stack([fresh.pop(slot) if slot in fresh else step_logits[slot] for slot in occupied])
+        elif len(occupied) == slots:
+            logits = step_logits
+        else:
+            logits = step_logits[torch.tensor(occupied, device=step_logits.device)]
         choice, choice_logprob = draw(logits, [holder[slot] for slot in occupied], settings, None)
         fed = [FILLER_TOKEN] * slots
         parked = []

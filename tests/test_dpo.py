@@ -210,6 +210,7 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
         f"selection.validation_path={tiny_data / 'validation.jsonl'}", "selection.max_samples=4",
         "loss.score_until=divergent_line",
         "train.activation_checkpointing=true",  # checkpointed blocks through two rounds of adapters and merges
+        "mining.decode=continuous",  # the rollout engine: slots refilled, one prefill per prompt's samples
     )
     summary = run_dpo(config)
     assert [r["round"] for r in summary["rounds"]] == [1, 2]

@@ -131,13 +131,15 @@ def test_forced_tokens_are_not_in_the_loss():
     assert advantages[0] > 0 > advantages[1]
 
 
-def test_budgeted_rollout_masks_what_generation_forced(tokenizer):
+@pytest.mark.parametrize("decode", ["auto", "continuous"])
+def test_budgeted_rollout_masks_what_generation_forced(tokenizer, decode):
     from alignment.modeling import ModelConfig, load_model
     from alignment.evaluate import EvalConfig, generation_settings
     import dataclasses
 
     model = load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER)))
-    settings = dataclasses.replace(generation_settings(tokenizer, EvalConfig()), temperature=1.0, max_new_tokens=6)
+    settings = dataclasses.replace(generation_settings(tokenizer, EvalConfig()), temperature=1.0, max_new_tokens=6,
+                                   decode=decode)
     config = RolloutConfig(group_size=2, budget_fraction=1.0, budget_min=0, budget_max=0)
     scorer = RewardScorer(RewardsConfig(rewards=[RewardSpec("grpo_test_length")], mode="inprocess"))
     rows = [(0, {"id": "m0", "task": "math", "messages": [{"role": "user", "content": "Start with 3."}], "answer": "3"})]

@@ -1,0 +1,216 @@
+"""Rollout engines side by side in one run: the static batch (today's default), continuous batching, transformers.
+
+    python3 bench/bench_rollout.py --model tiny                      # CPU: configs/tiny/model.json
+    . bench/gpu_env.sh && python3 bench/bench_rollout.py --model 250m --batches 64,256
+    . bench/gpu_env.sh && python3 bench/bench_rollout.py --model nano9b --batches 64,256
+
+The model is a random init of the config, built on the device in the model's dtype (bf16 on CUDA, float32 on the
+CPU). A random-init model rarely writes its end-of-turn token, so each sample is stopped at a planned length instead
+(its own `max_new_tokens`): `--lengths uniform` gives every sample `--max-new-tokens`, `--lengths longtail` draws
+them log-uniform in [`--min-new-tokens`, `--max-new-tokens`]. Prompts: `--groups` distinct prompts of
+`--prompt-len` tokens, each asked `--group-size` times, as GRPO does; sampling at temperature 1.
+
+Sides (the same samples, the same planned lengths):
+  static       `alignment.generation._generate_batch` over batches of `--batch` rows on the static step (a CUDA graph
+               on CUDA): finished rows stay in the batch, fed a filler, until the batch's longest sample ends.
+  continuous   `alignment.rollout_engine.generate_continuous` over `--batch` slots: refilled as samples finish, one
+               prefill per distinct prompt.
+  continuous, no fork   the same with every sample's prompt made distinct (its first token changed): the prefill
+               work forking saves.
+  transformers `model.generate` in batches of `--batch` (uniform lengths only: it cannot stop rows at planned lengths,
+               so on long tails it would decode every row to the longest).
+
+Reported per side: wall seconds, useful tokens/s (tokens of the samples: what a learner gets), computed rows/s (rows
+a decode step processes, finished or not), decode steps and seconds per step, prefill forwards and prompts
+prefilled. On CUDA also the share of the memory bound of one decode step at `--batch` rows (bench_scale.py's bound:
+weights + Mamba states read and written + KV read, over the HBM bandwidth). Each side runs once after a warm-up
+call of the same side on a few samples (Triton autotune, graph capture), synchronised. Results go to
+`<out>/bench_rollout.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from alignment.generation import (  # noqa: E402
+    GenerationSettings, _generate_batch, _Sample, decode_attention_backends, sample_uniforms,
+)  # fmt: skip
+from alignment.modeling import ModelConfig, load_model  # noqa: E402
+from alignment.rollout_engine import generate_continuous  # noqa: E402
+from alignment.static_decode import StaticDecoder, static_max_len  # noqa: E402
+from bench_scale import HBM_TBPS, decode_bound, decode_state_bytes  # noqa: E402
+from measure import sync  # noqa: E402
+
+MODELS = {
+    "tiny": REPO / "configs" / "tiny" / "model.json",
+    "250m": REPO / "configs" / "gpu" / "model_250m.json",
+    "nano9b": REPO / "configs" / "nano9b" / "model_nano9b_v2.json",
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    parser.add_argument("--batches", default="32", help="comma-separated rows (static) / slots (continuous)")
+    parser.add_argument("--groups", type=int, default=16, help="distinct prompts")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--lengths", default="uniform,longtail", help="comma-separated: uniform, longtail")
+    parser.add_argument("--min-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--sides", default="static,continuous,continuous-nofork,transformers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_rollout")
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.lengths = args.lengths.split(",")
+    args.sides = args.sides.split(",")
+    return args
+
+
+def workload(args, vocab: int, lengths: str, fork: bool) -> tuple[list[list[int]], list[int]]:
+    """Prompts (each distinct prompt `group_size` times, or all distinct without `fork`) and planned lengths."""
+    rng = random.Random(args.seed)
+    distinct = [[rng.randrange(5, vocab) for _ in range(args.prompt_len)] for _ in range(args.groups)]
+    prompts = [list(p) for p in distinct for _ in range(args.group_size)]
+    if not fork:
+        for i, prompt in enumerate(prompts):
+            prompt[0] = 5 + i % (vocab - 5)  # a different first token: no two samples share a prefill
+    if lengths == "uniform":
+        planned = [args.max_new_tokens] * len(prompts)
+    else:  # log-uniform: as many short samples as long ones, the long tail of reasoning traces
+        lo, hi = math.log(args.min_new_tokens), math.log(args.max_new_tokens)
+        planned = [int(round(math.exp(rng.uniform(lo, hi)))) for _ in prompts]
+    return prompts, planned
+
+
+def make_samples(prompts, planned, settings: GenerationSettings, seed: int) -> list[_Sample]:
+    samples = []
+    for i, (prompt, length) in enumerate(zip(prompts, planned)):
+        sample = _Sample(prompt, None, False, dataclasses.replace(settings, max_new_tokens=length))
+        sample.uniforms = sample_uniforms(seed, i, settings.max_new_tokens)
+        samples.append(sample)
+    return samples
+
+
+def run_static(model, samples, settings, batch, device) -> dict:
+    max_len = static_max_len(max(len(s.prompt) for s in samples), settings.max_new_tokens)
+    decoder, steps, rows = None, 0, 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        if decoder is None or decoder.batch_size != len(chunk):
+            decoder = StaticDecoder(model, len(chunk), max_len, use_graph=device.type == "cuda")
+        _generate_batch(model, chunk, settings, None, decoder)
+        longest = max(len(s.tokens) for s in chunk)
+        steps += longest - 1  # the first token comes from the prefill
+        rows += len(chunk) * (longest - 1)
+    return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
+            "prompts_prefilled": len(samples)}
+
+
+def run_continuous(model, samples, settings, batch, device) -> dict:
+    max_len = static_max_len(max(len(s.prompt) for s in samples), settings.max_new_tokens)
+    stats = generate_continuous(model, samples, dataclasses.replace(settings, batch_size=batch), max_len=max_len,
+                                use_graph=device.type == "cuda")
+    return {"decode_steps": stats.decode_steps, "computed_rows": stats.decode_steps * min(batch, len(samples)),
+            "prefills": stats.prefills, "prompts_prefilled": stats.prompts_prefilled,
+            "slot_occupancy": stats.occupancy(min(batch, len(samples)))}
+
+
+def run_transformers(model, samples, settings, batch, device) -> dict:
+    steps, rows = 0, 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        width = max(len(s.prompt) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(chunk):
+            ids[r, width - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[r, width - len(s.prompt):] = 1
+        longest = max(s.settings.max_new_tokens for s in chunk)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
+                             min_new_tokens=longest, do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        for r, s in enumerate(chunk):
+            s.tokens = out[r, width:width + s.settings.max_new_tokens].tolist()
+        steps += longest - 1
+        rows += len(chunk) * (longest - 1)
+    return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
+            "prompts_prefilled": len(samples)}
+
+
+SIDES = {"static": run_static, "continuous": run_continuous, "continuous-nofork": run_continuous,
+         "transformers": run_transformers}
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model = load_model(ModelConfig(name_or_path=str(MODELS[args.model]), dtype=dtype, attn_implementation="sdpa"),
+                       device).eval()
+    vocab = model.config.vocab_size
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, pad_token_id=0)
+    states = decode_state_bytes(model, args.device) if device.type == "cuda" else None
+    report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "runs": []}
+    print(f"{args.model} on {report['device']}, {dtype}; {args.groups} prompts x {args.group_size}, prompt "
+          f"{args.prompt_len} tokens, new tokens {args.min_new_tokens}..{args.max_new_tokens}")
+    header = f"{'lengths':<9}{'batch':>6} {'side':<18}{'seconds':>9}{'useful tok/s':>14}{'rows/s':>10}" \
+             f"{'steps':>7}{'ms/step':>9}{'prefilled':>10}{'bound':>7}"
+    print(header + "\n" + "-" * len(header))
+    with torch.inference_mode(), decode_attention_backends(device):
+        for lengths in args.lengths:
+            for batch in args.batches:
+                for side in args.sides:
+                    if side == "transformers" and lengths != "uniform":
+                        continue
+                    prompts, planned = workload(args, vocab, lengths, fork=side != "continuous-nofork")
+                    warm = make_samples(prompts[:min(4, len(prompts))], [4] * 4, settings, args.seed + 1)
+                    SIDES[side](model, warm, settings, batch, device)  # autotune, capture, allocator warm-up
+                    samples = make_samples(prompts, planned, settings, args.seed)
+                    sync(args.device)
+                    started = time.perf_counter()
+                    result = SIDES[side](model, samples, settings, batch, device)
+                    sync(args.device)
+                    seconds = time.perf_counter() - started
+                    useful = sum(len(s.tokens) for s in samples)
+                    result |= {"lengths": lengths, "batch": batch, "side": side, "seconds": seconds,
+                               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
+                               "computed_rows_per_s": result["computed_rows"] / seconds,
+                               "seconds_per_step": seconds / max(1, result["decode_steps"])}
+                    if states is not None:
+                        context = args.prompt_len + sum(planned) / len(planned) / 2
+                        bound = decode_bound(model, states, batch, context, HBM_TBPS)
+                        result["bound"] = bound
+                        result["share_of_bound"] = result["computed_rows_per_s"] / bound["bound_tokens_per_s"]
+                    report["runs"].append(result)
+                    share = f"{result['share_of_bound']:.0%}" if "share_of_bound" in result else "-"
+                    print(f"{lengths:<9}{batch:>6} {side:<18}{seconds:>9.2f}{result['useful_tokens_per_s']:>14,.0f}"
+                          f"{result['computed_rows_per_s']:>10,.0f}{result['decode_steps']:>7}"
+                          f"{result['seconds_per_step'] * 1e3:>9.1f}{result['prompts_prefilled']:>10}{share:>7}",
+                          flush=True)
+                    (out / "bench_rollout.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out / 'bench_rollout.json'}")
+
+
+if __name__ == "__main__":
+    main()
