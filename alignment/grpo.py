@@ -100,7 +100,10 @@ class RolloutConfig:
     budget_min: int = option(0, "Smallest sampled thinking budget (tokens).")
     budget_max: int = option(64, "Largest sampled thinking budget (tokens); budgets are uniform in [min, max].")
     grace_fraction: float = option(0.1, "Grace window after the budget to finish the line, as a fraction of it.")
-    batch_size: int = option(64, "Samples generated together; a batch's rewards are scored while the next one runs.")
+    batch_size: int = option(
+        64, "Samples generated together; a batch's rewards are scored while the next one runs. With decode "
+            "continuous: decode slots, refilled over the whole step's samples in one call (scored after it).",
+    )
     decode: str = option(
         "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
         "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
@@ -391,11 +394,13 @@ def rollout(
     flat = [group for group in groups for _ in range(config.group_size)]
 
     timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
-    # One worker thread: scoring batch k (Ray actors or reward threads) runs while batch k+1 is generated here.
+    # One worker thread: scoring batch k (Ray actors or reward threads) runs while batch k+1 is generated here. The
+    # continuous engine takes the whole step in one call instead (its slots refill across groups), scored after it.
+    per_call = len(flat) if settings.decode == "continuous" else config.batch_size
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as executor:
         pending = []
-        for start in range(0, len(flat), config.batch_size):
-            chunk = flat[start : start + config.batch_size]
+        for start in range(0, len(flat), per_call):
+            chunk = flat[start : start + per_call]
             t0 = time.perf_counter()
             results = generate(
                 model, [g.prompt_ids for g in chunk], settings=settings,
