@@ -125,6 +125,10 @@ class MiningConfig:
         "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
         "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
     )
+    ssm_state_dtype: str = option(
+        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
+                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
+    )
     mismatch_warn_kl: float = option(
         0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
               "this (measured at temperature 1, top_p 1).",
@@ -140,6 +144,8 @@ class MiningConfig:
             raise ValueError("temperature must be > 0: greedy samples of one prompt are all the same")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"mining.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
+        if self.ssm_state_dtype not in ("model", "float32"):
+            raise ValueError(f"mining.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
         if self.prompts_per_round < 1 or self.max_pairs_per_prompt < 1:
             raise ValueError("prompts_per_round and max_pairs_per_prompt must be at least 1")
         if not 0 <= self.reasoning_off_fraction <= 1:
@@ -359,6 +365,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
         think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
         line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
+        ssm_state_dtype=config.ssm_state_dtype,
     )
     results = generate(
         model, [p["ids"] for p in plans for _ in range(k)], settings=settings,

@@ -46,6 +46,11 @@ class EvalConfig:
         "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
     )
 
+    ssm_state_dtype: str = option(
+        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
+                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
+    )
+
     def validate(self) -> None:
         for b in self.budgets:
             if b is not None and (not isinstance(b, int) or b < 0):
@@ -54,6 +59,8 @@ class EvalConfig:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
+        if self.ssm_state_dtype not in ("model", "float32"):
+            raise ValueError(f"eval.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
 
 
 def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0) -> GenerationSettings:
@@ -68,6 +75,7 @@ def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0)
         grace_fraction=config.grace_fraction,
         batch_size=config.batch_size,
         decode=config.decode,
+        ssm_state_dtype=config.ssm_state_dtype,
     )
 
 

@@ -69,6 +69,9 @@ class GenerationSettings:
     batch_size: int = 32  # samples decoded together
     progress: bool = False  # show a progress bar over samples
     decode: str = "auto"  # decode path, see DECODE_PATHS; auto: cuda-graph on CUDA where the model allows, else dynamic
+    # Mamba SSM state between decode steps on the static paths: "model" keeps the prefill cache's dtype, "float32"
+    # keeps it in float32 (NVIDIA's recommendation for these models; each step reads and writes twice the bytes).
+    ssm_state_dtype: str = "model"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -83,6 +86,8 @@ class GenerationSettings:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
+        if self.ssm_state_dtype not in ("model", "float32"):
+            raise ValueError(f"ssm_state_dtype must be 'model' or 'float32', got {self.ssm_state_dtype!r}")
         self.line_end_ids = frozenset(self.line_end_ids)
 
     def grace_window(self, budget: int) -> int:
@@ -341,11 +346,19 @@ def _generate_batch(
         logits = decoder.next([fed[r] for r in keep], keep)
 
 
-def _decode_path(model: nn.Module, requested: str, device: torch.device) -> str:
-    """The decode path to use: `requested`, or for auto the fastest one this model and device allow."""
+def ssm_state_dtype(settings: GenerationSettings) -> torch.dtype | None:
+    """The static decoder's SSM state dtype for these settings (None: as the prefill cache holds it)."""
+    return torch.float32 if settings.ssm_state_dtype == "float32" else None
+
+
+def _decode_path(model: nn.Module, requested: str, device: torch.device, float32_state: bool = False) -> str:
+    """The decode path to use: `requested`, or for auto the fastest one this model and device allow (a static one
+    when `float32_state` asks for a float32 SSM state)."""
     if requested == "dynamic":  # works for every model: no need to walk its modules
         return requested
     unsupported = static_decode_unsupported(model)
+    if requested == "auto" and float32_state and device.type != "cuda" and unsupported is None:
+        return "static"  # transformers' dynamic cache keeps the state in its own dtype
     if requested == "auto":
         if device.type == "cuda" and unsupported:
             log.info("no CUDA-graph decoding for this model (%s): transformers' dynamic cache", unsupported)
@@ -381,7 +394,11 @@ def generate(
     samples = [_Sample(p, b, r, settings) for p, b, r in zip(prompts, budgets, reasoning)]
 
     device = next(model.parameters()).device
-    path = _decode_path(model, settings.decode, device)
+    float32_state = settings.ssm_state_dtype == "float32"
+    path = _decode_path(model, settings.decode, device, float32_state)
+    if float32_state and path == "dynamic":
+        raise ValueError("ssm_state_dtype='float32' needs a static decode path (static, cuda-graph or continuous): "
+                         "transformers' dynamic cache keeps the SSM state in its own dtype")
     log.info("generating %d samples on %s (batch size %d, decode: %s%s)", n, device, settings.batch_size, path,
              ", SDPA without cuDNN" if device.type == "cuda" else "")
     max_len = static_max_len(max(map(len, prompts), default=0), settings.max_new_tokens)
@@ -420,7 +437,8 @@ def generate(
                 batch = [samples[i] for i in order[start : start + settings.batch_size]]
                 if path in ("static", "cuda-graph") and (static is None or static.batch_size != len(batch)):
                     static = None  # free the previous buffers and graph first
-                    static = StaticDecoder(model, len(batch), max_len, use_graph=path == "cuda-graph")
+                    static = StaticDecoder(model, len(batch), max_len, use_graph=path == "cuda-graph",
+                                           ssm_state_dtype=ssm_state_dtype(settings))
                 _generate_batch(model, batch, settings, generator, static)
                 bar.update(len(batch))
     finally:

@@ -109,9 +109,16 @@ class RolloutConfig:
         "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
     )
 
+    ssm_state_dtype: str = option(
+        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
+                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
+    )
+
     def validate(self) -> None:
         if self.decode not in DECODE_PATHS:
             raise ValueError(f"rollout.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
+        if self.ssm_state_dtype not in ("model", "float32"):
+            raise ValueError(f"rollout.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be at least 2 (advantages are relative to the group)")
         if self.prompts_per_step < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
@@ -721,6 +728,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         generation_settings(tokenizer, config.eval), temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, max_new_tokens=config.rollout.max_new_tokens, batch_size=config.rollout.batch_size,
         grace_tokens=None, grace_fraction=config.rollout.grace_fraction, decode=config.rollout.decode,
+        ssm_state_dtype=config.rollout.ssm_state_dtype,
     )
     scorer = RewardScorer(config.rewards)
     collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignment.generation import GenerationSettings, _Sample, draw, prefill
+from alignment.generation import GenerationSettings, _Sample, draw, prefill, ssm_state_dtype
 from alignment.static_decode import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def generate_continuous(
         return stats
     if any(sample.uniforms is None for sample in samples):
         raise ValueError("every sample needs its own draws (sample_uniforms) before continuous batching")
-    decoder = StaticDecoder(model, slots, max_len, use_graph=use_graph)
+    decoder = StaticDecoder(model, slots, max_len, use_graph=use_graph, ssm_state_dtype=ssm_state_dtype(settings))
     waiting = deque(samples)
     holder: list[_Sample | None] = [None] * slots  # slot -> its sample
     fresh: dict[int, torch.Tensor] = {}  # slot -> the prefill's logits [V], for a slot filled since the last step

@@ -97,7 +97,8 @@ class StaticDecoder:
     With `use_graph` (CUDA only) the first `start` warms the step up, captures it, and every `next` replays it.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, use_graph: bool):
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, use_graph: bool,
+                 ssm_state_dtype: torch.dtype | None = None):
         reason = static_decode_unsupported(model)
         if reason:
             raise ValueError(f"static decoding is not available: {reason}")
@@ -115,6 +116,7 @@ class StaticDecoder:
         self.conv_update = getattr(modeling, "causal_conv1d_update", None)
         self.state_update = getattr(modeling, "mamba2_selective_state_update", None)
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph
+        self.ssm_state_dtype = ssm_state_dtype  # None: the prefill cache's dtype; float32 as NVIDIA recommends
         self.states: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # per block, allocated on start
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] token fed this step
         self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] column each row writes
@@ -223,7 +225,7 @@ class StaticDecoder:
             if block.block_type in MAMBA_BLOCKS:
                 conv, ssm = _cache_states(cache, block.layer_idx, block.block_type)  # [n, ...]: n may not be B
                 self.states.append((conv.new_zeros(self.batch_size, *conv.shape[1:]),
-                                    ssm.new_zeros(self.batch_size, *ssm.shape[1:])))
+                                    ssm.new_zeros(self.batch_size, *ssm.shape[1:], dtype=self.ssm_state_dtype)))
             elif block.block_type in ATTENTION_BLOCKS:
                 keys, _ = _cache_states(cache, block.layer_idx, block.block_type)  # [n, H_kv, width, head_dim]
                 shape = (self.batch_size, keys.shape[1], self.max_len, keys.shape[3])

@@ -110,3 +110,26 @@ def test_continuous_batching_is_refused_where_the_static_step_cannot_run():
 
     with pytest.raises(ValueError, match="decode='continuous'"):
         generate(NotAHybrid(), [[5, 6]], settings=tiny_settings(decode="continuous"))
+
+
+def test_a_float32_ssm_state_stays_float32_and_needs_a_static_path(tiny_model):
+    import copy
+
+    from alignment.generation import prefill
+    from alignment.static_decode import MAMBA_BLOCKS, StaticDecoder
+
+    prompts = tiny_prompts(4, seed=6)
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    decoder = StaticDecoder(half, 2, 64, use_graph=False, ssm_state_dtype=torch.float32)
+    _, cache, mask = prefill(half, prompts[:2], 0)
+    decoder.load_slots(cache, mask, [0, 1], [1, 0])
+    mamba = [state for block, state in zip(decoder.blocks, decoder.states) if block.block_type in MAMBA_BLOCKS]
+    assert mamba and all(ssm.dtype == torch.float32 and conv.dtype == torch.bfloat16 for conv, ssm in mamba)
+    assert torch.isfinite(decoder.step_slots([5, 6])).all()
+    for decode in ("static", "continuous"):  # in a float32 model the option changes nothing
+        kept = generate(tiny_model, prompts, settings=tiny_settings(decode=decode, ssm_state_dtype="float32"))
+        assert kept == generate(tiny_model, prompts, settings=tiny_settings(decode=decode))
+    with pytest.raises(ValueError, match="needs a static decode path"):
+        generate(tiny_model, prompts, settings=tiny_settings(decode="dynamic", ssm_state_dtype="float32"))
+    auto = generate(tiny_model, prompts, settings=tiny_settings(ssm_state_dtype="float32"))  # auto: static on CPU
+    assert auto == generate(tiny_model, prompts, settings=tiny_settings())
