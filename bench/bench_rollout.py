@@ -1,16 +1,22 @@
 """Rollout engines side by side in one run: the static batch (today's default), continuous batching, transformers.
 
     python3 bench/bench_rollout.py --model tiny                      # CPU: configs/tiny/model.json
+    python3 bench/bench_rollout.py --checkpoint runs/demo/dpo/checkpoint --prompts runs/demo/data/rl.jsonl \
+        --groups 32 --lengths real                                   # CPU: a trained model's own lengths
     . bench/gpu_env.sh && python3 bench/bench_rollout.py --model 250m --batches 64,256
     . bench/gpu_env.sh && python3 bench/bench_rollout.py --model nano9b --batches 64,256
 
 The model is a random init of the config, built on the device in the model's dtype (bf16 on CUDA, float32 on the
 CPU). A random-init model rarely writes its end-of-turn token, so each sample is stopped at a planned length instead
 (its own `max_new_tokens`): `--lengths uniform` gives every sample `--max-new-tokens`, `--lengths longtail` draws
-them log-uniform in [`--min-new-tokens`, `--max-new-tokens`]. Prompts: `--groups` distinct prompts of
+them log-uniform in [`--min-new-tokens`, `--max-new-tokens`]. With `--checkpoint` (a trained model) and `--prompts`
+(prompt rows, rendered reasoning-on by the checkpoint's chat template), `--lengths real` lets the model end its
+samples itself, at most `--max-new-tokens`. Prompts: `--groups` distinct prompts of
 `--prompt-len` tokens, each asked `--group-size` times, as GRPO does; sampling at temperature 1.
 
 Sides (the same samples, the same planned lengths):
+  dynamic      `alignment.generation._generate_batch` over batches of `--batch` rows on transformers' forward and
+               dynamic cache (the CPU default): finished rows leave the batch.
   static       `alignment.generation._generate_batch` over batches of `--batch` rows on the static step (a CUDA graph
                on CUDA): finished rows stay in the batch, fed a filler, until the batch's longest sample ends.
   continuous   `alignment.rollout_engine.generate_continuous` over `--batch` slots: refilled as samples finish, one
@@ -24,7 +30,8 @@ Reported per side: wall seconds, useful tokens/s (tokens of the samples: what a 
 a decode step processes, finished or not), decode steps and seconds per step, prefill forwards and prompts
 prefilled. On CUDA also the share of the memory bound of one decode step at `--batch` rows (bench_scale.py's bound:
 weights + Mamba states read and written + KV read, over the HBM bandwidth). Each side runs once after a warm-up
-call of the same side on a few samples (Triton autotune, graph capture), synchronised. Results go to
+call of the same side on a few samples (Triton autotune, graph capture), synchronised; `--repeats` timed runs per
+side, the sides interleaved, median seconds (repeat r samples with seed + r; counts are of the first). Results go to
 `<out>/bench_rollout.json`.
 """
 
@@ -36,6 +43,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,16 +73,19 @@ MODELS = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--checkpoint", help="a trained model directory instead of --model's random init")
+    parser.add_argument("--prompts", help="prompt rows (JSONL) for --checkpoint, rendered reasoning-on")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--batches", default="32", help="comma-separated rows (static) / slots (continuous)")
     parser.add_argument("--groups", type=int, default=16, help="distinct prompts")
     parser.add_argument("--group-size", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--lengths", default="uniform,longtail", help="comma-separated: uniform, longtail")
+    parser.add_argument("--lengths", default="uniform,longtail", help="comma-separated: uniform, longtail, real")
     parser.add_argument("--min-new-tokens", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--sides", default="static,continuous,continuous-nofork,transformers")
+    parser.add_argument("--sides", default="dynamic,static,continuous,continuous-nofork,transformers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median; repeat r: seed + r)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_rollout")
     args = parser.parse_args()
     if args.device == "auto":
@@ -85,15 +96,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def workload(args, vocab: int, lengths: str, fork: bool) -> tuple[list[list[int]], list[int]]:
+def workload(args, vocab: int, lengths: str, fork: bool, real_prompts: list[list[int]] | None = None,
+             ) -> tuple[list[list[int]], list[int]]:
     """Prompts (each distinct prompt `group_size` times, or all distinct without `fork`) and planned lengths."""
     rng = random.Random(args.seed)
-    distinct = [[rng.randrange(5, vocab) for _ in range(args.prompt_len)] for _ in range(args.groups)]
+    distinct = real_prompts[:args.groups] if real_prompts else [
+        [rng.randrange(5, vocab) for _ in range(args.prompt_len)] for _ in range(args.groups)]
     prompts = [list(p) for p in distinct for _ in range(args.group_size)]
     if not fork:
         for i, prompt in enumerate(prompts):
             prompt[0] = 5 + i % (vocab - 5)  # a different first token: no two samples share a prefill
-    if lengths == "uniform":
+    if lengths in ("uniform", "real"):  # real: the model's end-of-turn token ends a sample first
         planned = [args.max_new_tokens] * len(prompts)
     else:  # log-uniform: as many short samples as long ones, the long tail of reasoning traces
         lo, hi = math.log(args.min_new_tokens), math.log(args.max_new_tokens)
@@ -121,6 +134,18 @@ def run_static(model, samples, settings, batch, device) -> dict:
         longest = max(len(s.tokens) for s in chunk)
         steps += longest - 1  # the first token comes from the prefill
         rows += len(chunk) * (longest - 1)
+    return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
+            "prompts_prefilled": len(samples)}
+
+
+def run_dynamic(model, samples, settings, batch, device) -> dict:
+    steps, rows = 0, 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        _generate_batch(model, chunk, settings, None, None)
+        lengths = sorted((len(s.tokens) for s in chunk), reverse=True)
+        steps += lengths[0] - 1
+        rows += sum(n - 1 for n in lengths)  # finished rows leave the batch
     return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
             "prompts_prefilled": len(samples)}
 
@@ -155,7 +180,7 @@ def run_transformers(model, samples, settings, batch, device) -> dict:
             "prompts_prefilled": len(samples)}
 
 
-SIDES = {"static": run_static, "continuous": run_continuous, "continuous-nofork": run_continuous,
+SIDES = {"dynamic": run_dynamic, "static": run_static, "continuous": run_continuous, "continuous-nofork": run_continuous,
          "transformers": run_transformers}
 
 
@@ -165,36 +190,57 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model = load_model(ModelConfig(name_or_path=str(MODELS[args.model]), dtype=dtype, attn_implementation="sdpa"),
-                       device).eval()
+    source = args.checkpoint or str(MODELS[args.model])
+    model = load_model(ModelConfig(name_or_path=source, dtype=dtype, attn_implementation="sdpa"), device).eval()
     vocab = model.config.vocab_size
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, pad_token_id=0)
+    real_prompts = None
+    if args.checkpoint:
+        from alignment.chat_format import encode_prompt
+        from alignment.data import read_rows
+        from alignment.evaluate import EvalConfig, generation_settings
+        from alignment.grpo import prompt_for
+        from alignment.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=args.checkpoint))
+        settings = dataclasses.replace(generation_settings(tokenizer, EvalConfig()), temperature=1.0,
+                                       max_new_tokens=args.max_new_tokens)
+        rows, _ = read_rows(args.prompts, "prompt")
+        real_prompts = [encode_prompt(tokenizer, prompt_for(row), True) for row in rows[:args.groups]]
     states = decode_state_bytes(model, args.device) if device.type == "cuda" else None
     report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "runs": []}
-    print(f"{args.model} on {report['device']}, {dtype}; {args.groups} prompts x {args.group_size}, prompt "
-          f"{args.prompt_len} tokens, new tokens {args.min_new_tokens}..{args.max_new_tokens}")
+    prompt_lengths = [len(p) for p in real_prompts] if real_prompts else [args.prompt_len]
+    print(f"{source} on {report['device']}, {dtype}; {args.groups} prompts x {args.group_size}, prompts of "
+          f"{min(prompt_lengths)}-{max(prompt_lengths)} tokens, new tokens up to {args.max_new_tokens}")
     header = f"{'lengths':<9}{'batch':>6} {'side':<18}{'seconds':>9}{'useful tok/s':>14}{'rows/s':>10}" \
              f"{'steps':>7}{'ms/step':>9}{'prefilled':>10}{'bound':>7}"
     print(header + "\n" + "-" * len(header))
     with torch.inference_mode(), decode_attention_backends(device):
         for lengths in args.lengths:
             for batch in args.batches:
-                for side in args.sides:
-                    if side == "transformers" and lengths != "uniform":
-                        continue
-                    prompts, planned = workload(args, vocab, lengths, fork=side != "continuous-nofork")
-                    warm = make_samples(prompts[:min(4, len(prompts))], [4] * 4, settings, args.seed + 1)
-                    SIDES[side](model, warm, settings, batch, device)  # autotune, capture, allocator warm-up
-                    samples = make_samples(prompts, planned, settings, args.seed)
-                    sync(args.device)
-                    started = time.perf_counter()
-                    result = SIDES[side](model, samples, settings, batch, device)
-                    sync(args.device)
-                    seconds = time.perf_counter() - started
-                    useful = sum(len(s.tokens) for s in samples)
+                sides = [side for side in args.sides if side != "transformers" or lengths == "uniform"]
+                timed: dict[str, list[float]] = {side: [] for side in sides}
+                results: dict[str, dict] = {}
+                for repeat in range(args.repeats):  # sides interleaved, so a change of machine load hits all
+                    for side in sides:
+                        prompts, planned = workload(args, vocab, lengths, side != "continuous-nofork", real_prompts)
+                        if repeat == 0:  # autotune, capture, allocator warm-up
+                            warm = make_samples(prompts[:min(4, len(prompts))], [4] * 4, settings, args.seed + 1)
+                            SIDES[side](model, warm, settings, batch, device)
+                        samples = make_samples(prompts, planned, settings, args.seed + repeat)
+                        sync(args.device)
+                        started = time.perf_counter()
+                        result = SIDES[side](model, samples, settings, batch, device)
+                        sync(args.device)
+                        timed[side].append(time.perf_counter() - started)
+                        result["useful_tokens"] = sum(len(s.tokens) for s in samples)
+                        results.setdefault(side, result)  # counts of the first repeat (same planned lengths)
+                for side in sides:
+                    result, seconds = results[side], statistics.median(timed[side])
                     result |= {"lengths": lengths, "batch": batch, "side": side, "seconds": seconds,
-                               "useful_tokens": useful, "useful_tokens_per_s": useful / seconds,
+                               "seconds_each": timed[side],
+                               "useful_tokens_per_s": result["useful_tokens"] / seconds,
                                "computed_rows_per_s": result["computed_rows"] / seconds,
                                "seconds_per_step": seconds / max(1, result["decode_steps"])}
                     if states is not None:
