@@ -39,10 +39,11 @@ class RayRewardPool:
     def __init__(self, size: int, timeout_s: float):
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
-        # Actors import reward functions by module name: they get this process's import path, so rewards defined
-        # in the user's own (not installed) modules load there too. Reward calls mostly wait (subprocesses, sympy):
-        # reserve no CPUs the trainer's actors may need.
-        import_path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        # Actors import reward functions by module name: they get this process's import path and the working
+        # directory (as rewards.registry looks there too), so rewards defined in the user's own (not installed)
+        # modules load there as well. Reward calls mostly wait (subprocesses, sympy): reserve no CPUs the trainer's
+        # actors may need.
+        import_path = os.pathsep.join(dict.fromkeys(p for p in (*sys.path, os.getcwd()) if p and os.path.isdir(p)))
         self._worker_cls = ray.remote(
             num_cpus=0, max_restarts=0, runtime_env={"env_vars": {"PYTHONPATH": import_path}}
         )(_RewardWorker)

@@ -12,6 +12,8 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -156,12 +158,32 @@ def _load_entry_points() -> None:
                 logger.exception("cannot load reward entry point %s = %s from %s", entry.name, entry.value, dist)
 
 
+def _import_here_too(module_name: str):
+    """Import `module_name` from the installed packages, else from the working directory.
+
+    Console scripts such as `align` put their own folder first on sys.path, not the working directory, so a
+    `my_rewards.polite:polite` next to the user's config would not import. The working directory is appended, not
+    prepended: an installed package of the same name still wins. Ray reward actors get this process's sys.path.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        top = module_name.split(".")[0]
+        if e.name != top or here in sys.path:  # a missing dependency inside it, or already looked there
+            raise
+        sys.path.append(here)
+        logger.info("reward module %s imported from the working directory %s", module_name, here)
+        return importlib.import_module(module_name)
+
+
 def _load_path(path: str) -> Reward:
     module_name, _, attr = path.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn = getattr(_import_here_too(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise KeyError(f"reward path {path!r} cannot be loaded: {e}") from e
+        raise KeyError(f"reward path {path!r} cannot be loaded from the installed packages or the working directory "
+                       f"{os.getcwd()}: {e}") from e
     return _register_loaded(path, fn, f"path {path}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,3 +68,18 @@ def test_plugin_source_is_shown_by_rewards_list(installed_plugin, capsys):
     assert entries["shout"]["source"] == "entry point ha-shout-reward (ha_shout_reward:shout)"
     assert entries["exclamations"]["description"] == "Number of exclamation marks, capped at 3."
     assert get_reward("shout").fn.__module__ == "ha_shout_reward"
+
+
+def test_the_readme_plugin_example_runs_as_written_from_the_folder_that_holds_it(tmp_path):
+    """README, "Write your own reward": the module next to the user, `align rewards check` run from there."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    source = readme.split("```python\n# my_rewards/polite.py\n", 1)[1].split("```", 1)[0]
+    command, expected = readme.split("```console\n$ align rewards check ", 1)[1].split("\n")[:2]
+    (tmp_path / "my_rewards").mkdir()
+    (tmp_path / "my_rewards" / "polite.py").write_text(source)
+    align = Path(sys.executable).parent / "align"
+    assert align.exists(), "the align console script is installed next to the interpreter"
+    done = subprocess.run(["bash", "-c", f"{align} rewards check {command}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == json.loads(expected)
