@@ -82,7 +82,8 @@ def enforce_bad_fraction(report: RowReport, max_bad_fraction: float, unit: str =
         first = "; ".join(f"{where} {n}: {r}" for n, r in report.bad[:3])
         raise BadDataError(
             f"{report.path}: {len(report.bad)} of {report.total} {unit} are bad ({report.bad_fraction:.1%} > "
-            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}"
+            f"max_bad_fraction {max_bad_fraction:.1%}); first: {first}. Fix the rows, or raise the limit with the "
+            "`max_bad_fraction` key of the config section that names this file (data, eval)"
         )
 
 

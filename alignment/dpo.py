@@ -544,7 +544,7 @@ def run_dpo(config: DPOConfig) -> dict:
         enable_activation_checkpointing(model)
     log.info("loss: %s; activation checkpointing: %s", describe_loss_path(config.train.loss_chunk_tokens),
              activation_checkpointing_status(model))
-    test_rows, _ = read_rows(config.eval.test_path, "prompt")
+    test_rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     # Decoding the whole vocabulary takes a while for real tokenizers: only when the loss needs line ends.
     line_ends = line_end_token_ids(tokenizer) if config.loss.score_until == "divergent_line" else None
 

@@ -41,6 +41,8 @@ class EvalConfig:
     grace_tokens: int = option(-1, "Grace window after the budget to finish the line; -1 uses grace_fraction.")
     grace_fraction: float = option(0.1, "Grace window as a fraction of the budget (NVIDIA's serving default).")
     batch_size: int = option(64, "Samples generated together.")
+    max_bad_fraction: float = option(0.01, "Stop when more than this fraction of test_path's rows is bad (at 0.01 a "
+                                           "file of under 100 rows stops at its first bad row).")
     decode: str = option(
         "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
         "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
@@ -290,7 +292,7 @@ def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
 
     setup_logging()
     device = pick_device(config.device)
-    rows, _ = read_rows(config.eval.test_path, "prompt")
+    rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     results: dict[str, dict] = {}
     for checkpoint in checkpoints:
         verify_checkpoint(checkpoint)

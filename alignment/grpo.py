@@ -721,7 +721,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     if config.data.code_tasks:
         rows += generate_code_tasks(config.data.code_tasks, seed=config.train.seed)
     pool = PromptPool(rows, seed=config.train.seed)
-    test_rows, _ = read_rows(config.eval.test_path, "prompt")
+    test_rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     log.info("%d training prompts; %d held-out rows", len(rows), len(test_rows[: config.eval.max_samples or None]))
 
     settings = dataclasses.replace(

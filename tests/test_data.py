@@ -92,3 +92,16 @@ def test_written_files_are_valid_rows(tiny_data):
         rows, report = read_rows(tiny_data / f"{split}.jsonl", "train", 0.0)
         assert rows and not report.bad
     assert json.loads((tiny_data / "manifest.json").read_text())["rows"]["train"] == 64
+
+
+def test_a_bad_row_in_a_small_eval_file_names_the_key_that_lets_it_through(tmp_path):
+    from alignment.evaluate import EvalConfig
+
+    path = tmp_path / "test.jsonl"
+    good = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "answer": str(i)}) for i in range(29)]
+    path.write_text("\n".join(good + ["not json"]) + "\n")
+    config = EvalConfig(test_path=str(path))  # the default limit, 1%
+    with pytest.raises(BadDataError, match=r"1 of 30 rows are bad .*`max_bad_fraction` key .*\(data, eval\)"):
+        read_rows(config.test_path, "prompt", config.max_bad_fraction)
+    rows, report = read_rows(path, "prompt", EvalConfig(max_bad_fraction=0.05).max_bad_fraction)
+    assert len(rows) == 29 and len(report.bad) == 1
