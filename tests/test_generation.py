@@ -459,10 +459,11 @@ def test_cuda_graph_decoding_matches_dynamic_on_gpu():
     runs = {
         decode: generate(model, prompts, settings=tiny_settings(decode=decode, batch_size=5),
                          budgets=MIXED_BUDGETS, reasoning=MIXED_REASONING)
-        for decode in ("dynamic", "static", "cuda-graph")
+        for decode in ("dynamic", "static", "cuda-graph", "continuous")  # continuous: slots refilled, graph replayed
     }
     assert runs["cuda-graph"] == runs["dynamic"]
     assert runs["static"] == runs["dynamic"]
+    assert runs["continuous"] == runs["dynamic"]
     assert {r.finished for r in runs["dynamic"]} == {True, False}  # rows left the batch on the way
 
 
