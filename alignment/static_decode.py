@@ -121,6 +121,10 @@ class StaticDecoder:
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] token fed this step
         self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] column each row writes
         self.slot_index = torch.arange(batch_size, device=self.device)  # [B] for per-row writes
+        self.true = torch.ones((), dtype=torch.bool, device=self.device)  # a Python True would be copied from the host
+        # After `start` all rows write one column (the path measured on GPUs); after `load_slots` each its own.
+        # A captured graph holds the ops of one of the two: a decoder serves either a static batch or the engine.
+        self.shared_column = True
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.device)  # [B, L] keys to attend
         self.rows = torch.arange(batch_size)  # batch rows still decoding (on the host: no sync to index with it)
         self.rows_on_device = self.rows.to(self.device)
@@ -135,6 +139,8 @@ class StaticDecoder:
         if batch != self.batch_size or width + WARMUP_STEPS >= self.max_len:
             raise ValueError(f"a [{batch}, {width}] prefill does not fit a decoder of {self.batch_size} rows x "
                              f"{self.max_len} positions")
+        if self.graph is not None and not self.shared_column:
+            raise RuntimeError("this decoder's graph was captured for slots (load_slots); use a new decoder")
         if self.states is None:
             self._allocate(cache)
         self._load(cache, attention_mask)
@@ -172,6 +178,8 @@ class StaticDecoder:
         width = attention_mask.shape[1]
         if width + WARMUP_STEPS >= self.max_len:
             raise ValueError(f"a {width}-token prefill does not fit a decoder of {self.max_len} positions")
+        if self.graph is not None and self.shared_column:
+            raise RuntimeError("this decoder's graph was captured for a static batch (start); use a new decoder")
         if self.states is None:
             self._allocate(cache)
         source = torch.tensor(rows, device=self.device)
@@ -192,6 +200,7 @@ class StaticDecoder:
         valid[:, :width] = attention_mask[source].bool()
         self.valid[target] = valid
         self.position[target] = width
+        self.shared_column = False  # slots filled at different times write different columns
         if self.use_graph and self.graph is None:
             saved = [None if s is None else (s[0].clone(), s[1].clone()) for s in self.states]
             valid_saved, position_saved = self.valid.clone(), self.position.clone()
@@ -249,6 +258,7 @@ class StaticDecoder:
         self.valid.zero_()
         self.valid[:, :width] = attention_mask.bool()
         self.position.fill_(width)
+        self.shared_column = True
         self.rows = torch.arange(self.batch_size)
         self.rows_on_device = self.rows.to(self.device)
 
@@ -256,7 +266,10 @@ class StaticDecoder:
 
     def _step(self) -> torch.Tensor:
         """One token per row at its column `position`: returns [B, V] float logits and advances the columns."""
-        self.valid[self.slot_index, self.position] = True
+        if self.shared_column:  # one prefill for the whole batch: every row writes the same column
+            self.valid.index_fill_(1, self.position[:1], True)
+        else:
+            self.valid.index_put_((self.slot_index, self.position), self.true)  # a device value: capturable
         hidden = self.embed(self.input_ids[:, None])  # [B, 1, D]
         for block, state in zip(self.blocks, self.states):
             mixed = block.norm(hidden.to(block.norm.weight.dtype))
@@ -299,8 +312,14 @@ class StaticDecoder:
     def _attention(self, attn: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Attention of one new token over the valid positions, its key and value written at each row's `position`."""
         batch, head_dim, kv_heads = x.shape[0], attn.head_dim, keys.shape[1]
-        keys[self.slot_index, :, self.position] = attn.k_proj(x).view(batch, kv_heads, head_dim)
-        values[self.slot_index, :, self.position] = attn.v_proj(x).view(batch, kv_heads, head_dim)
+        new_keys = attn.k_proj(x).view(batch, kv_heads, 1, head_dim)
+        new_values = attn.v_proj(x).view(batch, kv_heads, 1, head_dim)
+        if self.shared_column:
+            keys.index_copy_(2, self.position[:1], new_keys)
+            values.index_copy_(2, self.position[:1], new_values)
+        else:
+            keys[self.slot_index, :, self.position] = new_keys[:, :, 0]
+            values[self.slot_index, :, self.position] = new_values[:, :, 0]
         # Grouped-query attention without copying the KV: the query heads that share a KV head (consecutive, as in
         # transformers' repeat_kv) become that head's queries. [B, H_kv, H_q / H_kv, head_dim]
         query = attn.q_proj(x).view(batch, kv_heads, -1, head_dim)
