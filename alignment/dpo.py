@@ -53,7 +53,8 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
-from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
+from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationSettings, generate,
+                                  line_end_token_ids)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
@@ -121,14 +122,8 @@ class MiningConfig:
     min_margin: float = option(0.5, "Keep a pair only when the chosen score beats the rejected one by at least this.")
     max_pairs_per_prompt: int = option(2, "Disjoint pairs per prompt: i-th best with i-th worst, while the margin holds.")
     batch_size: int = option(128, "Samples generated together (continuous: decode slots).")
-    decode: str = option(
-        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
-        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
-    )
-    ssm_state_dtype: str = option(
-        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
-                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
-    )
+    decode: str = option("auto", DECODE_HELP)
+    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
     mismatch_warn_kl: float = option(
         0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
               "this (measured at temperature 1, top_p 1).",

@@ -21,7 +21,8 @@ import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import option
-from alignment.generation import DECODE_PATHS, GenerationSettings, generate, line_end_token_ids
+from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationSettings, generate,
+                                  line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,9 @@ class EvalConfig:
     batch_size: int = option(64, "Samples generated together.")
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of test_path's rows is bad (at 0.01 a "
                                            "file of under 100 rows stops at its first bad row).")
-    decode: str = option(
-        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
-        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
-    )
+    decode: str = option("auto", DECODE_HELP)
 
-    ssm_state_dtype: str = option(
-        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
-                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
-    )
+    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
 
     def validate(self) -> None:
         for b in self.budgets:

@@ -51,6 +51,14 @@ DECODE_PATHS = {
     "continuous": "continuous batching: batch_size slots refilled as samples finish, one prefill per distinct prompt, "
                   "the static step (a CUDA graph on CUDA); sampling keyed per sample (alignment/rollout_engine.py)",
 }
+DECODE_HELP = (
+    "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
+    "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
+)
+SSM_STATE_HELP = (
+    "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's recommendation; "
+    "twice the state bytes per step). float32 needs a static decode path."
+)
 
 
 @dataclass

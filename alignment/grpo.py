@@ -57,7 +57,8 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
-from alignment.generation import DECODE_PATHS, GenerationResult, GenerationSettings, generate
+from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationResult, GenerationSettings,
+                                  generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
@@ -104,15 +105,9 @@ class RolloutConfig:
         64, "Samples generated together; a batch's rewards are scored while the next one runs. With decode "
             "continuous: decode slots, refilled over the whole step's samples in one call (scored after it).",
     )
-    decode: str = option(
-        "auto", "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
-        "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
-    )
+    decode: str = option("auto", DECODE_HELP)
 
-    ssm_state_dtype: str = option(
-        "model", "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's "
-                 "recommendation; twice the state bytes per step). float32 needs a static decode path."
-    )
+    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
 
     def validate(self) -> None:
         if self.decode not in DECODE_PATHS:

@@ -16,8 +16,8 @@ Step 4 comes after step 3, so a fresh slot's states are never advanced by a fill
 
 Sampling is keyed per sample: `generate` gives sample i of a call with seed s its own uniforms,
 `sample_uniforms(s, i, max_new_tokens)`, and the token at position t is drawn with the t-th, so a sample's tokens do
-not depend on which samples share the slots or when it was admitted. `tests/test_rollout_engine.py` checks every sample against the same sample generated alone on
-transformers' dynamic cache.
+not depend on which samples share the slots or when it was admitted. `tests/test_rollout_engine.py` checks every
+sample against the same sample generated alone on transformers' dynamic cache.
 """
 
 from __future__ import annotations
