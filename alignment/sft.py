@@ -361,10 +361,11 @@ def run_sft(config: SFTConfig) -> dict:
             total, grad_norm = eager_step(trained, model, optimizer, step_batches[rank::world], n_targets, world,
                                           device, config.train.max_grad_norm, state, loss_chunk_tokens)
         state.step = step + 1
-        if step % config.train.log_every == 0 or step == config.train.max_steps - 1:
-            loss = float(total) / n_targets  # reading the loss back syncs with the GPU: only when logging
+        logged = step % config.train.log_every == 0 or step == config.train.max_steps - 1
+        if logged or device.type != "cuda":  # reading the loss back syncs with a GPU: there only when logging
+            loss = float(total) / n_targets
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        if metrics and (step % config.train.log_every == 0 or step == config.train.max_steps - 1):
+        if metrics and logged:
             memory = {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
             elapsed = time.time() - started
             metrics.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), epoch=state.epoch,
