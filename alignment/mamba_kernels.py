@@ -223,14 +223,33 @@ def frozen_outproj_outside(fused: Callable) -> Callable:
     return mamba2_split_conv1d_scan_combined
 
 
+def _wrap_once(owner: object, name: str, wrap: Callable[[Callable], Callable], mark: str) -> bool:
+    """Replace `owner.name` by `wrap(owner.name)` unless a wrapper carrying `mark` is there; False if there is none."""
+    current = getattr(owner, name, None) if owner is not None else None
+    if current is None:
+        return False
+    if not getattr(current, mark, False):
+        setattr(owner, name, wrap(current))
+    return True
+
+
+@contextlib.contextmanager
+def _unwrapped(owner: object, name: str, mark: str) -> Iterator[None]:
+    """Inside: `owner.name` is what the wrapper carrying `mark` wraps (nothing changes without that wrapper)."""
+    current = getattr(owner, name, None) if owner is not None else None
+    if not getattr(current, mark, False):
+        yield
+        return
+    setattr(owner, name, current.__wrapped__)
+    try:
+        yield
+    finally:
+        setattr(owner, name, current)
+
+
 def keep_frozen_outproj_outside(module: ModuleType) -> bool:
     """Put `frozen_outproj_outside` over the module's fused training kernel (idempotent); False if it has none."""
-    fused = getattr(module, FUSED_TRAINING_KERNEL, None)
-    if fused is None:
-        return False
-    if not getattr(fused, _OUTPROJ_OUTSIDE, False):
-        setattr(module, FUSED_TRAINING_KERNEL, frozen_outproj_outside(fused))
-    return True
+    return _wrap_once(module, FUSED_TRAINING_KERNEL, frozen_outproj_outside, _OUTPROJ_OUTSIDE)
 
 
 RMS_NORM_CLASS = "NemotronHRMSNorm"
@@ -269,32 +288,16 @@ def rms_norm_kernel_on_cuda(reference: Callable) -> Callable:
 
 def fuse_rms_norms(module: ModuleType) -> bool:
     """Give the module's RMSNorm class `rms_norm_kernel_on_cuda` (idempotent); False if it has no such class."""
-    norm = getattr(module, RMS_NORM_CLASS, None)
-    if norm is None:
-        return False
-    if not getattr(norm.forward, _NORM_KERNEL, False):
-        norm.forward = rms_norm_kernel_on_cuda(norm.forward)
-    return True
+    return _wrap_once(getattr(module, RMS_NORM_CLASS, None), "forward", rms_norm_kernel_on_cuda, _NORM_KERNEL)
 
 
 @contextlib.contextmanager
 def transformers_kernel_calls(module: ModuleType) -> Iterator[None]:
     """Inside: the module runs as transformers wrote it, without `frozen_outproj_outside` and the fused RMSNorm
     (baselines such as TRL as it runs elsewhere, and the tests that compare both ways)."""
-    fused = getattr(module, FUSED_TRAINING_KERNEL, None)
-    norm = getattr(module, RMS_NORM_CLASS, None)
-    norm_forward = getattr(norm, "forward", None)
-    if getattr(fused, _OUTPROJ_OUTSIDE, False):
-        setattr(module, FUSED_TRAINING_KERNEL, fused.__wrapped__)
-    if getattr(norm_forward, _NORM_KERNEL, False):
-        norm.forward = norm_forward.__wrapped__
-    try:
+    with _unwrapped(module, FUSED_TRAINING_KERNEL, _OUTPROJ_OUTSIDE), \
+            _unwrapped(getattr(module, RMS_NORM_CLASS, None), "forward", _NORM_KERNEL):
         yield
-    finally:
-        if fused is not None:
-            setattr(module, FUSED_TRAINING_KERNEL, fused)
-        if norm_forward is not None:
-            norm.forward = norm_forward
 
 
 def _route_nemotron_h() -> None:
