@@ -53,7 +53,7 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
-from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationSettings, generate,
+from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
@@ -137,10 +137,7 @@ class MiningConfig:
             raise ValueError("samples_per_prompt must be at least 2 to form a pair")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: greedy samples of one prompt are all the same")
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"mining.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
-        if self.ssm_state_dtype not in ("model", "float32"):
-            raise ValueError(f"mining.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
+        check_decode_keys(self.decode, self.ssm_state_dtype)
         if self.prompts_per_round < 1 or self.max_pairs_per_prompt < 1:
             raise ValueError("prompts_per_round and max_pairs_per_prompt must be at least 1")
         if not 0 <= self.reasoning_off_fraction <= 1:

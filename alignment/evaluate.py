@@ -21,7 +21,7 @@ import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import option
-from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationSettings, generate,
+from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
 
@@ -45,7 +45,6 @@ class EvalConfig:
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of test_path's rows is bad (at 0.01 a "
                                            "file of under 100 rows stops at its first bad row).")
     decode: str = option("auto", DECODE_HELP)
-
     ssm_state_dtype: str = option("model", SSM_STATE_HELP)
 
     def validate(self) -> None:
@@ -54,10 +53,7 @@ class EvalConfig:
                 raise ValueError(f"budgets must hold non-negative integers or null, got {b!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
-        if self.ssm_state_dtype not in ("model", "float32"):
-            raise ValueError(f"eval.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
+        check_decode_keys(self.decode, self.ssm_state_dtype)
 
 
 def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0) -> GenerationSettings:

@@ -59,6 +59,15 @@ SSM_STATE_HELP = (
     "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's recommendation; "
     "twice the state bytes per step). float32 needs a static decode path."
 )
+SSM_STATE_DTYPES = ("model", "float32")
+
+
+def check_decode_keys(decode: str, ssm_state_dtype: str) -> None:
+    """Refuse an unknown decode path or SSM state dtype (a config's loader adds the section to the key)."""
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {decode!r}")
+    if ssm_state_dtype not in SSM_STATE_DTYPES:
+        raise ValueError(f"ssm_state_dtype must be one of {list(SSM_STATE_DTYPES)}, got {ssm_state_dtype!r}")
 
 
 @dataclass
@@ -92,10 +101,7 @@ class GenerationSettings:
             raise ValueError("the grace window must not be negative")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
-        if self.ssm_state_dtype not in ("model", "float32"):
-            raise ValueError(f"ssm_state_dtype must be 'model' or 'float32', got {self.ssm_state_dtype!r}")
+        check_decode_keys(self.decode, self.ssm_state_dtype)
         self.line_end_ids = frozenset(self.line_end_ids)
 
     def grace_window(self, budget: int) -> int:
@@ -421,11 +427,12 @@ def generate(
 
     was_training = model.training
     model.eval()
+    keys = [tuple(prompt) for prompt in prompts]
     first_seen = {}
-    for i, prompt in enumerate(prompts):
-        first_seen.setdefault(tuple(prompt), i)
+    for i, key in enumerate(keys):
+        first_seen.setdefault(key, i)
     # Similar lengths together (less padding), the samples of one prompt next to each other (one prefill for them).
-    order = sorted(range(n), key=lambda i: (len(prompts[i]), first_seen[tuple(prompts[i])]))
+    order = sorted(range(n), key=lambda i: (len(keys[i]), first_seen[keys[i]]))
     try:
         with decode_attention_backends(device), \
                 tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:

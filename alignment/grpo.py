@@ -57,8 +57,8 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
-from alignment.generation import (DECODE_HELP, DECODE_PATHS, SSM_STATE_HELP, GenerationResult, GenerationSettings,
-                                  generate)
+from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
+                                  check_decode_keys, generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
@@ -106,14 +106,10 @@ class RolloutConfig:
             "continuous: decode slots, refilled over the whole step's samples in one call (scored after it).",
     )
     decode: str = option("auto", DECODE_HELP)
-
     ssm_state_dtype: str = option("model", SSM_STATE_HELP)
 
     def validate(self) -> None:
-        if self.decode not in DECODE_PATHS:
-            raise ValueError(f"rollout.decode must be one of {list(DECODE_PATHS)}, got {self.decode!r}")
-        if self.ssm_state_dtype not in ("model", "float32"):
-            raise ValueError(f"rollout.ssm_state_dtype must be model or float32, got {self.ssm_state_dtype!r}")
+        check_decode_keys(self.decode, self.ssm_state_dtype)
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be at least 2 (advantages are relative to the group)")
         if self.prompts_per_step < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

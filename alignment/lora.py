@@ -74,12 +74,11 @@ def compute_adapters_in_input_dtype(model: nn.Module) -> int:
 
 def fused_kernel_projections(model: nn.Module, targets: list[str]) -> list[str]:
     """Targets that are the out_proj of a Mamba-2 mixer, whose fused training kernel reads the weight directly."""
-    found = []
-    for name, module in model.named_modules():
-        calls_fused = hasattr(sys.modules.get(type(module).__module__), FUSED_TRAINING_KERNEL)
-        if "out_proj" in targets and calls_fused and isinstance(getattr(module, "out_proj", None), nn.Linear):
-            found.append(f"{name}.out_proj")
-    return found
+    if "out_proj" not in targets:
+        return []
+    return [f"{name}.out_proj" for name, module in model.named_modules()
+            if isinstance(getattr(module, "out_proj", None), nn.Linear)
+            and hasattr(sys.modules.get(type(module).__module__), FUSED_TRAINING_KERNEL)]
 
 
 def apply_lora(model, config: LoraConfig):
