@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -123,29 +124,19 @@ def make_samples(prompts, planned, settings: GenerationSettings, seed: int) -> l
     return samples
 
 
-def run_static(model, samples, settings, batch, device) -> dict:
+def run_batches(model, samples, settings, batch, device, static: bool) -> dict:
+    """Batches of `batch` samples, on the static step (finished rows stay, fed a filler) or transformers' dynamic
+    cache (finished rows leave)."""
     max_len = static_max_len(max(len(s.prompt) for s in samples), settings.max_new_tokens)
     decoder, steps, rows = None, 0, 0
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        if decoder is None or decoder.batch_size != len(chunk):
+        if static and (decoder is None or decoder.batch_size != len(chunk)):
             decoder = StaticDecoder(model, len(chunk), max_len, use_graph=device.type == "cuda")
         _generate_batch(model, chunk, settings, None, decoder)
-        longest = max(len(s.tokens) for s in chunk)
-        steps += longest - 1  # the first token comes from the prefill
-        rows += len(chunk) * (longest - 1)
-    return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
-            "prompts_prefilled": len(samples)}
-
-
-def run_dynamic(model, samples, settings, batch, device) -> dict:
-    steps, rows = 0, 0
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        _generate_batch(model, chunk, settings, None, None)
-        lengths = sorted((len(s.tokens) for s in chunk), reverse=True)
-        steps += lengths[0] - 1
-        rows += sum(n - 1 for n in lengths)  # finished rows leave the batch
+        decoded = [len(s.tokens) - 1 for s in chunk]  # the first token comes from the prefill
+        steps += max(decoded)
+        rows += len(chunk) * max(decoded) if static else sum(decoded)
     return {"decode_steps": steps, "computed_rows": rows, "prefills": -(-len(samples) // batch),
             "prompts_prefilled": len(samples)}
 
@@ -180,8 +171,8 @@ def run_transformers(model, samples, settings, batch, device) -> dict:
             "prompts_prefilled": len(samples)}
 
 
-SIDES = {"dynamic": run_dynamic, "static": run_static, "continuous": run_continuous, "continuous-nofork": run_continuous,
-         "transformers": run_transformers}
+SIDES = {"dynamic": functools.partial(run_batches, static=False), "static": functools.partial(run_batches, static=True),
+         "continuous": run_continuous, "continuous-nofork": run_continuous, "transformers": run_transformers}
 
 
 def main() -> None:
