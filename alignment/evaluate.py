@@ -97,12 +97,37 @@ def is_correct(boxed: str, reference: str) -> bool:
         return False
 
 
+Cell = tuple[bool, int | None]  # (reasoning on, thinking budget; None is unlimited)
+
+
 @torch.no_grad()
-def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | None, config: EvalConfig) -> dict:
-    """Generate for every row in one mode and budget, and grade."""
-    prompts = [encode_prompt(tokenizer, prompt_messages(row), reasoning) for row in rows]
+def run_cells(model, tokenizer, rows: list[dict], cells: list[Cell], config: EvalConfig) -> list[dict]:
+    """Generate for every row in every (mode, budget) cell, and grade each cell.
+
+    All cells go to one `generate` call, so the decoder's batches (or slots) stay full across cells, and the
+    continuous engine prefills each prompt once for all the budgets it is evaluated at. Greedy results do not
+    depend on how samples are batched, so this gives the same figures as one call per cell.
+    """
+    prompts = {reasoning: [encode_prompt(tokenizer, prompt_messages(row), reasoning) for row in rows]
+               for reasoning in {reasoning for reasoning, _ in cells}}
     settings = generation_settings(tokenizer, config)
-    results = generate(model, prompts, settings=settings, budgets=[budget] * len(rows), reasoning=[reasoning] * len(rows))
+    results = generate(
+        model, [p for reasoning, _ in cells for p in prompts[reasoning]], settings=settings,
+        budgets=[budget for _, budget in cells for _ in rows], reasoning=[reasoning for reasoning, _ in cells for _ in rows],
+    )
+    n = len(rows)
+    return [grade_cell(tokenizer, rows, results[i * n : (i + 1) * n], reasoning, budget, settings, config)
+            for i, (reasoning, budget) in enumerate(cells)]
+
+
+def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | None, config: EvalConfig) -> dict:
+    """`run_cells` for one mode and budget."""
+    return run_cells(model, tokenizer, rows, [(reasoning, budget)], config)[0]
+
+
+def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budget: int | None,
+               settings: GenerationSettings, config: EvalConfig) -> dict:
+    """One cell's figures from its rows' generations."""
     think_end = set(settings.think_end_ids)
     records = []
     for row, result in zip(rows, results):
@@ -168,9 +193,10 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         rows = rows[: config.max_samples]
     was_training = model.training
     model.eval()
-    think = run_cell(model, tokenizer, rows, True, None, config)
-    no_think = run_cell(model, tokenizer, rows, False, None, config)
-    sweep = [think if b is None else run_cell(model, tokenizer, rows, True, b, config) for b in config.budgets]
+    cells = [(True, None), (False, None)] + [(True, b) for b in dict.fromkeys(config.budgets) if b is not None]
+    graded = dict(zip(cells, run_cells(model, tokenizer, rows, cells, config)))
+    think, no_think = graded[(True, None)], graded[(False, None)]
+    sweep = [graded[(True, b)] for b in config.budgets]
     model.train(was_training)
     summary = {
         "samples": len(rows),

@@ -215,11 +215,14 @@ def mamba2_chunk_scan_seq_idx(
     A = A.reshape(b, c, L, h).permute(0, 3, 1, 2)  # [b, h, c, L]
     A_cumsum = torch.cumsum(A, dim=-1)  # [b, h, c, L]
 
-    # 1. intra-chunk (diagonal blocks): y[l] = sum_{s <= l, same sample} C[l].B[s] exp(A(s, l]) x[s]
-    same_ls = seq[:, :, :, None] == seq[:, :, None, :]  # [b, c, L(l), L(s)]
-    decay_ls = torch.exp(_segsum(A).masked_fill(~same_ls[:, None], -torch.inf))  # [b, h, c, L, L]
-    scores = torch.einsum("bclhn,bcshn->bclsh", C, B) * decay_ls.permute(0, 2, 3, 4, 1)  # [b, c, L, L, h]
-    y_diag = torch.einsum("bclsh,bcshp->bclhp", scores, x)  # [b, c, L, h, p]
+    # 1. intra-chunk (diagonal blocks): y[l] = sum_{s <= l, same sample} C[l].B[s] exp(A(s, l]) x[s], with the
+    #    log-decay A(s, l] = A_cumsum[l] - A_cumsum[s] as mamba-ssm's chunk-scan kernel computes it.
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=x.device))
+    attends = (seq[:, :, :, None] == seq[:, :, None, :]) & causal  # [b, c, L(l), L(s)]
+    log_decay = A_cumsum[..., :, None] - A_cumsum[..., None, :]  # [b, h, c, L(l), L(s)]
+    decay_ls = torch.exp(log_decay.masked_fill(~attends[:, None], -torch.inf))  # [b, h, c, L, L]
+    scores = torch.einsum("bclhn,bcshn->bhcls", C, B) * decay_ls  # [b, h, c, L, L]
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, x)  # [b, c, L, h, p]
 
     # 2. end state of each chunk, from the tokens of the sample the chunk ends in
     owns_end = (seq == seq[:, :, -1:])[:, None].float()  # [b, 1, c, L]
@@ -374,21 +377,18 @@ def segment_sdpa_attention(
     causal = getattr(module, "is_causal", True)
     p = dropout if module.training else 0.0
     rows = []
-    for r in range(query.shape[0]):
+    # unbind and split, not slicing: their backward is one stack / cat, where each slice's backward would write
+    # into a zero tensor of the whole input's size.
+    for r, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):  # [H, T, D]
+        sizes = [e - s for s, e in _runs(seg[r])]
         parts = [
             F.scaled_dot_product_attention(
-                query[r : r + 1, :, s:e],
-                key[r : r + 1, :, s:e],
-                value[r : r + 1, :, s:e],
-                dropout_p=p,
-                is_causal=causal,
-                scale=scaling,
-                enable_gqa=gqa,
-            )  # [1, H, e - s, D]
-            for s, e in _runs(seg[r])
+                q[None], k[None], v[None], dropout_p=p, is_causal=causal, scale=scaling, enable_gqa=gqa,
+            )[0]  # [H, L, D]
+            for q, k, v in zip(q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1))
         ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
 def _segment_sdpa_mask(**kwargs: Any) -> torch.Tensor | None:

@@ -323,9 +323,17 @@ class StaticDecoder:
         # Grouped-query attention without copying the KV: the query heads that share a KV head (consecutive, as in
         # transformers' repeat_kv) become that head's queries. [B, H_kv, H_q / H_kv, head_dim]
         query = attn.q_proj(x).view(batch, kv_heads, -1, head_dim)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=self.valid[:, None, None, :], scale=attn.scaling
-        )
+        if query.device.type == "cpu":
+            # No graph to keep static on the CPU: read the cache only up to the furthest column written, and use
+            # plain matmuls (SDPA's CPU kernel is slow on one query per head against a masked cache).
+            width = int(self.position.max()) + 1
+            scores = torch.matmul(query, keys[:, :, :width].transpose(-1, -2)) * attn.scaling  # [B, H_kv, H_q/H_kv, W]
+            scores = scores.masked_fill(~self.valid[:, None, None, :width], -torch.inf)
+            out = torch.matmul(scores.softmax(dim=-1), values[:, :, :width])
+        else:
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=self.valid[:, None, None, :], scale=attn.scaling
+            )
         return attn.o_proj(out.reshape(batch, 1, -1))
 
     def _capture(self) -> None:
