@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
-from alignment.config import ConfigError, describe_fields, load_config
+from alignment.config import DATA_PARALLEL_STAGES, ConfigError, describe_fields, load_config
 
 
 def _fields_help(config_cls: type) -> str:
@@ -22,17 +22,48 @@ def _fields_help(config_cls: type) -> str:
     return "\n".join(lines)
 
 
+WORKER_KEYS_HELP = """
+  num_workers (int, default 0)
+      Data-parallel Ray Train workers on a local Ray (or the cluster in RAY_ADDRESS); 0 runs in this process.
+  gpus_per_worker (float, default 0)
+      With num_workers: 1 runs each worker on its own GPU (NCCL); 0 on CPUs (gloo)."""
+
+
+def _worker_keys(stage: str, overrides: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Split the `num_workers=` / `gpus_per_worker=` keys (how to run the stage) from the config overrides."""
+    workers, rest = {"num_workers": 0.0, "gpus_per_worker": 0.0}, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in workers:
+            if stage not in DATA_PARALLEL_STAGES:
+                raise ConfigError(f"{key}: only {', '.join(DATA_PARALLEL_STAGES)} run on several workers")
+            try:
+                workers[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
+        else:
+            rest.append(item)
+    return rest, workers
+
+
 def _add_stage(subparsers, name: str, help_text: str, config_cls: type, run: Callable, config_optional: bool = False):
+    epilog = _fields_help(config_cls) + (WORKER_KEYS_HELP if name in DATA_PARALLEL_STAGES else "")
     parser = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=_fields_help(config_cls),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?" if config_optional else None, help="YAML config file.")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for sections.")
 
     def handler(args) -> int:
-        config = load_config(config_cls, args.config, args.overrides)
-        run(config)
+        overrides, workers = _worker_keys(name, args.overrides)
+        config = load_config(config_cls, args.config, overrides)
+        if workers["num_workers"] > 0:
+            from alignment.distributed import connect_ray, run_data_parallel
+
+            connect_ray()
+            run_data_parallel(run, config, int(workers["num_workers"]), use_gpu=workers["gpus_per_worker"] > 0, name=name)
+        else:
+            run(config)
         return 0
 
     parser.set_defaults(func=handler)

@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config file or override that cannot be loaded; the message names the key and the source."""
 
 
+# Stages whose loop runs on several data-parallel workers (`num_workers` in a pipeline, `--num-workers` on `align`).
+DATA_PARALLEL_STAGES = ("sft", "dpo", "grpo")
+
+
 def option(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with help text. Mutable defaults (lists, dicts, dataclasses) are copied per instance."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):

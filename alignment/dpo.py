@@ -33,6 +33,7 @@ choose them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -58,7 +59,8 @@ from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSetting
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
-from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.distributed import broadcast_parameters, sum_gradients
+from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
 from alignment.split_guard import guard_splits
@@ -171,6 +173,10 @@ class DPOTrainConfig:
 
     max_steps: int = option(10, "Optimizer steps per round (about 3 passes over the tiny setup's mined pairs).")
     pairs_per_step: int = option(16, "Pairs per optimizer step (chosen and rejected go through the model together).")
+    pairs_per_micro_batch: int = option(
+        0, "Pairs per forward/backward (gradients accumulate over a step's micro-batches; with workers, per worker); "
+           "0: a worker's whole share of the step in one.",
+    )
     # A fresh AdamW moves every weight by about `lr` on its first steps whatever the gradient, so DPO needs a far
     # smaller rate than SFT: on the tiny model 1e-4 already broke the arithmetic (accuracy 0.27 -> 0.03 in a round).
     lr: float = option(2e-5, "Peak learning rate (real models: ~3e-6 full as Nemotron 3 DPO, ~5e-5 LoRA).")
@@ -197,6 +203,8 @@ class DPOTrainConfig:
     def validate(self) -> None:
         if self.max_steps < 1 or self.pairs_per_step < 1:
             raise ValueError("max_steps and pairs_per_step must be at least 1")
+        if self.pairs_per_micro_batch < 0:
+            raise ValueError("pairs_per_micro_batch must be >= 0 (0: a worker's whole share of a step)")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
         if self.loss_chunk_tokens < 0:
@@ -337,10 +345,13 @@ def completion_message(text: str, reasoning: bool) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: int, tag: str) -> tuple[list[dict], dict]:
+def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: int, tag: str, rank: int = 0,
+               world: int = 1) -> tuple[list[dict], dict]:
     """Sample K completions per prompt from `model`, grade them, keep the clearest pairs.
 
     Returns pairs (message form for the record, plus `encoded`: the exact sampled tokens for training) and counts.
+    With `world` workers, worker `rank` mines prompts rank, rank + world, ...; sample j of prompt i draws from the
+    random stream i * K + j whatever the split, and every worker returns every pair, in prompt order.
     """
     rng = random.Random(seed)
     k = config.samples_per_prompt
@@ -359,25 +370,28 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
         ssm_state_dtype=config.ssm_state_dtype,
     )
+    mine = [i for i in range(len(plans)) if i % world == rank]
     results = generate(
-        model, [p["ids"] for p in plans for _ in range(k)], settings=settings,
-        budgets=[p["budget"] for p in plans for _ in range(k)],
-        reasoning=[p["reasoning"] for p in plans for _ in range(k)], seed=seed,
+        model, [plans[i]["ids"] for i in mine for _ in range(k)], settings=settings,
+        budgets=[plans[i]["budget"] for i in mine for _ in range(k)],
+        reasoning=[plans[i]["reasoning"] for i in mine for _ in range(k)], seed=seed,
+        stream_ids=[i * k + j for i in mine for j in range(k)],
     )
     texts = [completion_text(tokenizer, r.tokens) for r in results]
     score_rows = [
-        dict(p["row"], messages=p["prompt"], reasoning="on" if p["reasoning"] else "off",
-             thinking_budget=p["budget"], thinking_tokens=results[i * k + j].thinking_tokens)
-        for i, p in enumerate(plans) for j in range(k)
+        dict(plans[i]["row"], messages=plans[i]["prompt"], reasoning="on" if plans[i]["reasoning"] else "off",
+             thinking_budget=plans[i]["budget"], thinking_tokens=results[local * k + j].thinking_tokens)
+        for local, i in enumerate(mine) for j in range(k)
     ]
     scored = score_batch(texts, score_rows, config.rewards)
 
     think_end = set(settings.think_end_ids)
-    pairs, stats = [], {"prompts": len(plans), "samples": len(results), "no_contrast": 0, "reward_failures": 0,
-                        "mean_score": sum(s.score for s in scored) / max(1, len(scored))}
-    for i, plan in enumerate(plans):
+    pairs, stats = [], {"prompts": len(mine), "samples": len(results), "no_contrast": 0, "reward_failures": 0,
+                        "score_sum": sum(s.score for s in scored)}
+    for local, i in enumerate(mine):
+        plan = plans[i]
         candidates = []
-        for j in range(i * k, (i + 1) * k):
+        for j in range(local * k, (local + 1) * k):
             result = results[j]
             body = result.tokens[:-1] if result.finished else result.tokens
             close_at = next((t for t, token in enumerate(body) if token in think_end), -1)
@@ -401,10 +415,19 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
                     "chosen_score": chosen["score"], "rejected_score": rejected["score"],
                     "chosen_well_formed": chosen["well_formed"], "rejected_well_formed": rejected["well_formed"],
                     "chosen_text": chosen["text"], "rejected_text": rejected["text"],
+                    "plan": (i, n),  # the pair's place in prompt order (dropped before returning)
                 },
                 "encoded": {side: sampled_sample(plan["ids"], cand["result"])
                             for side, cand in (("chosen", chosen), ("rejected", rejected))},
             })
+    if world > 1:  # every worker gets every pair (in prompt order) and the counts over all prompts
+        everyone: list = [None] * world
+        torch.distributed.all_gather_object(everyone, (pairs, stats))
+        pairs = sorted((p for part, _ in everyone for p in part), key=lambda p: p["metadata"]["plan"])
+        stats = {key: sum(part[key] for _, part in everyone) for key in stats}
+    for pair in pairs:
+        del pair["metadata"]["plan"]
+    stats["mean_score"] = stats.pop("score_sum") / max(1, stats["samples"])
     stats["pairs"] = len(pairs)
     return pairs, stats
 
@@ -518,7 +541,14 @@ def run_dpo(config: DPOConfig) -> dict:
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     seed_everything(config.train.seed)
-    rng = random.Random(config.train.seed)
+    rng = random.Random(config.train.seed)  # the same draws on every worker: prompts, modes, batches
+    rank, world = distributed_rank_world()
+    mining = config.mining
+    if world > 1:
+        if mining.decode not in ("auto", "continuous"):
+            raise ValueError(f"mining.decode={mining.decode!r}: several workers mine with the continuous engine, whose "
+                             "per-sample random streams make the pairs independent of the split (auto or continuous)")
+        mining = dataclasses.replace(mining, decode="continuous")
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining. No prompt
@@ -551,13 +581,15 @@ def run_dpo(config: DPOConfig) -> dict:
                              f"{config.rounds} rounds x {config.mining.prompts_per_round} prompts need {needed}")
         mining_order = rng.sample(range(len(prompt_rows)), needed)
 
-    metrics = MetricsLogger(out, "dpo")
+    # Evaluation, selection and the record are rank 0's; the other workers mine and train beside it.
+    metrics = MetricsLogger(out, "dpo") if rank == 0 else None
     history: list[dict] = []
     start_eval = None
-    if config.evaluate_start:
+    if config.evaluate_start and rank == 0:
         start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
         metrics.log(0, round=0, **_scalars(start_eval))
-    selection = RoundSelection(config, tokenizer)
+    selection = RoundSelection(config if rank == 0 else dataclasses.replace(
+        config, selection=dataclasses.replace(config.selection, validation_path="")), tokenizer)
     selection.offer(model, 0, start_eval)
     step = 0
     packed_path = "padded batches"
@@ -570,9 +602,11 @@ def run_dpo(config: DPOConfig) -> dict:
             pairs, pair_stats = list(file_pairs), {"pairs": len(file_pairs), **file_report.summary()}
         else:
             chunk = mining_order[(round_index - 1) * config.mining.prompts_per_round :][: config.mining.prompts_per_round]
-            pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], config.mining,
-                                           seed=config.train.seed + round_index, tag=f"r{round_index}")
-            write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
+            pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], mining,
+                                           seed=config.train.seed + round_index, tag=f"r{round_index}",
+                                           rank=rank, world=world)
+            if rank == 0:
+                write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
         if config.loss.score_until != "end":
             for pair in pairs:
                 pair["encoded"] = until_divergence(pair["encoded"], line_ends)
@@ -589,6 +623,8 @@ def run_dpo(config: DPOConfig) -> dict:
         # 2. The round's policy (fresh adapters on the last result with LoRA) and its batch layout.
         if config.lora.enabled:
             model = apply_lora(model, config.lora)
+            if world > 1:  # every worker starts the round from rank 0's adapters
+                broadcast_parameters([p for p in model.parameters() if p.requires_grad])
         if dropped := disable_dropout(model):
             log.info("dropout off in %d modules: policy and reference log-probs must agree at the round start", dropped)
         mode = "padded"
@@ -608,13 +644,20 @@ def run_dpo(config: DPOConfig) -> dict:
         # decode path samples the distribution that is trained (comparable at temperature 1 and top_p 1 only).
         mismatch = MismatchMeter() if mined and config.mining.temperature == 1.0 and config.mining.top_p == 1.0 \
             else None
-        for group in (train_pairs, heldout_pairs):
+        for group in (train_pairs, heldout_pairs):  # each worker computes every world-th pair's, then they swap
             with reference(model):
-                ref_logps, _ = all_pair_logps(model, group, collator, device, config.train.pairs_per_step,
+                ref_logps, _ = all_pair_logps(model, group[rank::world], collator, device, config.train.pairs_per_step,
                                               config.train.loss_chunk_tokens, mismatch)
-            for pair, ref in zip(group, ref_logps):
-                pair["ref"] = ref
+            shares = [ref_logps]
+            if world > 1:
+                shares = [None] * world
+                torch.distributed.all_gather_object(shares, ref_logps)
+            for r, share in enumerate(shares):
+                for pair, ref in zip(group[r::world], share):
+                    pair["ref"] = ref
         if mismatch is not None:
+            if world > 1:
+                mismatch.gather()
             pair_stats |= mismatch.stats()
             log.info("round %d: sampler vs reference log-probs of the mined tokens: mean |dlogp| %.4f, max %.3f, "
                      "k3 KL %.5f", round_index, pair_stats["mismatch_abs_mean"], pair_stats["mismatch_abs_max"],
@@ -622,16 +665,19 @@ def run_dpo(config: DPOConfig) -> dict:
             if pair_stats["mismatch_kl_k3"] > config.mining.mismatch_warn_kl:
                 log.warning("round %d: the sampler's log-probs differ from the learner's (k3 KL %.4f): the decode "
                             "path is not the distribution being trained", round_index, pair_stats["mismatch_kl_k3"])
-        heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config)
+        heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
 
         # 4. Train.
         t0 = time.time()
-        train_log = train_round(model, train_pairs, collator, device, config, metrics, step, rng, round_index)
+        train_log = train_round(model, train_pairs, collator, device, config, metrics, step, rng, round_index,
+                                rank, world)
         step += train_log.pop("steps")
         timings["train_s"] = time.time() - t0
-        heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config)
+        heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
         if config.lora.enabled:  # the next round's base (and reference) is this round's result
             model = model.merge_and_unload()
+        if rank != 0:
+            continue
 
         # 5. Task accuracy of the result.
         t0 = time.time()
@@ -648,8 +694,10 @@ def run_dpo(config: DPOConfig) -> dict:
         log.info("round %d: accuracy think %.3f, held-out reward accuracy %s", round_index, results["accuracy_think"],
                  heldout_after.get("reward_accuracy"))
     train_seconds = time.time() - started
-    metrics.close()
     close_scorers()  # ends the reward actors when mode is `ray`
+    if rank != 0:
+        return {}
+    metrics.close()
     selected_round, results = selection.restore_best(model, config.rounds, results)
     if results is None:  # the start was kept and was not evaluated on the test split yet
         results = evaluate_model(model, tokenizer, test_rows, config.eval)
@@ -715,9 +763,13 @@ class RoundSelection:
         return self.best["round"], self.best["results"]
 
 
-def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, metrics: MetricsLogger,
-                first_step: int, rng: random.Random, round_index: int) -> dict:
-    """`train.max_steps` optimizer steps on `pairs` (each with its reference log-probs in `pair["ref"]`)."""
+def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, metrics: MetricsLogger | None,
+                first_step: int, rng: random.Random, round_index: int, rank: int = 0, world: int = 1) -> dict:
+    """`train.max_steps` optimizer steps on `pairs` (each with its reference log-probs in `pair["ref"]`).
+
+    With `world` workers all draw the same batch; each computes the loss of every world-th pair of it, normalised
+    over the whole batch, and the gradients are summed across workers before the identical updates.
+    """
     if not pairs:
         log.warning("round %d: no training pairs (no prompt had a contrast); the policy is left as it is", round_index)
         return {"steps": 0}
@@ -726,7 +778,9 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
     model.train()
     queue: list[int] = []
     window: list[dict] = []
-    progress = tqdm(range(config.train.max_steps), desc=f"dpo round {round_index}", unit="step", dynamic_ncols=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    progress = tqdm(range(config.train.max_steps), desc=f"dpo round {round_index}", unit="step", dynamic_ncols=True,
+                    disable=rank != 0)
     for local_step in progress:
         lr = learning_rate(local_step, config.train)
         for group in optimizer.param_groups:
@@ -737,31 +791,49 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
             queue += order
         batch = [pairs[i] for i in queue[: config.train.pairs_per_step]]
         del queue[: config.train.pairs_per_step]
+        mine = batch[rank::world]
 
-        logps, counts = pair_logps(model, batch, collator, device, config.train.loss_chunk_tokens)  # [B, 2]
-        ref = torch.stack([p["ref"] for p in batch]).to(device)  # [B, 2]
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
-            config.loss.loss_type, config.loss.beta,
-        )
-        # TRL's `sft` term: mean NLL per chosen token; keeps the chosen side likely while the margin grows.
-        sft_loss = -logps[:, 0].sum() / counts[:, 0].sum().clamp(min=1)
-        loss = losses.mean() + config.loss.sft_weight * sft_loss
-        loss.backward()
+        # TRL's `sft` term is the mean NLL per chosen token of the batch; it keeps the chosen side likely while the
+        # margin grows. Both terms are normalised over the whole batch, so micro-batches and workers add up.
+        chosen_tokens = max(1, sum(sum(label != IGNORE_INDEX for label in p["encoded"]["chosen"]["labels"][1:])
+                                   for p in batch))
+        size = config.train.pairs_per_micro_batch or max(1, len(mine))
+        per_pair = [torch.zeros(0, 5)]  # per pair: loss, chosen and rejected rewards, chosen and rejected log-probs
+        for start in range(0, len(mine), size):
+            micro = mine[start : start + size]
+            logps, counts = pair_logps(model, micro, collator, device, config.train.loss_chunk_tokens)  # [b, 2]
+            ref = torch.stack([p["ref"] for p in micro]).to(device)  # [b, 2]
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
+                config.loss.loss_type, config.loss.beta,
+            )
+            loss = losses.sum() / len(batch) - config.loss.sft_weight * logps[:, 0].sum() / chosen_tokens
+            loss.backward()
+            per_pair.append(torch.stack([losses, chosen_rewards, rejected_rewards, logps[:, 0], logps[:, 1]], 1)
+                            .detach().cpu())
+        per_pair = torch.cat(per_pair)  # [B_mine, 5]
+        if world > 1:
+            sum_gradients(trainable)
+            shares: list = [None] * world
+            torch.distributed.all_gather_object(shares, per_pair)
+            per_pair = torch.cat(shares)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+        dpo_loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = per_pair.double().unbind(1)
+        sft_loss = -chosen_logps.sum().item() / chosen_tokens
         window.append({
-            "loss": loss.item(), "dpo_loss": losses.mean().item(), "sft_loss": sft_loss.item(),
-            "reward_accuracy": preference_accuracy(chosen_rewards, rejected_rewards),
+            "loss": dpo_loss.mean().item() + config.loss.sft_weight * sft_loss, "dpo_loss": dpo_loss.mean().item(),
+            "sft_loss": sft_loss, "reward_accuracy": preference_accuracy(chosen_rewards, rejected_rewards),
             "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "chosen_logps": logps[:, 0].mean().item(), "rejected_logps": logps[:, 1].mean().item(),
+            "chosen_logps": chosen_logps.mean().item(), "rejected_logps": rejected_logps.mean().item(),
             "grad_norm": float(grad_norm), "lr": lr,
         })
         progress.set_postfix(loss=f"{window[-1]['dpo_loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")
         if local_step % config.train.log_every == 0 or local_step == config.train.max_steps - 1:
-            metrics.log(first_step + local_step, round=round_index, **_mean(window))
+            if metrics:
+                metrics.log(first_step + local_step, round=round_index, **_mean(window))
             last, window = _mean(window), []
     return {"steps": config.train.max_steps, **last}
 

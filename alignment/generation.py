@@ -392,19 +392,24 @@ def generate(
     budgets: list[int | None] | None = None,
     reasoning: list[bool] | None = None,
     seed: int | None = None,
+    stream_ids: list[int] | None = None,
 ) -> list[GenerationResult]:
     """Generate one completion per prompt, applying each sample's thinking budget (see the module docstring).
 
     `budgets[i]` is the thinking budget of prompt i (None: unlimited; default: all unlimited). `reasoning[i]` says
     whether prompt i ends with the reasoning-on prefill (default: all on). Samples are decoded in batches of
     `settings.batch_size`, grouped by prompt length; greedy results do not depend on the batching. With sampling,
-    `seed` makes a call reproducible (same prompts, settings and batching).
+    `seed` makes a call reproducible (same prompts, settings and batching). The continuous path draws sample i's
+    tokens from its own random stream, number `stream_ids[i]` of the seed (default: i), whatever its slot: a caller
+    that splits one batch over workers passes each sample's place in the whole batch, and the split changes nothing.
     """
     n = len(prompts)
     budgets = [None] * n if budgets is None else budgets
     reasoning = [True] * n if reasoning is None else reasoning
-    if len(budgets) != n or len(reasoning) != n:
-        raise ValueError(f"{n} prompts but {len(budgets)} budgets and {len(reasoning)} reasoning flags")
+    stream_ids = list(range(n)) if stream_ids is None else stream_ids
+    if len(budgets) != n or len(reasoning) != n or len(stream_ids) != n:
+        raise ValueError(f"{n} prompts but {len(budgets)} budgets, {len(reasoning)} reasoning flags and "
+                         f"{len(stream_ids)} stream ids")
     samples = [_Sample(p, b, r, settings) for p, b, r in zip(prompts, budgets, reasoning)]
 
     device = next(model.parameters()).device
@@ -440,8 +445,8 @@ def generate(
                 from alignment.rollout_engine import generate_continuous  # it builds on this module
 
                 base_seed = torch.Generator().seed() if seed is None else seed
-                for i, sample in enumerate(samples):  # keyed by the sample's place in the call, not in the slots
-                    sample.uniforms = sample_uniforms(base_seed, i, settings.max_new_tokens)
+                for sample, stream in zip(samples, stream_ids):  # keyed by the sample, not by its slot
+                    sample.uniforms = sample_uniforms(base_seed, stream, settings.max_new_tokens)
                 stats = generate_continuous(model, [samples[i] for i in order], settings, max_len=max_len,
                                             use_graph=device.type == "cuda", on_done=bar.update)
                 log.info("continuous batching: %d samples, %d distinct prompts prefilled in %d forwards, %d decode "

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,16 +57,18 @@ from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
+from alignment.distributed import all_reduce_sum, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
                                   check_decode_keys, generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
-from alignment.runtime import pick_device, seed_everything, setup_logging
+from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
 from alignment.split_guard import guard_splits
 from alignment.lora import LoraConfig, apply_lora
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
+from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
 from alignment.tracking import MetricsLogger
 from envs import task_environments
 from envs.code_tasks import generate_code_tasks
@@ -200,6 +203,10 @@ class GRPOTrainConfig:
     rows_per_micro_batch: int = option(4, "Packed rows per forward/backward; bounds activation memory.")
     seed: int = option(0, "Seed for prompt order, reasoning modes, budgets and sampling.")
     sample_every: int = option(5, "Write sample completions to samples.jsonl every this many steps.")
+    save_every: int = option(
+        0, "Save a resumable state (trainable weights, optimizer, prompt pool and curriculum, RNG) every this many "
+           "steps; a rerun of the same config continues from it (0: never).",
+    )
     samples_logged: int = option(4, "Completions written each time.")
     loss_chunk_tokens: int = option(
         0,
@@ -214,6 +221,8 @@ class GRPOTrainConfig:
     def validate(self) -> None:
         if self.max_steps < 1 or self.rows_per_micro_batch < 1 or self.sample_every < 1:
             raise ValueError("train.max_steps, rows_per_micro_batch and sample_every must be at least 1")
+        if self.save_every < 0:
+            raise ValueError("train.save_every must be >= 0 (0: never)")
         if self.lr <= 0:
             raise ValueError("train.lr must be positive")
         if self.loss_chunk_tokens < 0:
@@ -295,6 +304,14 @@ class PromptPool:
         """The curriculum hook: called with each group's pass rate after scoring."""
         if drop_solved and pass_rate >= 1.0:
             self.retired.add(index)
+
+    def state(self) -> dict:
+        return {"order": list(self.order), "retired": sorted(self.retired), "passes": self.passes,
+                "rng": self.rng.getstate()}
+
+    def load_state(self, saved: dict) -> None:
+        self.order, self.retired, self.passes = list(saved["order"]), set(saved["retired"]), saved["passes"]
+        self.rng.setstate(saved["rng"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,9 +395,15 @@ def score_completions(scorer: RewardScorer, items: list[tuple[Group, Completion]
 
 def rollout(
     model, tokenizer, rows: list[tuple[int, dict]], config: RolloutConfig, settings: GenerationSettings,
-    scorer: RewardScorer, rng: random.Random, seed: int,
+    scorer: RewardScorer, rng: random.Random, seed: int, rank: int = 0, world: int = 1,
 ) -> tuple[list[Group], dict[str, float]]:
-    """Generate and score G completions for each (index, row). Returns the groups and phase timings."""
+    """Generate and score G completions for each (index, row). Returns the groups and phase timings.
+
+    With `world` workers, worker `rank` generates and scores groups rank, rank + world, ... and the workers then
+    exchange their groups' completions, so every worker returns every group. Modes and budgets come from `rng` (the
+    same on every worker) and each sample draws from the random stream of its place in the whole batch, so the
+    rollouts do not depend on the number of workers.
+    """
     groups = []
     for index, row in rows:
         # Mode and budget are per prompt, shared by its G completions, so their rewards compare like with like.
@@ -389,20 +412,22 @@ def rollout(
         if reasoning and rng.random() < config.budget_fraction:
             budget = rng.randint(config.budget_min, config.budget_max)
         groups.append(Group(index, row, encode_prompt(tokenizer, prompt_for(row), reasoning), reasoning, budget))
-    flat = [group for group in groups for _ in range(config.group_size)]
+    G = config.group_size
+    # (place in the whole batch, group) of each sample this worker generates
+    flat = [(k * G + s, group) for k, group in enumerate(groups) if k % world == rank for s in range(G)]
 
     timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
     # One worker thread: scoring batch k (Ray actors or reward threads) runs while batch k+1 is generated here. The
     # continuous engine takes the whole step in one call instead (its slots refill across groups), scored after it.
-    per_call = len(flat) if settings.decode == "continuous" else config.batch_size
+    per_call = max(1, len(flat)) if settings.decode == "continuous" else config.batch_size
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as executor:
         pending = []
         for start in range(0, len(flat), per_call):
-            chunk = flat[start : start + per_call]
+            places, chunk = zip(*flat[start : start + per_call])
             t0 = time.perf_counter()
             results = generate(
-                model, [g.prompt_ids for g in chunk], settings=settings,
-                budgets=[g.budget for g in chunk], reasoning=[g.reasoning for g in chunk], seed=seed + start,
+                model, [g.prompt_ids for g in chunk], settings=settings, budgets=[g.budget for g in chunk],
+                reasoning=[g.reasoning for g in chunk], seed=seed + start, stream_ids=list(places),
             )
             timings["generate"] += time.perf_counter() - t0
             items = []
@@ -414,6 +439,12 @@ def rollout(
         t0 = time.perf_counter()
         timings["reward_busy"] = sum(f.result() for f in pending)
         timings["reward_wait"] = time.perf_counter() - t0  # the part of reward time generation did not hide
+    if world > 1:
+        exchanged: list[list] = [None] * world
+        torch.distributed.all_gather_object(exchanged, [(k, g.completions) for k, g in enumerate(groups) if g.completions])
+        for part in exchanged:
+            for k, completions in part:
+                groups[k].completions = completions
     return groups, timings
 
 
@@ -489,19 +520,28 @@ def learner_samples(
 
 def policy_update(
     model, samples: list[dict], advantages: torch.Tensor, config: GRPOConfig, collator: SampleCollator,
-    optimizer: torch.optim.Optimizer, reference: Callable | None, rng: random.Random,
+    optimizer: torch.optim.Optimizer, reference: Callable | None, rng: random.Random, rank: int = 0, world: int = 1,
 ) -> dict[str, float]:
-    """`epochs * minibatches` optimizer steps of the clipped loss on one rollout batch. Returns mean statistics."""
+    """`epochs * minibatches` optimizer steps of the clipped loss on one rollout batch. Returns mean statistics.
+
+    With `world` workers every worker holds the whole batch and splits it into the same minibatches (`rng` is the
+    same on all); each trains on its share of every minibatch, with the loss normalised by the minibatch's tokens
+    over all workers, and the gradients are summed across workers before the update: N workers take the step one
+    worker takes on the whole minibatch.
+    """
     device = next(model.parameters()).device
     temperature, chunk_tokens = config.rollout.temperature, config.train.loss_chunk_tokens
     order = list(range(len(samples)))
     rng.shuffle(order)
     parts = [order[m :: config.loss.minibatches] for m in range(config.loss.minibatches)]
-    parts = [p for p in parts if p]
+    parts = [p[rank::world] for p in parts if p]
 
     # Each minibatch -> micro-batches of packed rows, collated once and reused by every epoch.
     minibatches = []
     for part in parts:
+        if not part:  # a worker without samples in this minibatch still takes part in the gradient sum
+            minibatches.append([])
+            continue
         lengths = [len(samples[i]["input_ids"]) for i in part]
         plan = plan_packed_batches(lengths, config.train.max_tokens_per_row, config.train.rows_per_micro_batch, seed=None)
         micro = []
@@ -535,9 +575,12 @@ def policy_update(
     tokens_total, updates, tokens_trained = 0, 0, 0
     mismatch = MismatchMeter()
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(config.loss.epochs):
         for micro in minibatches:
             n_tokens = sum(int(b["loss_mask"].sum()) for b in micro)  # token-level: normalise by the step's tokens
+            if world > 1:
+                n_tokens = int(all_reduce_sum(torch.tensor([n_tokens], dtype=torch.float64))[0])
             for batch in micro:
                 logps = model_token_logps(model, batch, chunk_tokens, temperature)  # [R, T-1]
                 if batch["old_logps"] is None:
@@ -562,11 +605,19 @@ def policy_update(
                     totals[key] += float(value.sum())
                 tokens_trained += int((batch["sample_ids"] >= 0).sum())  # real tokens, row tails excluded
             tokens_total += n_tokens
+            if world > 1:
+                sum_gradients(trainable)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             totals["grad_norm"] += float(grad_norm)
             updates += 1
+    if world > 1:  # the sums over every worker's tokens (the gradient norm is already global)
+        summed = all_reduce_sum(torch.tensor([totals[k] for k in totals if k != "grad_norm"] + [tokens_trained],
+                                             dtype=torch.float64))
+        totals.update(zip([k for k in totals if k != "grad_norm"], summed.tolist()))
+        tokens_trained = int(summed[-1])
+        mismatch.gather()
     out = {k: v / max(tokens_total, 1) for k, v in totals.items() if k != "grad_norm"}
     out["grad_norm"] = totals["grad_norm"] / max(updates, 1)
     if reference is None:
@@ -685,7 +736,11 @@ def run_grpo(config: GRPOConfig) -> dict:
         # other are descheduled: one thread ran the tiny model's decoding ~20x faster than two under load.
         torch.set_num_threads(config.cpu_threads)
     seed_everything(config.train.seed)
-    rng = random.Random(config.train.seed)
+    rng = random.Random(config.train.seed)  # the same draws on every worker: prompts, modes, budgets, minibatches
+    rank, world = distributed_rank_world()
+    if world > 1 and config.rollout.decode not in ("auto", "continuous"):
+        raise ValueError(f"rollout.decode={config.rollout.decode!r}: several workers roll out with the continuous engine, "
+                         "whose per-sample random streams make the rollouts independent of the split (auto or continuous)")
 
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)
@@ -718,8 +773,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     settings = dataclasses.replace(
         generation_settings(tokenizer, config.eval), temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, max_new_tokens=config.rollout.max_new_tokens, batch_size=config.rollout.batch_size,
-        grace_tokens=None, grace_fraction=config.rollout.grace_fraction, decode=config.rollout.decode,
-        ssm_state_dtype=config.rollout.ssm_state_dtype,
+        grace_tokens=None, grace_fraction=config.rollout.grace_fraction,
+        decode="continuous" if world > 1 else config.rollout.decode, ssm_state_dtype=config.rollout.ssm_state_dtype,
     )
     scorer = RewardScorer(config.rewards)
     collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id,
@@ -727,16 +782,29 @@ def run_grpo(config: GRPOConfig) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
                                   weight_decay=config.train.weight_decay, betas=(0.9, 0.99))
     results: dict[str, dict] = {}
-    if config.evaluate_before:
+    if config.evaluate_before and rank == 0:
         results["before"] = evaluate_model(model, tokenizer, test_rows, config.eval)
 
-    metrics = MetricsLogger(out, "grpo")
-    samples_path = out / "samples.jsonl"
+    # Resume: the saved state belongs to this config, these prompts and this start checkpoint (its creation time).
+    fingerprint = run_fingerprint(config, config.data.train_path, salt=str(parent.get("created", "")))
+    state = TrainState(rng=rng)
+    resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     history: list[dict] = []
-    started = time.time()
     rollout_calls = [0]
+    if resumed:
+        pool.load_state(state.extra["pool"])
+        rollout_calls[0], history = state.extra["rollout_calls"], state.extra["history"]
+        log.info("resumed from step %d (%s)", state.step, out / "last")
+    metrics = MetricsLogger(out, "grpo", resume_step=state.step if resumed else None, records=("samples.jsonl",)) \
+        if rank == 0 else None
+    if world > 1:
+        log.info("worker %d of %d: rolls out groups %d, %d, ... of each step and trains on its share of each "
+                 "minibatch", rank, world, rank, rank + world)
+    samples_path = out / "samples.jsonl"
+    started = time.time() - state.seconds
     try:
-        progress = tqdm(range(config.train.max_steps), desc="grpo", unit="step", dynamic_ncols=True)
+        progress = tqdm(range(state.step, config.train.max_steps), desc="grpo", unit="step", dynamic_ncols=True,
+                        initial=state.step, total=config.train.max_steps, disable=rank != 0)
         for step in progress:
             t_step = time.perf_counter()
             timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
@@ -745,7 +813,8 @@ def run_grpo(config: GRPOConfig) -> dict:
                 drawn = [(i, pool.rows[i]) for i in pool.draw(n)]
                 rollout_calls[0] += 1
                 groups, t = rollout(model, tokenizer, drawn, config.rollout, settings, scorer, rng,
-                                    seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007)
+                                    seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007,
+                                    rank=rank, world=world)
                 for key in timings:
                     timings[key] += t[key]
                 for group in groups:  # curriculum hook, on the task's reward
@@ -769,7 +838,8 @@ def run_grpo(config: GRPOConfig) -> dict:
                             step, counts["too_long_dropped"], config.train.max_tokens_per_row)
             learn = {}
             if samples:
-                learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng)
+                learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng,
+                                      rank=rank, world=world)
                 if learn["mismatch_kl_k3"] > config.loss.mismatch_warn_kl:
                     log.warning("step %d: the sampler's log-probs differ from the learner's (k3 KL %.4f, mean |dlogp| "
                                 "%.4f, max %.3f): the decode path is not the distribution being trained; check "
@@ -791,19 +861,28 @@ def run_grpo(config: GRPOConfig) -> dict:
                 "generate_tokens_per_s": tokens_generated / max(timings["generate"], 1e-9),
                 "train_tokens_per_s": learn.get("tokens_trained", 0) / max(time_learn, 1e-9),
             }
-            metrics.log(step, **record)
+            if metrics:
+                metrics.log(step, **record)
             history.append({"step": step, **record})
             progress.set_postfix(reward=f"{record['reward_mean']:.2f}", kept=len(kept),
                                  gen=f"{timings['generate']:.0f}s", learn=f"{time_learn:.0f}s")
-            if step % config.train.sample_every == 0 or step == config.train.max_steps - 1:
+            if rank == 0 and (step % config.train.sample_every == 0 or step == config.train.max_steps - 1):
                 records = sample_records(seen, tokenizer, config.train.samples_logged, step)
                 with samples_path.open("a", encoding="utf-8") as handle:
                     handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
                 log.info("step %d sample (reward %.2f, reasoning %s, budget %s): %r", step, records[0]["reward"],
                          records[0]["reasoning"], records[0]["budget"], records[0]["completion"][:200])
+            state.step = step + 1
+            saving = config.train.save_every and state.step % config.train.save_every == 0
+            if saving and state.step < config.train.max_steps and rank == 0:  # the weights are the same on every worker
+                state.seconds = time.time() - started
+                state.extra = {"pool": pool.state(), "rollout_calls": rollout_calls[0], "history": history}
+                save_training_state(out / "last", fingerprint, model, optimizer, state, trainable_only=True)
     finally:
         scorer.close()
     train_seconds = time.time() - started
+    if rank != 0:
+        return {}
     plot_reward_curve(history, out / "reward_curve.png")
 
     # Evaluate on the held-out split.
@@ -832,6 +911,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         "metrics": summary,
     }
     checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    shutil.rmtree(out / "last", ignore_errors=True)  # the finished checkpoint supersedes the resumable state
     print(f"checkpoint:   {checkpoint}\nmetrics:      {out / 'metrics.jsonl'}\neval:         {out / 'eval.json'}\n"
           f"reward curve: {out / 'reward_curve.png'}\nsamples:      {samples_path}")
     print(_summary_line(results, train_seconds, phase_totals))

@@ -1,6 +1,6 @@
 """The whole pipeline on Ray: data -> SFT -> DPO -> GRPO -> evaluation, one command locally or on a cluster.
 
-Each stage runs as Ray work (a task; SFT through Ray Train when it has workers) and hands the next stage a
+Each stage runs as Ray work (a task; SFT, DPO and GRPO through Ray Train when they have workers) and hands the next stage a
 checkpoint directory with a manifest. Every stage records a fingerprint of its resolved config and its inputs (the
 fingerprint of the stage before it) in `<run_dir>/<stage>/stage.json`, so a rerun of the same command
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint
-from alignment.config import load_config, option, to_dict
+from alignment.config import DATA_PARALLEL_STAGES, load_config, option, to_dict
+from alignment.distributed import connect_ray
 from alignment.runtime import setup_logging
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class StageSettings:
     overrides: list = option([], "key=value overrides applied on top of the stage config.")
     num_cpus: float = option(1.0, "CPUs reserved for the stage's Ray task (per worker when workers > 1).")
     num_gpus: float = option(0.0, "GPUs reserved for the stage's Ray task (per worker).")
-    num_workers: int = option(0, "SFT only: data-parallel Ray Train workers (0: a plain Ray task).")
+    num_workers: int = option(0, "SFT, DPO and GRPO: data-parallel Ray Train workers (0: a plain Ray task).")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class PipelineConfig:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
         if [s for s in STAGE_ORDER if s in self.stages] != list(self.stages):
             raise ValueError(f"stages must be in pipeline order {list(STAGE_ORDER)}")
+        for name in STAGE_ORDER:
+            if getattr(self, name).num_workers and name not in DATA_PARALLEL_STAGES:
+                raise ValueError(f"{name}.num_workers: only {', '.join(DATA_PARALLEL_STAGES)} run on several workers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,15 +144,15 @@ def _finished(stage_dir: Path, fingerprint: str, has_checkpoint: bool) -> dict |
 
 
 def _run_stage_body(name: str, config: Any, settings: StageSettings, checkpoints: list[str]) -> Any:
-    """Runs inside the Ray task: the stage itself (SFT with workers goes through Ray Train)."""
+    """Runs inside the Ray task: the stage itself (with workers, through Ray Train)."""
     setup_logging()
     _use_assigned_cpus()
-    if name == "sft" and settings.num_workers > 0:
-        from alignment.distributed import run_sft_data_parallel
-
-        return run_sft_data_parallel(config, settings.num_workers, use_gpu=settings.num_gpus > 0,
-                                     cpus_per_worker=settings.num_cpus)
     run = stage_entry(name)[1]
+    if settings.num_workers > 0:
+        from alignment.distributed import run_data_parallel
+
+        return run_data_parallel(run, config, settings.num_workers, use_gpu=settings.num_gpus > 0,
+                                 cpus_per_worker=settings.num_cpus, name=name)
     return run(checkpoints, config) if name == "eval" else run(config)
 
 
@@ -164,30 +168,11 @@ def _use_assigned_cpus() -> None:
         torch.set_num_threads(cpus)
 
 
-def _connect(address: str):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        log.info("joined Ray cluster at %s", address)
-    else:
-        # A private local instance: loopback only, no dashboard (nothing listens beyond this machine). "local" also
-        # ignores the address a `ray start` left in /tmp/ray/ray_current_cluster, which may be a dead head.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                     p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)}})
-        log.info("started a local Ray instance")
-    return ray
-
-
 def run_pipeline(config: PipelineConfig) -> dict:
     setup_logging()
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ray = _connect(config.address)
+    ray = connect_ray(config.address)
     upstream_fp, upstream_model, data_dir = "", None, None
     produced: dict[str, str] = {}
     timings: dict[str, float] = {}

@@ -57,9 +57,10 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
     eval_path = run_dir / "eval" / "eval.json"
     if eval_path.is_file():
         evaluated = json.loads(eval_path.read_text())
-    else:  # no final evaluation stage: use each model stage's own held-out evaluation
+    else:  # no final evaluation stage: use each model stage's own held-out evaluation (GRPO's: the one after)
         evaluated = {s: json.loads((run_dir / s / "eval.json").read_text())
                      for s in stages if (run_dir / s / "eval.json").is_file()}
+        evaluated = {s: results.get("after", results) for s, results in evaluated.items()}
     metrics = {"stages": stage_metrics(evaluated), "seconds": timings}
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))

@@ -36,6 +36,7 @@ class TrainState:
     queue: list = field(default_factory=list)  # micro-batches left in the current pass over the data
     tokens_seen: int = 0
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # a stage's own progress (GRPO: prompt pool, rollout count, history)
 
 
 def run_fingerprint(config, *input_files: str, salt: str = "") -> str:
@@ -50,19 +51,28 @@ def run_fingerprint(config, *input_files: str, salt: str = "") -> str:
 
 def _progress(state: TrainState) -> dict:
     return {"step": state.step, "epoch": state.epoch, "queue": state.queue, "rng": state.rng.getstate(),
-            "tokens_seen": state.tokens_seen, "seconds": state.seconds}
+            "tokens_seen": state.tokens_seen, "seconds": state.seconds, "extra": state.extra,
+            "torch_rng": torch.get_rng_state()}
 
 
 def _restore_progress(state: TrainState, saved: dict) -> None:
     state.step, state.epoch, state.queue = saved["step"], saved["epoch"], saved["queue"]
     state.tokens_seen, state.seconds = saved["tokens_seen"], saved["seconds"]
     state.rng.setstate(saved["rng"])
+    state.extra = saved.get("extra", {})
+    if "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"])
 
 
-def save_training_state(directory: Path, fingerprint: str, model, optimizer, state: TrainState) -> None:
+def save_training_state(directory: Path, fingerprint: str, model, optimizer, state: TrainState,
+                        trainable_only: bool = False) -> None:
+    """`trainable_only`: save the parameters that train (LoRA: the adapters), not the frozen base."""
+    weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad} if trainable_only \
+        else model.state_dict()
+
     def write(tmp: Path) -> None:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **_progress(state)},
-                   tmp / STATE_FILE)
+        torch.save({"model": weights, "trainable_only": trainable_only, "optimizer": optimizer.state_dict(),
+                    **_progress(state)}, tmp / STATE_FILE)
 
     write_checkpoint(directory, write, {"kind": "training-state", "fingerprint": fingerprint, "step": state.step})
 
@@ -97,7 +107,14 @@ def resume_training(directory: Path, fingerprint: str, model, optimizer, state: 
     if not _usable_state(directory, fingerprint):
         return False
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(saved["model"])
+    if saved.get("trainable_only"):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(saved["model"]) != trainable:
+            log.warning("training state at %s saves other parameters than this model trains; starting fresh", directory)
+            return False
+        model.load_state_dict(saved["model"], strict=False)
+    else:
+        model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     _restore_progress(state, saved)
     return True

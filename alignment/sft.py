@@ -333,7 +333,7 @@ def run_sft(config: SFTConfig) -> dict:
         resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     if resumed:
         log.info("resumed from step %d (%s)", state.step, out / "last")
-    metrics = MetricsLogger(out, "sft") if rank == 0 else None
+    metrics = MetricsLogger(out, "sft", resume_step=state.step if resumed else None) if rank == 0 else None
     model.train()
     started = time.time() - state.seconds
     progress = tqdm(range(state.step, config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True,

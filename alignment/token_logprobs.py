@@ -158,6 +158,13 @@ class MismatchMeter:
         self.learner.append(learner.detach()[sampled].float().cpu())
         self.sampler.append(sampler[sampled].float().cpu())
 
+    def gather(self) -> None:
+        """Collect every worker's tokens (a distributed run), so that `stats()` describes the whole batch."""
+        mine = (torch.cat(self.learner or [torch.zeros(0)]), torch.cat(self.sampler or [torch.zeros(0)]))
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        self.learner, self.sampler = [l for l, _ in everyone], [s for _, s in everyone]
+
     def stats(self) -> dict[str, float]:
         empty = torch.zeros(0)
         return sampler_mismatch(torch.cat(self.learner or [empty]), torch.cat(self.sampler or [empty]))

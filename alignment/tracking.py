@@ -1,24 +1,44 @@
-"""Training metrics as JSONL (for scripts and reports) and TensorBoard (for people)."""
+"""Training metrics as JSONL (for scripts and reports) and TensorBoard (for people).
+
+One run directory holds the record of one attempt: a run that starts over moves the earlier attempt's files to
+`previous/<n>/`, and a run resumed at step s drops what the earlier attempt logged from step s on (it is logged
+again), so `metrics.jsonl` always describes the checkpoint beside it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PREVIOUS_DIR = "previous"
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, stage: str):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    """`resume_step`: None for a run that starts over; the step a resumed run continues from otherwise.
+    `records`: other JSONL files of the run, with a `step` per record, kept in step with the metrics."""
+
+    def __init__(self, run_dir: str | Path, stage: str, resume_step: int | None = None, records: tuple[str, ...] = ()):
+        run_dir = Path(run_dir)
+        self.path = run_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stage = stage
+        if resume_step is None:
+            set_aside(run_dir, [METRICS_FILE, TENSORBOARD_DIR, *records])
+        else:
+            for name in (METRICS_FILE, *records):
+                keep_steps_before(run_dir / name, resume_step)
         self._handle = self.path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # purge_step hides the events an interrupted attempt wrote from the resumed step on.
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step)
         except ImportError:  # tensorboard is a dependency, but a stripped-down install should still train
             self._tb = None
             log.warning("tensorboard not installed; metrics go to %s only", self.path)
@@ -35,6 +55,32 @@ class MetricsLogger:
         self._handle.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def set_aside(run_dir: Path, names: list[str]) -> Path | None:
+    """Move the named files and folders an earlier attempt left in `run_dir` to `previous/<n>/`; returns where."""
+    present = [run_dir / name for name in names if (run_dir / name).exists()]
+    if not present:
+        return None
+    previous = run_dir / PREVIOUS_DIR
+    previous.mkdir(exist_ok=True)
+    target = previous / str(1 + sum(1 for p in previous.iterdir() if p.name.isdigit()))
+    target.mkdir()
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    log.info("an earlier attempt's %s moved to %s", ", ".join(p.name for p in present), target)
+    return target
+
+
+def keep_steps_before(path: Path, step: int) -> None:
+    """Drop the records of `step` and later from a JSONL record file (a resumed run logs them again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) < step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -287,6 +287,79 @@ def test_one_step_end_to_end_with_a_failing_reward(tiny_data, tmp_path):
     assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
 
 
+@reward("grpo_test_even_length")
+def even_length_reward(completion: str) -> RewardResult:
+    return RewardResult(float(len(completion) % 2 == 0))
+
+
+def _resumable_config(tiny_data, out, *extra):
+    return load_config(GRPOConfig, None, [
+        f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={TINY_TOKENIZER}",
+        f"data.train_path={tiny_data / 'train.jsonl'}", f"eval.test_path={tiny_data / 'test.jsonl'}",
+        "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8", "loss.overlong=keep",
+        "sampling.dynamic_sampling=false", "train.max_steps=4", "train.sample_every=1", "train.lr=1e-3",
+        "rewards.rewards=[{name: grpo_test_even_length}]", "rewards.mode=inprocess",
+        "eval.max_samples=2", "eval.max_new_tokens=8", "eval.budgets=[null]",
+        f"output_dir={out}", "device=cpu", "cpu_threads=1", *extra,
+    ])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_killed_run_resumes_from_its_saved_step(tiny_data, tmp_path, monkeypatch, lora):
+    """Killed in step 3 with a state saved after step 2, the rerun continues at step 2 with the losses of a run
+    never stopped, and its records hold each step once."""
+    import alignment.grpo as grpo
+
+    extra = ["lora.enabled=true", "lora.r=4"] if lora else []
+    run_grpo(_resumable_config(tiny_data, tmp_path / "whole", *extra))
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "killed"
+    update, calls = grpo.policy_update, []
+
+    def killed_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_update", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(_resumable_config(tiny_data, out, "train.save_every=2", *extra))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert (out / "last").is_dir() and not (out / "checkpoint").exists()
+
+    monkeypatch.setattr(grpo, "policy_update", update)
+    loaded_steps, load = [], grpo.resume_training
+
+    def recording_resume(directory, fingerprint, model, optimizer, state):
+        resumed = load(directory, fingerprint, model, optimizer, state)
+        loaded_steps.append(state.step if resumed else None)
+        return resumed
+
+    monkeypatch.setattr(grpo, "resume_training", recording_resume)
+    run_grpo(_resumable_config(tiny_data, out, "train.save_every=2", *extra))
+    assert loaded_steps == [2]  # the state saved after step 2 was loaded
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]  # steps 0-3, then the evaluation at step 4
+    for a, b in zip(whole[:4], resumed[:4]):
+        assert a["reward_mean"] == b["reward_mean"] and a["tokens_generated"] == b["tokens_generated"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert {json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()} == {0, 1, 2, 3}
+    assert not (out / "last").exists() and verify_checkpoint(out / "checkpoint")["stage"] == "grpo"
+
+
+def test_a_rerun_that_starts_over_sets_the_earlier_record_aside(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_grpo(_resumable_config(tiny_data, out, "train.max_steps=2"))
+    run_grpo(_resumable_config(tiny_data, out, "train.max_steps=1"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    earlier = out / "previous" / "1"
+    assert [json.loads(line)["step"] for line in (earlier / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert (earlier / "samples.jsonl").is_file() and (earlier / "tensorboard").is_dir()
+
+
 def test_tiny_config_loads():
     config = load_config(GRPOConfig, "configs/tiny/grpo.yaml")
     assert config.loss.clip_low == 0.2 and config.loss.clip_high == 0.28 and config.loss.kl_coef == 0.0

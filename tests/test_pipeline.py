@@ -160,3 +160,20 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
 
     assert verify_checkpoint(tmp_path / "sft" / "checkpoint")["stage"] == "sft"
     assert json.loads((tmp_path / "metrics.json").read_text())["stages"]["sft"]["accuracy_think"] >= 0
+
+
+def test_grpo_on_two_ray_train_workers_matches_one(tmp_path):
+    """`grpo.num_workers`: the stage on 2 Ray Train workers (gloo) takes the steps it takes on 1."""
+    grpo = ("grpo.overrides=[rollout.prompts_per_step=4,rollout.group_size=4,rollout.max_new_tokens=8,"
+            "rollout.decode=continuous,loss.overlong=keep,train.max_steps=2,cpu_threads=1,eval.max_samples=4,"
+            "eval.max_new_tokens=16,'eval.budgets=[null]','rewards.rewards=[{name: length}]']")  # length: has variance
+    records = {}
+    for workers in (1, 2):
+        run = tmp_path / f"workers{workers}"
+        pipeline(run, "stages=[data,sft,grpo]", sft_overrides("train.max_steps=2"), grpo,
+                 f"grpo.num_workers={workers}", "grpo.num_cpus=1")
+        records[workers] = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()][:2]
+    for one, two in zip(records[1], records[2]):
+        assert one["tokens_generated"] == two["tokens_generated"] and one["reward_mean"] == two["reward_mean"]
+        assert abs(one["grad_norm"] - two["grad_norm"]) <= 1e-4 * one["grad_norm"] and one["grad_norm"] > 0
+        assert abs(one["loss"] - two["loss"]) <= 1e-4 * abs(one["loss"]) + 1e-6  # see test_grpo_workers.py
