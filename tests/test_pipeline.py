@@ -96,6 +96,7 @@ def test_killed_pipeline_resumes_from_last_checkpoint(tmp_path):
     assert resumed and resumed[0] >= saved_step
     steps = [json.loads(l)["step"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 60 and 59 in steps  # trained to the end, then the final evaluation row
+    assert steps == sorted(set(steps))  # one record per step: the killed attempt's steps past the state were dropped
 
 
 def test_two_workers_match_one_worker(tmp_path):
