@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
 from alignment.distributed import broadcast_parameters, sum_gradients
+from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
@@ -237,6 +239,10 @@ class DPOConfig:
         EvalConfig(max_samples=100, budgets=[16, None]), "Task evaluation after every round (and at the start)."
     )
     rounds: int = option(2, "Rounds of get-pairs-then-train, each from the last policy.")
+    save_rounds: bool = option(
+        True, "Save a resumable state after every round but the last (the policy, round selection, RNG, records): "
+              "a rerun of the same config continues with the next round.",
+    )
     selection: SelectionConfig = option(SelectionConfig(), "Keep the best round (or the start) by validation accuracy.")
     evaluate_start: bool = option(True, "Evaluate the starting checkpoint too, so one run reports before and after.")
     output_dir: str = option("runs/tiny/dpo", "Run directory: checkpoint/, pairs/, metrics.jsonl, eval.json.")
@@ -581,20 +587,32 @@ def run_dpo(config: DPOConfig) -> dict:
                              f"{config.rounds} rounds x {config.mining.prompts_per_round} prompts need {needed}")
         mining_order = rng.sample(range(len(prompt_rows)), needed)
 
+    # Resume: a state saved after a finished round, for this config, these prompts or pairs and this start.
+    inputs = config.mining.prompts_path if mined else config.pairs.dataset_path
+    fingerprint = run_fingerprint(config, inputs, salt=str(_parent(config.model.name_or_path).get("created", "")))
+    state = TrainState(rng=rng)  # state.step counts finished rounds
+    resumed = resume_training(out / "last", fingerprint, model, None, state)
+    done = state.step
+    if resumed:
+        log.info("resumed after round %d (%s)", done, out / "last")
+
     # Evaluation, selection and the record are rank 0's; the other workers mine and train beside it.
-    metrics = MetricsLogger(out, "dpo") if rank == 0 else None
-    history: list[dict] = []
-    start_eval = None
-    if config.evaluate_start and rank == 0:
-        start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
-        metrics.log(0, round=0, **_scalars(start_eval))
+    metrics = MetricsLogger(out, "dpo", resume_step=state.extra["step"] + 1 if resumed else None,
+                            keep=lambda record: record.get("round", 0) <= done) if rank == 0 else None
     selection = RoundSelection(config if rank == 0 else dataclasses.replace(
         config, selection=dataclasses.replace(config.selection, validation_path="")), tokenizer)
-    selection.offer(model, 0, start_eval)
-    step = 0
-    packed_path = "padded batches"
-    started = time.time()
-    for round_index in range(1, config.rounds + 1):
+    if resumed:
+        history, start_eval, selection.best = state.extra["history"], state.extra["start_eval"], state.extra["best"]
+        step, packed_path = state.extra["step"], state.extra["packed_path"]
+    else:
+        history, start_eval, step, packed_path = [], None, 0, "padded batches"
+        if config.evaluate_start and rank == 0:
+            start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
+            metrics.log(0, round=0, **_scalars(start_eval))
+        selection.offer(model, 0, start_eval)
+    started = time.time() - state.seconds
+    results = history[-1]["eval"] if history else None
+    for round_index in range(done + 1, config.rounds + 1):
         timings = {}
         # 1. Pairs for this round.
         t0 = time.time()
@@ -693,6 +711,11 @@ def run_dpo(config: DPOConfig) -> dict:
                     pairs=len(pairs))
         log.info("round %d: accuracy think %.3f, held-out reward accuracy %s", round_index, results["accuracy_think"],
                  heldout_after.get("reward_accuracy"))
+        if config.save_rounds and round_index < config.rounds:  # rank 0: the policy is the same on every worker
+            state.step, state.seconds = round_index, time.time() - started
+            state.extra = {"history": history, "start_eval": start_eval, "best": selection.best, "step": step,
+                           "packed_path": packed_path}
+            save_training_state(out / "last", fingerprint, model, None, state)
     train_seconds = time.time() - started
     close_scorers()  # ends the reward actors when mode is `ray`
     if rank != 0:
@@ -721,6 +744,7 @@ def run_dpo(config: DPOConfig) -> dict:
         "metrics": summary,
     }
     checkpoint = save_model_checkpoint(out / "checkpoint", model, tokenizer, manifest)
+    shutil.rmtree(out / "last", ignore_errors=True)  # the finished checkpoint supersedes the resumable state
     print(f"checkpoint: {checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\neval:       {out / 'eval.json'}")
     print(_before_after(start_eval, summary, train_seconds))
     return summary | {"start": report["start"], "rounds": history, "selected_round": selected_round}
@@ -856,7 +880,8 @@ def _parent(path: str) -> dict:
         manifest = read_manifest(path)
     except Exception:  # a hub id or a bare model directory has no manifest; the path alone is the record
         return {"path": path}
-    return {"path": path, "stage": manifest.get("stage"), "metrics": manifest.get("metrics")}
+    return {"path": path, "stage": manifest.get("stage"), "created": manifest.get("created"),
+            "metrics": manifest.get("metrics")}
 
 
 def _before_after(start: dict | None, end: dict, seconds: float) -> str:

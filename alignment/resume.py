@@ -66,13 +66,15 @@ def _restore_progress(state: TrainState, saved: dict) -> None:
 
 def save_training_state(directory: Path, fingerprint: str, model, optimizer, state: TrainState,
                         trainable_only: bool = False) -> None:
-    """`trainable_only`: save the parameters that train (LoRA: the adapters), not the frozen base."""
+    """`trainable_only`: save the parameters that train (LoRA: the adapters), not the frozen base. `optimizer` may
+    be None (a stage that starts a fresh optimizer where it resumes, as DPO does each round)."""
     weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad} if trainable_only \
         else model.state_dict()
 
     def write(tmp: Path) -> None:
-        torch.save({"model": weights, "trainable_only": trainable_only, "optimizer": optimizer.state_dict(),
-                    **_progress(state)}, tmp / STATE_FILE)
+        torch.save({"model": weights, "trainable_only": trainable_only,
+                    "optimizer": None if optimizer is None else optimizer.state_dict(), **_progress(state)},
+                   tmp / STATE_FILE)
 
     write_checkpoint(directory, write, {"kind": "training-state", "fingerprint": fingerprint, "step": state.step})
 
@@ -115,7 +117,8 @@ def resume_training(directory: Path, fingerprint: str, model, optimizer, state: 
         model.load_state_dict(saved["model"], strict=False)
     else:
         model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     _restore_progress(state, saved)
     return True
 

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,11 @@ PREVIOUS_DIR = "previous"
 
 class MetricsLogger:
     """`resume_step`: None for a run that starts over; the step a resumed run continues from otherwise.
-    `records`: other JSONL files of the run, with a `step` per record, kept in step with the metrics."""
+    `records`: other JSONL files of the run, with a `step` per record, kept in step with the metrics.
+    `keep`: which records of the earlier attempt a resumed run keeps (default: those before `resume_step`)."""
 
-    def __init__(self, run_dir: str | Path, stage: str, resume_step: int | None = None, records: tuple[str, ...] = ()):
+    def __init__(self, run_dir: str | Path, stage: str, resume_step: int | None = None, records: tuple[str, ...] = (),
+                 keep: Callable[[dict], bool] | None = None):
         run_dir = Path(run_dir)
         self.path = run_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +34,9 @@ class MetricsLogger:
         if resume_step is None:
             set_aside(run_dir, [METRICS_FILE, TENSORBOARD_DIR, *records])
         else:
+            keep = keep or (lambda record: record.get("step", 0) < resume_step)
             for name in (METRICS_FILE, *records):
-                keep_steps_before(run_dir / name, resume_step)
+                keep_records(run_dir / name, keep)
         self._handle = self.path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -72,12 +76,11 @@ def set_aside(run_dir: Path, names: list[str]) -> Path | None:
     return target
 
 
-def keep_steps_before(path: Path, step: int) -> None:
-    """Drop the records of `step` and later from a JSONL record file (a resumed run logs them again)."""
+def keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep the records of a JSONL record file that `keep` accepts (a resumed run logs the others again)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) < step]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(json.loads(line))]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)

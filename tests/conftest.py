@@ -40,3 +40,16 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def killed_on_call(function, n: int):
+    """`function`, except that its n-th call raises KeyboardInterrupt: a run killed mid-stage."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return function(*args, **kwargs)
+
+    return wrapper

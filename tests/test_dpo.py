@@ -29,7 +29,7 @@ from alignment.packed_model import enable_packed_sequences
 from alignment.packing import IGNORE_INDEX, SampleCollator
 from alignment.lora import apply_lora
 from data_recipes.preference import SCHEMAS, read_pairs
-from tests.conftest import TINY_MODEL, TINY_TOKENIZER
+from tests.conftest import TINY_MODEL, TINY_TOKENIZER, killed_on_call
 
 FIXTURES = Path(__file__).parent / "fixtures" / "preference"
 
@@ -282,6 +282,43 @@ def test_config_refuses_mining_from_the_test_split_and_greedy_sampling():
         load_config(DPOConfig, None, ["pairs.source=dataset"])
     with pytest.raises(ConfigError, match="select on the validation split"):
         load_config(DPOConfig, None, ["selection.validation_path=runs/data/tiny/test.jsonl"])
+
+
+def test_a_killed_run_resumes_with_the_next_round(tiny_data, tmp_path, monkeypatch):
+    """Killed in round 3's training, the rerun starts at round 3 from the state saved after round 2: the same pairs
+    and losses as a run never stopped, and each round's records once."""
+    import alignment.dpo as dpo
+
+    def config(out):
+        return tiny_dpo_config(
+            tiny_data, out, f"mining.prompts_path={tiny_data / 'train.jsonl'}", "mining.prompts_per_round=3",
+            "mining.samples_per_prompt=3", "mining.max_new_tokens=12", "mining.min_margin=0.0",
+            "mining.rewards={rewards: [{name: length}], mode: inprocess}", "mining.decode=continuous",
+            "rounds=3", "pairs.heldout_fraction=0", f"selection.validation_path={tiny_data / 'validation.jsonl'}",
+            "selection.max_samples=4", "evaluate_start=true",
+        )
+
+    run_dpo(config(tmp_path / "whole"))
+    train_round = dpo.train_round
+    out = tmp_path / "killed"
+    monkeypatch.setattr(dpo, "train_round", killed_on_call(train_round, 3))  # in round 3
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(config(out))
+    assert json.loads((out / "last" / "manifest.json").read_text())["step"] == 2
+    monkeypatch.setattr(dpo, "train_round", train_round)
+    summary = run_dpo(config(out))
+
+    assert not (out / "last").exists() and [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    for n in (1, 2, 3):
+        assert (out / "pairs" / f"round{n}.jsonl").read_text() == (tmp_path / "whole" / "pairs" / f"round{n}.jsonl").read_text()
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (tmp_path / "whole", out)]
+    assert [(r["step"], r["round"]) for r in records[1]] == [(r["step"], r["round"]) for r in records[0]]
+    for a, b in zip(*records):
+        for key in ("loss", "grad_norm", "accuracy_think"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a, b)
+    assert summary["selected_round"] == json.loads((tmp_path / "whole" / "eval.json").read_text())["selected_round"]
 
 
 def test_the_dpo_loss_at_the_round_start_is_ln2_with_lora_dropout(tiny_data, tmp_path):

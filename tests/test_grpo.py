@@ -21,7 +21,7 @@ from alignment.grpo import (
 from alignment.token_logprobs import model_token_logps, token_logps
 from envs.code_tasks import generate_code_tasks
 from rewards import RewardResult, RewardScorer, RewardsConfig, RewardSpec, reward
-from tests.conftest import TINY_MODEL, TINY_TOKENIZER
+from tests.conftest import TINY_MODEL, TINY_TOKENIZER, killed_on_call
 
 
 def completion(tokens, rew=0.0, finished=True, forced=None) -> Completion:
@@ -315,15 +315,8 @@ def test_a_killed_run_resumes_from_its_saved_step(tiny_data, tmp_path, monkeypat
     whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
 
     out = tmp_path / "killed"
-    update, calls = grpo.policy_update, []
-
-    def killed_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed")
-        return update(*args, **kwargs)
-
-    monkeypatch.setattr(grpo, "policy_update", killed_in_step_3)
+    update = grpo.policy_update
+    monkeypatch.setattr(grpo, "policy_update", killed_on_call(update, 4))  # in step 3 (steps count from 0)
     with pytest.raises(KeyboardInterrupt):
         run_grpo(_resumable_config(tiny_data, out, "train.save_every=2", *extra))
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
