@@ -11,8 +11,9 @@ Ray Train starts the workers and sets up `torch.distributed`; the stage sees the
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +25,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     on_device = values.cuda() if torch.distributed.get_backend() == "nccl" else values.clone()
     torch.distributed.all_reduce(on_device)
     return on_device.cpu()
+
+
+def gather_objects(obj: Any) -> list:
+    """Every worker's `obj` (picklable), in rank order; `[obj]` outside a distributed run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, obj)
+    return everyone
 
 
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -42,8 +52,6 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
 
 def connect_ray(address: str = ""):
     """Join the Ray cluster at `address` (or RAY_ADDRESS), or start a private local instance; returns `ray`."""
-    import os
-
     import ray
 
     if ray.is_initialized():

@@ -55,12 +55,12 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
-from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
-                                  line_end_token_ids)
+from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
+                                  decode_for_workers, generate, line_end_token_ids)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
-from alignment.distributed import broadcast_parameters, sum_gradients
+from alignment.distributed import broadcast_parameters, gather_objects, sum_gradients
 from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
@@ -427,8 +427,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
                             for side, cand in (("chosen", chosen), ("rejected", rejected))},
             })
     if world > 1:  # every worker gets every pair (in prompt order) and the counts over all prompts
-        everyone: list = [None] * world
-        torch.distributed.all_gather_object(everyone, (pairs, stats))
+        everyone = gather_objects((pairs, stats))
         pairs = sorted((p for part, _ in everyone for p in part), key=lambda p: p["metadata"]["plan"])
         stats = {key: sum(part[key] for _, part in everyone) for key in stats}
     for pair in pairs:
@@ -551,10 +550,7 @@ def run_dpo(config: DPOConfig) -> dict:
     rank, world = distributed_rank_world()
     mining = config.mining
     if world > 1:
-        if mining.decode not in ("auto", "continuous"):
-            raise ValueError(f"mining.decode={mining.decode!r}: several workers mine with the continuous engine, whose "
-                             "per-sample random streams make the pairs independent of the split (auto or continuous)")
-        mining = dataclasses.replace(mining, decode="continuous")
+        mining = dataclasses.replace(mining, decode=decode_for_workers(mining.decode, "mining.decode"))
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining. No prompt
@@ -611,7 +607,6 @@ def run_dpo(config: DPOConfig) -> dict:
             metrics.log(0, round=0, **_scalars(start_eval))
         selection.offer(model, 0, start_eval)
     started = time.time() - state.seconds
-    results = history[-1]["eval"] if history else None
     for round_index in range(done + 1, config.rounds + 1):
         timings = {}
         # 1. Pairs for this round.
@@ -666,11 +661,7 @@ def run_dpo(config: DPOConfig) -> dict:
             with reference(model):
                 ref_logps, _ = all_pair_logps(model, group[rank::world], collator, device, config.train.pairs_per_step,
                                               config.train.loss_chunk_tokens, mismatch)
-            shares = [ref_logps]
-            if world > 1:
-                shares = [None] * world
-                torch.distributed.all_gather_object(shares, ref_logps)
-            for r, share in enumerate(shares):
+            for r, share in enumerate(gather_objects(ref_logps)):
                 for pair, ref in zip(group[r::world], share):
                     pair["ref"] = ref
         if mismatch is not None:
@@ -838,9 +829,7 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
         per_pair = torch.cat(per_pair)  # [B_mine, 5]
         if world > 1:
             sum_gradients(trainable)
-            shares: list = [None] * world
-            torch.distributed.all_gather_object(shares, per_pair)
-            per_pair = torch.cat(shares)
+            per_pair = torch.cat(gather_objects(per_pair))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -384,6 +384,15 @@ def _decode_path(model: nn.Module, requested: str, device: torch.device, float32
     return requested
 
 
+def decode_for_workers(decode: str, key: str) -> str:
+    """The decode path of a stage split over several workers: the continuous engine, whose per-sample random streams
+    make every sample independent of the split. `auto` becomes it; another explicit path is refused, naming `key`."""
+    if decode not in ("auto", "continuous"):
+        raise ValueError(f"{key}={decode!r}: several workers sample with the continuous engine, whose per-sample "
+                         "random streams make the samples independent of the split (auto or continuous)")
+    return "continuous"
+
+
 def generate(
     model: nn.Module,
     prompts: list[list[int]],

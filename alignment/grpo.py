@@ -57,10 +57,10 @@ from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import option, to_dict
 from alignment.data import fingerprint_files, read_rows
-from alignment.distributed import all_reduce_sum, sum_gradients
+from alignment.distributed import all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
-                                  check_decode_keys, generate)
+                                  check_decode_keys, decode_for_workers, generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import SampleCollator, plan_packed_batches
@@ -440,9 +440,7 @@ def rollout(
         timings["reward_busy"] = sum(f.result() for f in pending)
         timings["reward_wait"] = time.perf_counter() - t0  # the part of reward time generation did not hide
     if world > 1:
-        exchanged: list[list] = [None] * world
-        torch.distributed.all_gather_object(exchanged, [(k, g.completions) for k, g in enumerate(groups) if g.completions])
-        for part in exchanged:
+        for part in gather_objects([(k, g.completions) for k, g in enumerate(groups) if g.completions]):
             for k, completions in part:
                 groups[k].completions = completions
     return groups, timings
@@ -738,9 +736,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     seed_everything(config.train.seed)
     rng = random.Random(config.train.seed)  # the same draws on every worker: prompts, modes, budgets, minibatches
     rank, world = distributed_rank_world()
-    if world > 1 and config.rollout.decode not in ("auto", "continuous"):
-        raise ValueError(f"rollout.decode={config.rollout.decode!r}: several workers roll out with the continuous engine, "
-                         "whose per-sample random streams make the rollouts independent of the split (auto or continuous)")
+    decode = decode_for_workers(config.rollout.decode, "rollout.decode") if world > 1 else config.rollout.decode
 
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)
@@ -774,7 +770,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         generation_settings(tokenizer, config.eval), temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, max_new_tokens=config.rollout.max_new_tokens, batch_size=config.rollout.batch_size,
         grace_tokens=None, grace_fraction=config.rollout.grace_fraction,
-        decode="continuous" if world > 1 else config.rollout.decode, ssm_state_dtype=config.rollout.ssm_state_dtype,
+        decode=decode, ssm_state_dtype=config.rollout.ssm_state_dtype,
     )
     scorer = RewardScorer(config.rewards)
     collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from alignment.distributed import gather_objects
 from alignment.packing import IGNORE_INDEX, model_inputs, per_sample_sums
 
 
@@ -160,9 +161,8 @@ class MismatchMeter:
 
     def gather(self) -> None:
         """Collect every worker's tokens (a distributed run), so that `stats()` describes the whole batch."""
-        mine = (torch.cat(self.learner or [torch.zeros(0)]), torch.cat(self.sampler or [torch.zeros(0)]))
-        everyone: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, mine)
+        empty = torch.zeros(0)
+        everyone = gather_objects((torch.cat(self.learner or [empty]), torch.cat(self.sampler or [empty])))
         self.learner, self.sampler = [l for l, _ in everyone], [s for _, s in everyone]
 
     def stats(self) -> dict[str, float]:

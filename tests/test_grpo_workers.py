@@ -78,3 +78,11 @@ def test_two_workers_take_the_steps_of_one(tiny_data, tmp_path, lora):
     assert one[0]["loss"] != one[-2]["loss"] and one[0]["grad_norm"] > 0  # it did train
     samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("one", "two")]
     assert samples[0] == samples[1]
+
+
+def test_several_workers_sample_with_the_continuous_engine():
+    from alignment.generation import decode_for_workers
+
+    assert decode_for_workers("auto", "rollout.decode") == decode_for_workers("continuous", "x") == "continuous"
+    with pytest.raises(ValueError, match="mining.decode='static'"):
+        decode_for_workers("static", "mining.decode")
