@@ -16,6 +16,11 @@ if [ ! -f /tmp/site/.done ]; then
   for bundle in .gpu_extra/*.tar.xz; do [ -f "$bundle" ] && xz -dc "$bundle" | tar xf - -C /tmp/site; done
   [ "$installed" = 1 ] && touch /tmp/site/.done
 fi
+# The project itself, editable, so that its console scripts (`align`) exist as after `pip install -e .`.
+if [ ! -f /tmp/site/.project ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/site/project-install.log 2>&1 \
+    && touch /tmp/site/.project || echo "bench/gpu_env.sh: pip install -e . failed (see /tmp/site/project-install.log)" >&2
+fi
 export PYTHONPATH=/tmp/kern:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PATH=/tmp/site/bin:$PATH
 align() { python3 -m alignment.cli "$@"; }

@@ -98,7 +98,7 @@ def test_packed_loss_and_gradients_match_one_by_one(kernel):
     (-alone.sum()).backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-6)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_boundaries_derived_from_position_ids_alone(kernel):
