@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 from alignment.config import DATA_PARALLEL_STAGES, ConfigError, describe_fields, load_config
 
@@ -57,24 +60,25 @@ def _add_stage(subparsers, name: str, help_text: str, config_cls: type, run: Cal
     def handler(args) -> int:
         overrides, workers = _worker_keys(name, args.overrides)
         config = load_config(config_cls, args.config, overrides)
-        if workers["num_workers"] > 0:
-            from alignment.distributed import connect_ray, run_data_parallel
+        with _removed_if_left_empty(config.output_dir):
+            if workers["num_workers"] > 0:
+                from alignment.distributed import connect_ray, run_data_parallel
 
-            connect_ray()
-            run_data_parallel(run, config, int(workers["num_workers"]), use_gpu=workers["gpus_per_worker"] > 0, name=name)
-        else:
-            run(config)
+                connect_ray()
+                run_data_parallel(run, config, int(workers["num_workers"]), use_gpu=workers["gpus_per_worker"] > 0,
+                                  name=name)
+            else:
+                run(config)
         return 0
 
     parser.set_defaults(func=handler)
 
 
-def _eval_command(subparsers) -> None:
+def _eval_command(subparsers, help_text: str) -> None:
     from alignment.evaluate import EvalRunConfig, run_eval
 
     parser = subparsers.add_parser(
-        "eval", help="Evaluate one or more checkpoints: accuracy with reasoning on/off and across thinking budgets.",
-        epilog=_fields_help(EvalRunConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval", help=help_text, description=help_text, epilog=_fields_help(EvalRunConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoints", nargs="+", help="Checkpoint directories, then optional key=value overrides.")
     parser.add_argument("--config", help="YAML config file for the evaluation.")
@@ -83,18 +87,18 @@ def _eval_command(subparsers) -> None:
         checkpoints = [c for c in args.checkpoints if "=" not in c]
         overrides = [c for c in args.checkpoints if "=" in c]
         config = load_config(EvalRunConfig, args.config, overrides)
-        run_eval(checkpoints, config)
+        with _removed_if_left_empty(config.output_dir):
+            run_eval(checkpoints, config)
         return 0
 
     parser.set_defaults(func=handler)
 
 
-def _pipeline_command(subparsers) -> None:
+def _pipeline_command(subparsers, help_text: str) -> None:
     from alignment.pipeline import PipelineConfig, run_pipeline
 
     parser = subparsers.add_parser(
-        "pipeline", help="Run the stages in order on Ray (local instance, or a cluster via RAY_ADDRESS/--address).",
-        epilog=_fields_help(PipelineConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "pipeline", help=help_text, description=help_text, epilog=_fields_help(PipelineConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="YAML pipeline config.")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=/shared/runs/x.")
@@ -104,7 +108,8 @@ def _pipeline_command(subparsers) -> None:
         config = load_config(PipelineConfig, args.config, args.overrides)
         if args.address:
             config.address = args.address
-        run_pipeline(config)
+        with _removed_if_left_empty(config.run_dir):
+            run_pipeline(config)
         return 0
 
     parser.set_defaults(func=handler)
@@ -167,10 +172,9 @@ def _template_cases(tokenizer, messages: list[dict], cut_fraction: float = 0.5) 
     return {"format": chat_format_of(tokenizer).name, "cases": cases}
 
 
-def _template_command(subparsers) -> None:
+def _template_command(subparsers, help_text: str) -> None:
     parser = subparsers.add_parser(
-        "template", help="Show the detected chat format, and what the stages feed and train with reasoning on, off "
-        "and for a truncated-thinking row.",
+        "template", help=help_text,
         description="Renders a conversation through the tokenizer's own chat template the way every stage does: the "
         "generation prompt (what rollouts and evaluation start from) and the trained text (the tokens that carry "
         "loss), for reasoning on, off and a truncated-thinking row (the trace cut at half its tokens).",
@@ -210,31 +214,97 @@ def _template_command(subparsers) -> None:
     parser.set_defaults(func=handler)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from alignment.pipeline import stage_entry
-
-    parser = argparse.ArgumentParser(prog="align", description="Post-training for hybrid reasoning models.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_stage(subparsers, "data", "Write the synthetic reasoning task splits.", *stage_entry("data"),
-               config_optional=True)
-    _add_stage(subparsers, "sft", "Supervised fine-tuning on reasoning-on/off traces.", *stage_entry("sft"))
-    _eval_command(subparsers)
-    _add_stage(subparsers, "dpo", "Preference optimisation (DPO), on a preference file or pairs mined on-policy.",
-               *stage_entry("dpo"))
-    _add_stage(subparsers, "grpo", "RL with verifiable rewards (GRPO), budget-aware rollouts.", *stage_entry("grpo"))
-    _pipeline_command(subparsers)
-    _template_command(subparsers)
+@contextlib.contextmanager
+def _removed_if_left_empty(output_dir: str) -> Iterator[None]:
+    """A run that fails leaves no empty output folder of its own making behind (one that existed stays)."""
+    made = Path(output_dir).absolute()  # the outermost folder the run will create, if any
+    while not made.parent.exists():
+        made = made.parent
+    existed = made.exists()
     try:
-        from rewards.cli import add_rewards_parser
-    except ImportError:
-        pass
-    else:
-        add_rewards_parser(subparsers)
+        yield
+    except BaseException:
+        if not existed and made.is_dir() and not any(p.is_file() for p in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all a user needs (bad config, data, template, checkpoint): printed, no traceback."""
+    from alignment.chat_format import TemplateError
+    from alignment.checkpoint import CorruptCheckpointError
+    from alignment.data import BadDataError
+    from alignment.packed_model import PackingNotSupportedError
+    from alignment.split_guard import SplitOverlapError
+    from data_recipes.adapters.base import RecordError
+    from data_recipes.preference import PairError
+    from envs.sandbox import SandboxUnavailable
+    from rewards.config import RewardsConfigError
+
+    return (ConfigError, BadDataError, TemplateError, CorruptCheckpointError, PackingNotSupportedError,
+            SplitOverlapError, RecordError, PairError, SandboxUnavailable, RewardsConfigError, FileNotFoundError)
+
+
+def bad_input(exc: BaseException) -> BaseException | None:
+    """The bad-input error behind `exc`: itself, or the innermost one a Ray task or worker raised; None if none."""
+    kinds, found = _bad_input_errors(), None
+    for _ in range(8):  # the chain is short: a Ray task error, a Train error, the cause
+        if exc is None:
+            break
+        if isinstance(exc, kinds):
+            found = exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return found
+
+
+def _stage_command(name: str, config_optional: bool = False) -> Callable:
+    def add(subparsers, help_text: str) -> None:
+        from alignment.pipeline import stage_entry
+
+        _add_stage(subparsers, name, help_text, *stage_entry(name), config_optional=config_optional)
+
+    return add
+
+
+def _rewards_command(subparsers, help_text: str) -> None:
+    from rewards.cli import add_rewards_parser
+
+    add_rewards_parser(subparsers, help_text)
+
+
+# Subcommand: (one-line help, what adds it in full). Only the subcommand being run is built in full: the stages'
+# config classes import torch and transformers, which `align --help` does without.
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    "data": ("Write the synthetic reasoning task splits.", _stage_command("data", config_optional=True)),
+    "sft": ("Supervised fine-tuning on reasoning-on/off traces.", _stage_command("sft")),
+    "eval": ("Evaluate one or more checkpoints: accuracy with reasoning on/off and across thinking budgets.",
+             _eval_command),
+    "dpo": ("Preference optimisation (DPO), on a preference file or pairs mined on-policy.", _stage_command("dpo")),
+    "grpo": ("RL with verifiable rewards (GRPO), budget-aware rollouts.", _stage_command("grpo")),
+    "pipeline": ("Run the stages in order on Ray (local instance, or a cluster via RAY_ADDRESS/--address).",
+                 _pipeline_command),
+    "template": ("Show the detected chat format, and what the stages feed and train with reasoning on, off and for a "
+                 "truncated-thinking row.", _template_command),
+    "rewards": ("List reward plugins, or score one completion by hand.", _rewards_command),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `align` parser with `command` built in full (the others listed with their help line only)."""
+    parser = argparse.ArgumentParser(prog="align", description="Post-training for hybrid reasoning models.")
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback when a run fails on bad input.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_in_full) in COMMANDS.items():
+        if name == command:
+            add_in_full(subparsers, help_text)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
     # `align eval CKPT --config X key=value`: positionals after an option arrive as extras; they belong to the list.
     if extra and args.command == "eval" and not any(e.startswith("-") for e in extra):
@@ -243,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = None if args.debug else bad_input(exc)
+        if error is None:
+            raise
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        print(f"{kind}: {error}\n(align --debug ... shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -26,11 +26,16 @@ class ConfigError(ValueError):
 DATA_PARALLEL_STAGES = ("sft", "dpo", "grpo")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with help text. Mutable defaults (lists, dicts, dataclasses) are copied per instance."""
+def option(default: Any, help: str, path: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with help text. Mutable defaults (lists, dicts, dataclasses) are copied per instance.
+
+    `path="file"` marks a field naming an input file and `path="model"` one naming a model or tokenizer (a local
+    folder, a config .json or a hub id): `check_paths` checks them before a stage loads anything.
+    """
+    metadata = {"help": help, **({"path": path} if path else {})}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: _copy(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: _copy(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def _copy(value: Any) -> Any:
@@ -171,3 +176,34 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str, st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((prefix + f.name, _type_name(tp), repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def input_paths(config: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value, kind) of every non-empty field marked `path=` in `config`, sections included."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += input_paths(value, prefix=f"{prefix}{f.name}.")
+        elif f.metadata.get("path") and value:
+            found.append((prefix + f.name, value, f.metadata["path"]))
+    return found
+
+
+def check_paths(config: Any) -> None:
+    """Fail in seconds, naming the key, when an input file or model a config names is not there.
+
+    Called by each stage before it builds anything (and so before its output folder exists): a mistyped path costs
+    seconds, not a model load, and leaves nothing behind.
+    """
+    from alignment.model_source import check_model_source
+
+    unused = set(getattr(config, "unused_paths", lambda: ())())  # keys a setting makes the stage not read
+    for key, value, kind in input_paths(config):
+        if key in unused:
+            continue
+        if kind == "model":
+            check_model_source(value, key)
+        elif not Path(value).is_file():
+            where = "" if Path(value).is_absolute() else f" (relative to {Path.cwd()})"
+            raise ConfigError(f"`{key}`: no such file: {value}{where}")

@@ -52,7 +52,7 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
                                    with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import option, to_dict
+from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
@@ -89,7 +89,9 @@ class PairsConfig:
     source: Literal["mined", "dataset"] = option(
         "mined", "mined: sample and grade completions from the current policy each round; dataset: a preference file."
     )
-    dataset_path: str = option("", "Preference JSONL for source=dataset, in any schema of data_recipes/preference.py.")
+    dataset_path: str = option(
+        "", "Preference JSONL for source=dataset, in any schema of data_recipes/preference.py.", path="file"
+    )
     schema: Literal["auto", "prompt_messages", "conversations", "text", "hh"] = option(
         "auto", "Schema of dataset_path; auto recognises each row by its columns."
     )
@@ -109,7 +111,8 @@ class MiningConfig:
     """On-policy pair mining: K samples per prompt, graded by the reward plugins."""
 
     prompts_path: str = option(
-        "runs/data/tiny/train.jsonl", "Prompt rows with reference answers; the train split, never the test split."
+        "runs/data/tiny/train.jsonl", "Prompt rows with reference answers; the train split, never the test split.",
+        path="file",
     )
     prompts_per_round: int = option(128, "Prompts sampled per round (fresh prompts every round).")
     samples_per_prompt: int = option(4, "K: completions sampled per prompt.")
@@ -219,7 +222,8 @@ class SelectionConfig:
 
     validation_path: str = option(
         "", "Prompt rows (the validation split, never the test split) on which every round's policy and the start "
-            "are scored (accuracy, reasoning on); the best is kept. Empty: keep the last round."
+            "are scored (accuracy, reasoning on); the best is kept. Empty: keep the last round.",
+        path="file",
     )
     max_samples: int = option(200, "Score on at most this many validation rows.")
     min_gain: float = option(0.0, "A round replaces the best so far only when its accuracy is higher by more than this.")
@@ -258,6 +262,10 @@ class DPOConfig:
             raise ValueError("mining.prompts_path is the evaluation's test split; mine from the train split")
         if self.selection.validation_path and Path(self.selection.validation_path).resolve() == test:
             raise ValueError("selection.validation_path is the evaluation's test split; select on the validation split")
+
+    def unused_paths(self) -> tuple[str, ...]:
+        """The input file the pair source leaves unread (`check_paths` skips it)."""
+        return ("mining.prompts_path",) if self.pairs.source == "dataset" else ("pairs.dataset_path",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,6 +550,7 @@ def heldout_metrics(model, pairs: list[dict], collator, device, config: DPOConfi
 
 def run_dpo(config: DPOConfig) -> dict:
     setup_logging()
+    check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
     out = Path(config.output_dir)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)

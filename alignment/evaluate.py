@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
-from alignment.config import option
+from alignment.config import check_paths, option
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """What to evaluate and how to decode."""
 
-    test_path: str = option("runs/data/tiny/test.jsonl", "JSONL rows to evaluate on (prompt rows with `answer`).")
+    test_path: str = option(
+        "runs/data/tiny/test.jsonl", "JSONL rows to evaluate on (prompt rows with `answer`).", path="file"
+    )
     max_samples: int = option(300, "Evaluate on at most this many rows (the first ones); 0 means all.")
     budgets: list = option(
         [None], "Thinking budgets (tokens) to sweep in reasoning-on mode; null means unlimited."
@@ -308,6 +310,7 @@ def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
     from alignment.runtime import pick_device, setup_logging
 
     setup_logging()
+    check_paths(config)
     device = pick_device(config.device)
     rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     results: dict[str, dict] = {}

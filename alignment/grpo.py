@@ -55,7 +55,7 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import option, to_dict
+from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.distributed import all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
@@ -84,7 +84,9 @@ log = logging.getLogger(__name__)
 class GRPODataConfig:
     """Prompts to train on."""
 
-    train_path: str = option("runs/data/tiny/train.jsonl", "JSONL prompt rows; `task` routes each to its rewards.")
+    train_path: str = option(
+        "runs/data/tiny/train.jsonl", "JSONL prompt rows; `task` routes each to its rewards.", path="file"
+    )
     max_prompts: int = option(0, "Use at most this many rows of train_path (the first ones); 0 means all.")
     code_tasks: int = option(0, "Synthetic code tasks (envs.code_tasks) mixed into the pool; `task: code` rows.")
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
@@ -726,6 +728,7 @@ def step_metrics(kept: list[Group], seen: list[Group], threshold: float, overlon
 
 def run_grpo(config: GRPOConfig) -> dict:
     setup_logging()
+    check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)

@@ -34,8 +34,11 @@ class ModelConfig:
     name_or_path: str = option(
         "configs/tiny/model.json",
         "A model config .json (random init from `init_seed`), a local checkpoint directory, or a hub model id.",
+        path="model",
     )
-    tokenizer: str = option("", "Tokenizer directory or hub id; empty means the same place as the model.")
+    tokenizer: str = option(
+        "", "Tokenizer directory or hub id; empty means the same place as the model.", path="model"
+    )
     dtype: str = option("float32", "Parameter dtype: float32, bfloat16 or float16.")
     init_seed: int = option(0, "Seed for random initialisation when building from a config file.")
     attn_implementation: str = option("sdpa", "Attention implementation passed to transformers (sdpa, eager, ...).")

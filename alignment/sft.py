@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
 from alignment.chat_format import IGNORE_INDEX, encode_for_training
 from alignment.checkpoint import save_model_checkpoint
-from alignment.config import option, to_dict
+from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import EvalConfig, evaluate_model
 from alignment.graphed_step import GraphedTrainStep, capturable_adamw, set_learning_rate
@@ -51,8 +51,12 @@ log = logging.getLogger(__name__)
 class SFTDataConfig:
     """Training data and how it becomes tokens."""
 
-    train_path: str = option("runs/data/tiny/train.jsonl", "JSONL training rows (see data_recipes/synthetic_math.py).")
-    test_path: str = option("runs/data/tiny/test.jsonl", "Held-out rows for the evaluation after training.")
+    train_path: str = option(
+        "runs/data/tiny/train.jsonl", "JSONL training rows (see data_recipes/synthetic_math.py).", path="file"
+    )
+    test_path: str = option(
+        "runs/data/tiny/test.jsonl", "Held-out rows for the evaluation after training.", path="file"
+    )
     max_seq_len: int = option(512, "Longer conversations are dropped (counted in the manifest).")
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
     truncation: TruncationConfig = option(TruncationConfig(), "Truncated-thinking rows that teach budget control.")
@@ -81,6 +85,7 @@ class TrainConfig:
         "",
         "DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json): shard weights, gradients and AdamW states with "
         "ZeRO over the workers (what full fine-tuning of a 9B model needs). Empty: plain data parallel (DDP).",
+        path="file",
     )
     cuda_graphs: bool = option(
         False,
@@ -249,6 +254,7 @@ def build_model(config: SFTConfig, device: torch.device):
 
 def run_sft(config: SFTConfig) -> dict:
     setup_logging()
+    check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)

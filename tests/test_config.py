@@ -79,3 +79,72 @@ def test_help_lists_the_allowed_values_of_a_choice():
 
     rows = {key: type_name for key, type_name, _, _ in describe_fields(SFTConfig)}
     assert rows["data.truncation.budget_mode"] == "one of 'tokens', 'fraction'"
+
+
+# Paths a config names are checked before a stage builds anything; the CLI prints bad input without a traceback.
+
+
+def test_a_missing_data_file_fails_at_once_naming_its_key_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "runs" / "sft"
+    code = main(["sft", "configs/tiny/sft.yaml", f"data.train_path={tmp_path / 'nope.jsonl'}", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"`data.train_path`: no such file: {tmp_path / 'nope.jsonl'}" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_a_failed_run_removes_the_empty_folder_it_made_and_keeps_an_existing_one(tmp_path, capsys):
+    bad, test = tmp_path / "bad.jsonl", tmp_path / "test.jsonl"
+    bad.write_text("not json\n")
+    test.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    args = ["sft", "configs/tiny/sft.yaml", f"data.train_path={bad}", f"data.test_path={test}", "data.max_bad_fraction=0"]
+    assert main(args + [f"output_dir={tmp_path / 'new' / 'sft'}"]) == 2
+    assert "1 of 1 rows are bad" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    assert main(args + [f"output_dir={tmp_path / 'old' / 'sft'}"]) == 2
+    assert (tmp_path / "old").is_dir()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ConfigError, match="data.train_path"):
+        main(["--debug", "sft", "configs/tiny/sft.yaml", f"data.train_path={tmp_path / 'nope.jsonl'}"])
+
+
+def test_a_model_name_that_is_no_local_folder_is_tried_once_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from alignment.config import check_paths
+
+    calls = []
+
+    def unreachable(repo_id, timeout):
+        calls.append((repo_id, timeout))
+        raise ConnectionError("no route to the hub")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    config = load_config(SFTConfig, None, ["model.name_or_path=my-modle"])
+    with pytest.raises(ConfigError) as info:
+        check_paths(config)
+    message = str(info.value)
+    assert "`model.name_or_path`: 'my-modle' is not a local folder" in message
+    assert "ConnectionError: no route to the hub" in message and len(calls) == 1 and calls[0][1] <= 10
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="not in the local hub cache, and HF_HUB_OFFLINE is set"):
+        check_paths(config)
+    assert len(calls) == 1  # offline: no request at all
+
+
+def test_paths_a_setting_leaves_unread_are_not_checked(tmp_path):
+    from alignment.config import check_paths
+    from alignment.dpo import DPOConfig
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    config = load_config(DPOConfig, None, [
+        "model.name_or_path=configs/tiny/model.json", "model.tokenizer=configs/tiny/tokenizer", "pairs.source=dataset",
+        f"pairs.dataset_path={pairs}", "mining.prompts_path=/nowhere/rl.jsonl", "eval.test_path=configs/tiny/dpo.yaml",
+    ])
+    check_paths(config)  # mining.prompts_path is not read when the pairs come from a file
+    with pytest.raises(ConfigError, match="`mining.prompts_path`: no such file: /nowhere/rl.jsonl"):
+        check_paths(load_config(DPOConfig, None, ["model.name_or_path=configs/tiny/model.json",
+                                                  "mining.prompts_path=/nowhere/rl.jsonl"]))
