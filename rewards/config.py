@@ -66,6 +66,15 @@ class RewardsConfig:
         default=4, metadata={"help": "reward calls running at once (Ray actors, or threads in process)"}
     )
     id_column: str = field(default="id", metadata={"help": "row column logged with each failure"})
+    max_failure_rate: float = field(
+        default=0.5, metadata={"help": "a reward that fails on more than this share of its last `failure_window` "
+                                       "samples is stopped or disabled (`on_failing`); 1 never trips"}
+    )
+    failure_window: int = field(default=16, metadata={"help": "samples per reward over which the failure rate is judged"})
+    on_failing: Literal["stop", "disable"] = field(
+        default="stop", metadata={"help": "stop: end the stage with an error; disable: stop calling the reward, "
+                                          "its samples score failure_score, with a warning each batch"}
+    )
 
     def __post_init__(self) -> None:
         # Accept bare names and plain mappings however the config was built (YAML, a generic loader, code);
@@ -87,6 +96,13 @@ class RewardsConfig:
                 raise RewardsConfigError(key, f"must be a number, got {getattr(self, key)!r}")
         if self.timeout_s <= 0:
             raise RewardsConfigError("timeout_s", f"must be > 0, got {self.timeout_s}")
+        if not _is_number(self.max_failure_rate) or not 0 <= self.max_failure_rate <= 1:
+            raise RewardsConfigError("max_failure_rate", f"must be a number in [0, 1], got {self.max_failure_rate!r}")
+        if not isinstance(self.failure_window, int) or isinstance(self.failure_window, bool) \
+                or self.failure_window < 1:
+            raise RewardsConfigError("failure_window", f"must be an integer >= 1, got {self.failure_window!r}")
+        if self.on_failing not in ("stop", "disable"):
+            raise RewardsConfigError("on_failing", f"must be one of ['stop', 'disable'], got {self.on_failing!r}")
         if not isinstance(self.max_concurrency, int) or isinstance(self.max_concurrency, bool) \
                 or self.max_concurrency < 1:
             raise RewardsConfigError("max_concurrency", f"must be an integer >= 1, got {self.max_concurrency!r}")

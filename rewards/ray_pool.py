@@ -17,7 +17,7 @@ from collections import deque
 import ray
 
 from rewards.registry import list_rewards
-from rewards.scoring import Outcome, RewardCall, execute_call, timeout_outcomes
+from rewards.scoring import FailureGuard, Outcome, RewardCall, execute_call, skipped_outcomes, timeout_outcomes
 
 
 class _RewardWorker:
@@ -50,47 +50,69 @@ class RayRewardPool:
         self._actors = [self._worker_cls.remote() for _ in range(size)]
         # Timeouts count from dispatch, so wait until the actors are up before the first call.
         ray.get([actor.ready.remote() for actor in self._actors])
+        self._starting: dict[ray.ObjectRef, object] = {}
         self.timeout_s = timeout_s
 
-    def run(self, calls: list[RewardCall]) -> list[list[Outcome]]:
+    def run(self, calls: list[RewardCall], guard: FailureGuard | None = None) -> list[list[Outcome]]:
+        """Every call's outcomes. Deadlines are per call, from its dispatch; an actor replaced after a timeout
+        starts while the others go on, and takes calls once it is up. `guard` sees each outcome as it arrives
+        and may skip the calls not yet dispatched (or raise)."""
         results: list[list[Outcome] | None] = [None] * len(calls)
         pending = deque(range(len(calls)))
-        idle = deque(self._actors)
+        starting = self._starting  # ready() ref -> a replacement actor, kept across batches
+        idle = deque(actor for actor in self._actors if actor not in starting.values())
         in_flight: dict[ray.ObjectRef, tuple[int, object, float]] = {}  # ref -> (call, actor, deadline)
+
+        def finish(i: int, outcome: list[Outcome]) -> None:
+            results[i] = outcome
+            if guard is not None:
+                guard.record(calls[i], outcome)
+
         while pending or in_flight:
             while pending and idle:
-                i, actor = pending.popleft(), idle.popleft()
+                i = pending.popleft()
+                if guard is not None and (reason := guard.skip_reason(calls[i])):
+                    results[i] = skipped_outcomes(calls[i], reason)
+                    continue
+                actor = idle.popleft()
                 in_flight[actor.run.remote(calls[i])] = (i, actor, time.monotonic() + self.timeout_s)
-            next_deadline = min(deadline for _, _, deadline in in_flight.values())
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0.0, next_deadline - time.monotonic()))
+            if not in_flight and not (pending and starting):
+                break
+            deadlines = [deadline for _, _, deadline in in_flight.values()]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=wait_s)
             for ref in ready:
+                if ref in starting:
+                    idle.append(starting.pop(ref))
+                    continue
                 i, actor, _ = in_flight.pop(ref)
                 try:
-                    results[i] = ray.get(ref)
+                    outcome = ray.get(ref)
                     idle.append(actor)
                 except ray.exceptions.RayError as e:  # the actor died (a reward called os._exit), or unpickling failed
                     error = f"reward worker failed: {type(e).__name__}: {_last_line(e)}"
-                    results[i] = [(float("nan"), {}, error)] * len(calls[i].completions)
-                    idle.append(self._replace(actor))
+                    outcome = [(float("nan"), {}, error)] * len(calls[i].completions)
+                    self._replace(actor)
+                finish(i, outcome)
             now = time.monotonic()
             for ref, (i, actor, deadline) in list(in_flight.items()):
                 if deadline <= now:
                     del in_flight[ref]
-                    results[i] = timeout_outcomes(calls[i], self.timeout_s)
-                    idle.append(self._replace(actor))
+                    self._replace(actor)
+                    finish(i, timeout_outcomes(calls[i], self.timeout_s))
         return results  # type: ignore[return-value]
 
-    def _replace(self, actor) -> object:
+    def _replace(self, actor) -> None:
+        """Kill `actor` and start a fresh one in its place: it takes calls once its ready() returns."""
         ray.kill(actor, no_restart=True)
         fresh = self._worker_cls.remote()
-        ray.get(fresh.ready.remote())
         self._actors[self._actors.index(actor)] = fresh
-        return fresh
+        self._starting[fresh.ready.remote()] = fresh
 
     def close(self) -> None:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
-        self._actors = []
+        self._actors, self._starting = [], {}
 
 
 def _last_line(error: Exception) -> str:

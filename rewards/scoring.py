@@ -1,7 +1,10 @@
 """Scoring a batch of completions with the configured rewards, isolating the batch from failing rewards.
 
 A reward call that raises, returns None/NaN/inf or runs past `timeout_s` gives its samples `failure_score` for that
-reward; the failure is logged with the row id and counted, and the other samples are scored as usual.
+reward; failures are counted and logged once per reward and batch (the count and the first row id and reason), and
+the other samples are scored as usual. A reward that fails on more than `max_failure_rate` of its last
+`failure_window` samples, one that hangs on every call for instance, is stopped or disabled (`on_failing`): its
+remaining calls are not made, so it costs a few timeouts, not one per sample.
 
 Two ways to run the calls:
 - "ray": a small pool of Ray actors, one call per actor at a time, so slow rewards do not serialise the batch and a
@@ -96,8 +99,46 @@ def _normalise(value: Any) -> Outcome:
     return score, info, None
 
 
-def run_in_threads(calls: list[RewardCall], timeout_s: float, max_concurrency: int) -> list[list[Outcome]]:
-    """Run calls on daemon threads, at most `max_concurrency` at once; a call past `timeout_s` is abandoned."""
+class RewardFailingError(RuntimeError):
+    """A reward failed on too many of its recent samples and `on_failing` is `stop`."""
+
+
+class FailureGuard:
+    """Per reward, whether each of its last `window` samples failed; past `max_rate`, the reward is stopped
+    (RewardFailingError) or disabled (its calls are skipped, their samples fail with the reason)."""
+
+    def __init__(self, config: RewardsConfig):
+        self.window, self.max_rate, self.action = config.failure_window, config.max_failure_rate, config.on_failing
+        self.recent: dict[str, deque[bool]] = {}
+        self.disabled: dict[str, str] = {}  # reward name -> why
+
+    def skip_reason(self, call: RewardCall) -> str | None:
+        """Why `call` is not to be made (its reward is disabled), or None."""
+        return self.disabled.get(call.reward.name)
+
+    def record(self, call: RewardCall, outcomes: list[Outcome]) -> None:
+        name = call.reward.name
+        recent = self.recent.setdefault(name, deque(maxlen=self.window))
+        recent.extend(error is not None for _, _, error in outcomes)
+        failed = sum(recent)
+        if name in self.disabled or len(recent) < self.window or failed <= self.max_rate * len(recent):
+            return
+        last_error = next(error for _, _, error in reversed(outcomes) if error is not None)
+        problem = (f"reward {name!r} failed on {failed} of its last {len(recent)} samples (last: {last_error}), "
+                   f"more than rewards.max_failure_rate={self.max_rate}")
+        if self.action == "stop":
+            raise RewardFailingError(f"{problem}. Fix the reward, or set rewards.on_failing=disable to go on "
+                                     "without it (its samples then score failure_score)")
+        self.disabled[name] = f"disabled after {problem}"
+        logger.error("%s: disabled for the rest of the run (rewards.on_failing=disable); its samples score "
+                     "failure_score", problem)
+
+
+def run_in_threads(calls: list[RewardCall], timeout_s: float, max_concurrency: int,
+                   guard: FailureGuard | None = None) -> list[list[Outcome]]:
+    """Run calls on daemon threads, at most `max_concurrency` at once; a call past `timeout_s` is abandoned.
+
+    `guard` sees every outcome as it arrives and may skip the calls not yet started (or raise)."""
     results: list[list[Outcome] | None] = [None] * len(calls)
     done: queue.Queue = queue.Queue()
     pending = deque(range(len(calls)))
@@ -106,28 +147,42 @@ def run_in_threads(calls: list[RewardCall], timeout_s: float, max_concurrency: i
     def work(i: int) -> None:
         done.put((i, execute_call(calls[i])))
 
+    def finish(i: int, outcome: list[Outcome]) -> None:
+        results[i] = outcome
+        if guard is not None:
+            guard.record(calls[i], outcome)
+
     while pending or deadlines:
         while pending and len(deadlines) < max_concurrency:
             i = pending.popleft()
+            if guard is not None and (reason := guard.skip_reason(calls[i])):
+                results[i] = skipped_outcomes(calls[i], reason)
+                continue
             # Daemon threads, not an executor: an executor joins its threads at exit, so a hung reward would
             # hang the interpreter's exit too.
             threading.Thread(target=work, args=(i,), name=f"reward-{calls[i].reward.name}", daemon=True).start()
             deadlines[i] = time.monotonic() + timeout_s
+        if not deadlines:
+            continue
         try:
             i, outcome = done.get(timeout=max(0.0, min(deadlines.values()) - time.monotonic()))
             if i in deadlines:  # else it finished after being given up on
                 del deadlines[i]
-                results[i] = outcome
+                finish(i, outcome)
         except queue.Empty:
             now = time.monotonic()
             for i in [i for i, deadline in deadlines.items() if deadline <= now]:
                 del deadlines[i]
-                results[i] = timeout_outcomes(calls[i], timeout_s)
+                finish(i, timeout_outcomes(calls[i], timeout_s))
     return results  # type: ignore[return-value]
 
 
 def timeout_outcomes(call: RewardCall, timeout_s: float) -> list[Outcome]:
     return [(math.nan, {}, f"timed out after {timeout_s} s")] * len(call.completions)
+
+
+def skipped_outcomes(call: RewardCall, reason: str) -> list[Outcome]:
+    return [(math.nan, {}, reason)] * len(call.completions)
 
 
 class RewardScorer:
@@ -139,6 +194,7 @@ class RewardScorer:
         self.failure_counts: Counter[str] = Counter()  # reward name -> failed samples, over this scorer's life
         for spec in config.rewards + [s for specs in config.routes.values() for s in specs]:
             get_reward(spec.name)  # unknown names fail here, before any generation
+        self.guard = FailureGuard(config)
         self._pool = None
         if config.mode == "ray":
             from rewards.ray_pool import RayRewardPool  # imported only here: in-process mode never loads Ray
@@ -151,11 +207,12 @@ class RewardScorer:
             raise ValueError(f"{len(completions)} completions but {len(rows)} rows")
         calls, owners = self._plan(completions, rows)
         if self._pool is not None:
-            outcomes = self._pool.run(calls)
+            outcomes = self._pool.run(calls, self.guard)
         else:
-            outcomes = run_in_threads(calls, self.config.timeout_s, self.config.max_concurrency)
+            outcomes = run_in_threads(calls, self.config.timeout_s, self.config.max_concurrency, self.guard)
 
         samples = [ScoredSample(0.0, {}, {}) for _ in completions]
+        failures: dict[str, list[tuple[int, str]]] = {}  # reward -> (sample, why), for one warning per reward
         for call, (spec, members), call_outcomes in zip(calls, owners, outcomes):
             for i, (score, info, error) in zip(members, call_outcomes):
                 sample = samples[i]
@@ -164,11 +221,14 @@ class RewardScorer:
                     sample.failed = True
                     sample.errors[spec.name] = error
                     self.failure_counts[spec.name] += 1
-                    logger.warning("reward %r failed on row %s: %s", spec.name,
-                                   rows[i].get(self.config.id_column, f"#{i}"), error)
+                    failures.setdefault(spec.name, []).append((i, error))
                 sample.scores[spec.name] = score
                 sample.info[spec.name] = info
                 sample.score += spec.weight * score
+        for name, failed in failures.items():
+            first, why = failed[0]
+            logger.warning("reward %r failed on %d of %d samples of this batch; first: row %s: %s", name, len(failed),
+                           len(completions), rows[first].get(self.config.id_column, f"#{first}"), why)
         return samples
 
     def _plan(

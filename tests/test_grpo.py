@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 
 import pytest
 import torch
@@ -285,6 +286,29 @@ def test_one_step_end_to_end_with_a_failing_reward(tiny_data, tmp_path):
     assert all(step[f"time_{phase}"] > 0 for phase in ("generate", "learn", "step")) and "time_reward" in step
     assert (out / "reward_curve.png").stat().st_size > 0 and (out / "samples.jsonl").read_text()
     assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
+
+
+HANGING_CALLS: list[str] = []
+
+
+@reward("grpo_test_hangs")
+def hanging_reward(completion: str) -> float:
+    HANGING_CALLS.append(completion)
+    threading.Event().wait(60)  # an abandoned daemon thread; the run goes on without it
+    return 1.0
+
+
+def test_a_reward_that_always_hangs_costs_a_few_timeouts_not_one_per_sample(tiny_data, tmp_path):
+    """3 steps of 8 samples: without the failure guard, 24 timeouts one after another in waves of 4."""
+    out = tmp_path / "run"
+    config = _resumable_config(tiny_data, out, "train.max_steps=3", "train.save_every=0", "rewards.rewards=["
+                               "{name: grpo_test_hangs}, {name: grpo_test_even_length}]", "rewards.timeout_s=0.3",
+                               "rewards.max_concurrency=4", "rewards.failure_window=4", "rewards.on_failing=disable")
+    HANGING_CALLS.clear()
+    run_grpo(config)
+    assert 4 <= len(HANGING_CALLS) <= 4 + 4 - 1  # the window, plus calls already running when it filled
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps[:3]] == [0, 1, 2] and all(s["reward_failures"] == 8 for s in steps[:3])
 
 
 @reward("grpo_test_even_length")

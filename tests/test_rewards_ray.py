@@ -59,3 +59,17 @@ def test_the_pool_recovers_after_killing_hung_actors(scorer):
     samples = scorer.score_batch(["ok"] * 4, [{"answer": "1"}] * 4)
     assert [s.scores["ray_test_mixed"] for s in samples] == [1.0] * 4
     assert time.monotonic() - start < 30
+
+
+def test_a_reward_hanging_on_every_call_is_disabled_after_its_window(scorer):
+    config = RewardsConfig(rewards=[RewardSpec("ray_test_mixed")], mode="ray", timeout_s=2.0, max_concurrency=2,
+                           failure_window=4, on_failing="disable")
+    hanging = RewardScorer(config)
+    try:
+        samples = hanging.score_batch(["hang"] * 24, [{"id": i} for i in range(24)])
+    finally:
+        hanging.close()
+    errors = [s.errors["ray_test_mixed"] for s in samples]
+    timed_out = errors.count("timed out after 2.0 s")
+    assert 4 <= timed_out <= 4 + 2 - 1  # the window, plus a call already running when it filled
+    assert all(e.startswith("disabled after reward 'ray_test_mixed'") for e in errors if "timed out" not in e)

@@ -26,6 +26,7 @@ from rewards import (
     score_batch,
 )
 from rewards.cli import add_rewards_parser
+from rewards.scoring import RewardFailingError
 
 
 @reward("test_exact")
@@ -120,6 +121,49 @@ def test_failing_rewards_leave_the_batch_scored():
 def test_failures_are_logged_with_the_row_id(caplog):
     score_batch(["boom"], [{"id": "row-77"}], inprocess(RewardSpec("test_raises")))
     assert any("test_raises" in r.message and "row-77" in r.message for r in caplog.records)
+
+
+STARTED: list[str] = []
+
+
+@reward("test_always_hangs")
+def always_hangs(completion: str) -> float:
+    STARTED.append(completion)
+    HANG.wait(60)
+    return 1.0
+
+
+@pytest.mark.parametrize("action", ["disable", "stop"])
+def test_a_reward_that_hangs_on_every_call_costs_a_few_timeouts_not_one_per_sample(action, caplog):
+    STARTED.clear()
+    config = inprocess(RewardSpec("test_always_hangs"), RewardSpec("test_exact"), timeout_s=0.2, max_concurrency=2,
+                       failure_window=4, on_failing=action)
+    scorer = RewardScorer(config)
+    completions, rows = ["4"] * 40, [{"answer": "4", "id": f"row-{i}"} for i in range(40)]
+    if action == "stop":
+        with pytest.raises(RewardFailingError, match="'test_always_hangs' failed on 4 of its last 4 samples .*"
+                                                     "timed out after 0.2 s.*rewards.on_failing=disable"):
+            scorer.score_batch(completions, rows)
+        assert 4 <= len(STARTED) <= 4 + 2 - 1  # the window, plus a call already running when it filled
+        return
+    samples = scorer.score_batch(completions, rows)
+    started = len(STARTED)
+    assert 4 <= started <= 4 + 2 - 1  # the window, plus a call already running when it filled; never the other 35
+    assert all(s.failed and s.scores == {"test_always_hangs": 0.0, "test_exact": 1.0} for s in samples)
+    assert samples[-1].errors["test_always_hangs"].startswith("disabled after reward 'test_always_hangs' failed")
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["reward 'test_always_hangs' failed on 40 of 40 samples of this batch; first: row row-0: "
+                        "timed out after 0.2 s"]  # one line per reward and batch, not one per sample
+    scorer.score_batch(completions, rows)
+    assert len(STARTED) == started  # disabled for the rest of the run
+
+
+def test_a_reward_failing_now_and_then_stays_on():
+    config = inprocess(RewardSpec("test_raises"), failure_window=4, max_failure_rate=0.5)
+    scorer = RewardScorer(config)
+    for _ in range(3):
+        samples = scorer.score_batch(["boom", "ok", "boom", "ok"], [{}] * 4)  # half of every window fails
+    assert [s.failed for s in samples] == [True, False, True, False] and scorer.failure_counts["test_raises"] == 6
 
 
 def test_slow_rewards_run_concurrently():
