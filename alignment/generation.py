@@ -28,6 +28,7 @@ far its own recomputed log-probs are from the sampler's (different kernels, a CU
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from collections.abc import Collection
@@ -287,6 +288,7 @@ class _DynamicDecoder:
     def __init__(self, model: nn.Module, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor):
         self.model, self.cache, self.attention_mask = model, cache, attention_mask
         self.next_position = position_ids[:, -1] + 1  # [B]
+        self.cache_keyword = cache_keyword(model)
 
     def next(self, tokens: list[int], keep: list[int]) -> torch.Tensor:
         """Feed `tokens` to the rows `keep` (indices into the rows still decoding); return their logits [len(keep), V]."""
@@ -300,12 +302,19 @@ class _DynamicDecoder:
             input_ids=torch.tensor(tokens, device=device)[:, None],  # [B, 1]
             attention_mask=self.attention_mask,  # [B, T+1]
             position_ids=self.next_position[:, None],  # [B, 1]
-            past_key_values=self.cache,
+            **{self.cache_keyword: self.cache},
             use_cache=True,
             logits_to_keep=1,
         )
         self.next_position = self.next_position + 1
         return out.logits[:, -1, :]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes the cache: `cache` from transformers 5.2x on (where `past_key_values` is
+    deprecated, with a warning per call), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model forwards **kwargs
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def prefill(model: nn.Module, prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, object, torch.Tensor]:

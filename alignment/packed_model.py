@@ -433,7 +433,8 @@ def _choose_attention(model: nn.Module, attention: Literal["auto", "keep"]) -> s
 
 
 def _packed_forward_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if kwargs.get("seq_idx") is None and kwargs.get("attention_mask") is None and kwargs.get("past_key_values") is None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.2x renamed the argument
+    if kwargs.get("seq_idx") is None and kwargs.get("attention_mask") is None and cache is None:
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and position_ids.shape[-1] > 1:
             # Same rule transformers uses for attention, so the Mamba layers split the row the same way.

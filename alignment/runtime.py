@@ -28,6 +28,10 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if not torch.cuda.is_available():
+        # Saving a checkpoint asks DeepSpeed (installed with the project) for its accelerator; found by detection,
+        # the CPU comes with a warning that a GPU may have been missed. There is none: say so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     log.info("device: %s%s", device, f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f" ({torch.get_num_threads()} threads)")
     return device
