@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -105,7 +106,10 @@ def _pipeline_command(subparsers, help_text: str) -> None:
     parser.add_argument("--address", help="Ray cluster address to join (default: RAY_ADDRESS, else a local Ray).")
 
     def handler(args) -> int:
-        config = load_config(PipelineConfig, args.config, args.overrides)
+        pipeline_overrides, stage_overrides = split_stage_overrides(args.overrides)
+        config = load_config(PipelineConfig, args.config, pipeline_overrides)
+        for stage, overrides in stage_overrides.items():
+            getattr(config, stage).overrides += overrides
         if args.address:
             config.address = args.address
         with _removed_if_left_empty(config.run_dir):
@@ -113,6 +117,23 @@ def _pipeline_command(subparsers, help_text: str) -> None:
         return 0
 
     parser.set_defaults(func=handler)
+
+
+def split_stage_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`align pipeline CONFIG sft.train.max_steps=5`: a key under a stage that is none of the stage's pipeline
+    settings (config, overrides, num_cpus, ...) overrides the stage's own config; it is added to its `overrides`.
+    Returns the pipeline's own overrides and, per stage, the stage's."""
+    from alignment.pipeline import STAGE_ORDER, StageSettings
+
+    settings = {f.name for f in dataclasses.fields(StageSettings)}
+    own, per_stage = [], {}
+    for text in overrides:
+        stage, _, rest = text.partition(".")
+        if stage in STAGE_ORDER and rest and rest.split("=", 1)[0].split(".")[0] not in settings:
+            per_stage.setdefault(stage, []).append(rest)
+        else:
+            own.append(text)
+    return own, per_stage
 
 
 _EXAMPLE_MESSAGES = [
@@ -240,9 +261,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from data_recipes.preference import PairError
     from envs.sandbox import SandboxUnavailable
     from rewards.config import RewardsConfigError
+    from rewards.scoring import RewardFailingError
 
     return (ConfigError, BadDataError, TemplateError, CorruptCheckpointError, PackingNotSupportedError,
-            SplitOverlapError, RecordError, PairError, SandboxUnavailable, RewardsConfigError, FileNotFoundError)
+            SplitOverlapError, RecordError, PairError, SandboxUnavailable, RewardsConfigError, RewardFailingError,
+            FileNotFoundError)
 
 
 def bad_input(exc: BaseException) -> BaseException | None:

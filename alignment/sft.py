@@ -120,13 +120,17 @@ class SFTConfig:
     data: SFTDataConfig = option(SFTDataConfig(), "Data.")
     train: TrainConfig = option(TrainConfig(), "Optimisation.")
     lora: LoraConfig = option(LoraConfig(), "LoRA.")
-    eval: EvalConfig = option(EvalConfig(), "Evaluation after training.")
+    eval: EvalConfig = option(EvalConfig(), "Evaluation after training (on data.test_path; eval.test_path is unused).")
     output_dir: str = option("runs/tiny/sft", "Run directory: checkpoint/, metrics.jsonl, tensorboard/, eval.json.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
 
     def validate(self) -> None:
         if self.train.packing and self.train.max_tokens_per_row < self.data.max_seq_len:
             raise ValueError("train.max_tokens_per_row must be >= data.max_seq_len so no sample is cut")
+
+    def unused_paths(self) -> tuple[str, ...]:
+        """The evaluation after training reads data.test_path (`check_paths` skips eval.test_path)."""
+        return ("eval.test_path",)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

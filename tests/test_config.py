@@ -148,3 +148,14 @@ def test_paths_a_setting_leaves_unread_are_not_checked(tmp_path):
     with pytest.raises(ConfigError, match="`mining.prompts_path`: no such file: /nowhere/rl.jsonl"):
         check_paths(load_config(DPOConfig, None, ["model.name_or_path=configs/tiny/model.json",
                                                   "mining.prompts_path=/nowhere/rl.jsonl"]))
+
+
+def test_pipeline_overrides_below_a_stage_reach_that_stage_config():
+    from alignment.cli import split_stage_overrides
+
+    own, stages = split_stage_overrides([
+        "run_dir=/tmp/x", "sft.num_workers=2", "sft.train.max_steps=5", "grpo.eval.budgets=[0,16,null]",
+        "sft.overrides=[lora.enabled=true]",
+    ])
+    assert own == ["run_dir=/tmp/x", "sft.num_workers=2", "sft.overrides=[lora.enabled=true]"]
+    assert stages == {"sft": ["train.max_steps=5"], "grpo": ["eval.budgets=[0,16,null]"]}
