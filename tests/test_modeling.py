@@ -69,3 +69,13 @@ def test_real_architecture_configs_have_the_published_parameter_counts(name, pub
     model = load_model(ModelConfig(name_or_path=str(path), dtype="bfloat16"), "meta")
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == published_b
     assert model.config.vocab_size == 131072 and not model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(TINY_MODEL.parents[2])) for p in
+                                        TINY_MODEL.parents[1].glob("*/model*.json")))
+def test_a_model_config_says_whether_its_embeddings_are_tied_as_built(path):
+    """transformers builds NemotronH with its own lm_head whatever the flag says; a config claiming a tie would make
+    peft untie it in the saved config at the first LoRA merge, with a warning, and mislead a reader."""
+    model = load_model(ModelConfig(name_or_path=str(TINY_MODEL.parents[2] / path), dtype="bfloat16"), "meta")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings == tied, path
