@@ -71,6 +71,7 @@ from alignment.tracking import MetricsLogger
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
 from rewards import RewardsConfig, close_scorers, score_batch
+from rewards.scoring import check_reward_names
 
 log = logging.getLogger(__name__)
 
@@ -551,6 +552,8 @@ def heldout_metrics(model, pairs: list[dict], collator, device, config: DPOConfi
 def run_dpo(config: DPOConfig) -> dict:
     setup_logging()
     check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
+    if config.pairs.source == "mined":
+        check_reward_names(config.mining.rewards, "mining.rewards")
     out = Path(config.output_dir)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)

@@ -73,6 +73,7 @@ from alignment.tracking import MetricsLogger
 from envs import task_environments
 from envs.code_tasks import generate_code_tasks
 from rewards import RewardScorer, RewardsConfig, RewardSpec
+from rewards.scoring import check_reward_names
 
 log = logging.getLogger(__name__)
 
@@ -729,6 +730,7 @@ def step_metrics(kept: list[Group], seen: list[Group], threshold: float, overlon
 def run_grpo(config: GRPOConfig) -> dict:
     setup_logging()
     check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
+    check_reward_names(config.rewards, "rewards")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)

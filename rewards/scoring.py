@@ -26,7 +26,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rewards.config import RewardsConfig, RewardSpec
+from rewards.config import RewardsConfig, RewardsConfigError, RewardSpec
 from rewards.registry import Reward, RewardResult, get_reward
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,19 @@ def skipped_outcomes(call: RewardCall, reason: str) -> list[Outcome]:
     return [(math.nan, {}, reason)] * len(call.completions)
 
 
+def check_reward_names(config: RewardsConfig, section: str = "rewards") -> None:
+    """Every reward `config` names resolves (registered, an entry point, or an importable `module:function`), else
+    RewardsConfigError naming the key, e.g. `mining.rewards.rewards[0].name`. Stages call it before loading a model."""
+    lists = [("rewards", config.rewards)] + [(f"routes.{task}", specs) for task, specs in config.routes.items()]
+    for where, specs in lists:
+        for i, spec in enumerate(specs):
+            try:
+                get_reward(spec.name)
+            except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
+                problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                raise RewardsConfigError(f"{section}.{where}[{i}].name", problem) from exc
+
+
 class RewardScorer:
     """Scores batches with one config. Keeps its Ray actor pool (if any) between batches; `close()` ends it."""
 
@@ -192,8 +205,7 @@ class RewardScorer:
         config.validate()
         self.config = config
         self.failure_counts: Counter[str] = Counter()  # reward name -> failed samples, over this scorer's life
-        for spec in config.rewards + [s for specs in config.routes.values() for s in specs]:
-            get_reward(spec.name)  # unknown names fail here, before any generation
+        check_reward_names(config)  # unknown names fail here, before any generation
         self.guard = FailureGuard(config)
         self._pool = None
         if config.mode == "ray":

@@ -202,3 +202,16 @@ def test_command_line_writes_rows_and_manifest(tmp_path):
     assert read_rows(out)[0] == rows_from_math(records("math"))
     manifest = json.loads((out.parent / "train.manifest.json").read_text())
     assert manifest["schema"] == "math" and manifest["rows"] == 2 and manifest["bad"] == 0
+
+
+def test_the_command_reports_a_bad_source_in_one_line(tmp_path, capsys):
+    from data_recipes.adapters.loading import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    for source, message in ((bad, "1 of 1 records are bad"), (tmp_path / "nope.jsonl", "dataset file not found")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(source), "--schema", "gsm8k", "--out", str(tmp_path / "out.jsonl")])
+        assert str(exit_info.value.code).startswith("error: ") and message in str(exit_info.value.code)
+    with pytest.raises(BadDataError):
+        main([str(bad), "--schema", "gsm8k", "--out", str(tmp_path / "out.jsonl"), "--debug"])

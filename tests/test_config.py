@@ -159,3 +159,17 @@ def test_pipeline_overrides_below_a_stage_reach_that_stage_config():
     ])
     assert own == ["run_dir=/tmp/x", "sft.num_workers=2", "sft.overrides=[lora.enabled=true]"]
     assert stages == {"sft": ["train.max_steps=5"], "grpo": ["eval.budgets=[0,16,null]"]}
+
+
+def test_an_unknown_reward_fails_before_the_model_loads_naming_its_key(tmp_path, capsys, monkeypatch):
+    from alignment import grpo
+
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    train, test = tmp_path / "rl.jsonl", tmp_path / "test.jsonl"
+    train.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    test.write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    code = main(["grpo", "configs/tiny/grpo.yaml", "model.name_or_path=configs/tiny/model.json",
+                 "model.tokenizer=configs/tiny/tokenizer", f"data.train_path={train}", f"eval.test_path={test}",
+                 "rewards.rewards=[{name: math}, {name: my_rewardz.polite:polite}]", f"output_dir={tmp_path / 'g'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rewards.rewards[1].name: reward path 'my_rewardz.polite:polite' cannot be loaded" in err

@@ -278,7 +278,7 @@ def test_inprocess_mode_never_imports_ray():
 
 
 def test_unknown_reward_fails_when_the_scorer_is_built():
-    with pytest.raises(KeyError, match="unknown reward 'not_a_reward'"):
+    with pytest.raises(RewardsConfigError, match=r"rewards\.rewards\[0\]\.name: unknown reward 'not_a_reward'"):
         RewardScorer(inprocess(RewardSpec("not_a_reward")))
 
 

@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from alignment.data import BadDataError
 from alignment.split_guard import prompt_key, prompt_keys
-from data_recipes.adapters.base import AdapterReport, UnreadableRecord, adapt, register_schema, schema_names
+from data_recipes.adapters.base import (
+    AdapterReport, RecordError, UnreadableRecord, adapt, register_schema, schema_names,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="Output JSONL path; <name>.manifest.json goes next to it.")
     parser.add_argument("--exclude-prompts", nargs="+", action="extend", default=[], metavar="FILE",
                         help="Held-out JSONL split(s): drop rows whose normalised prompt is in them (counted).")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback when the source cannot be used.")
     args = parser.parse_args(argv)
-    rows, report = load_dataset_rows_with_report(
-        args.source, args.schema, args.split, name=args.name, max_bad_fraction=args.max_bad_fraction,
-        limit=args.limit, exclude_prompts=args.exclude_prompts,
-    )
+    try:
+        rows, report = load_dataset_rows_with_report(
+            args.source, args.schema, args.split, name=args.name, max_bad_fraction=args.max_bad_fraction,
+            limit=args.limit, exclude_prompts=args.exclude_prompts,
+        )
+    except (BadDataError, RecordError, FileNotFoundError) as exc:  # bad input: its message says it all
+        if args.debug:
+            raise
+        sys.exit(f"error: {exc}\n(--debug shows the traceback)")
     out = Path(args.out)
     write_rows(out, rows)
     manifest = {"recipe": "adapters", "split": args.split, "rows": len(rows), **report.summary()}
