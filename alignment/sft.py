@@ -251,6 +251,25 @@ def zero_step(zero, mine: list[dict], n_targets: int, world: int, device: torch.
     return total, zero.grad_norm()
 
 
+class LossOnTheBar:
+    """The progress bar's loss on a GPU between log steps, without waiting for the GPU: each step's loss is copied
+    to pinned host memory behind the step's kernels and shown once the copy has landed (a step late at most)."""
+
+    def __init__(self, progress):
+        self.progress, self.host, self.copied, self.shown = progress, None, None, None
+
+    def show_when_ready(self, total: torch.Tensor, n_targets: int, lr: float) -> None:
+        if self.copied is not None and self.copied.query():  # the previous step's copy is done
+            self.progress.set_postfix(loss=f"{float(self.host) / self.shown[0]:.3f}", lr=f"{self.shown[1]:.1e}")
+        elif self.copied is not None:
+            return  # still in flight: keep it, show it next time
+        if self.host is None:
+            self.host = torch.empty((), dtype=total.dtype, pin_memory=True)
+        self.host.copy_(total.detach().reshape(()), non_blocking=True)
+        self.copied, self.shown = torch.cuda.Event(), (n_targets, lr)
+        self.copied.record()
+
+
 def build_model(config: SFTConfig, device: torch.device):
     model = load_model(config.model, device)
     return apply_lora(model, config.lora) if config.lora.enabled else model
@@ -348,6 +367,7 @@ def run_sft(config: SFTConfig) -> dict:
     started = time.time() - state.seconds
     progress = tqdm(range(state.step, config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True,
                     initial=state.step, total=config.train.max_steps, disable=rank != 0)
+    bar_loss = LossOnTheBar(progress) if device.type == "cuda" else None
     for step in progress:
         lr = learning_rate(step, config.train)
         set_learning_rate(optimizer, lr)
@@ -375,6 +395,8 @@ def run_sft(config: SFTConfig) -> dict:
         if logged or device.type != "cuda":  # reading the loss back syncs with a GPU: there only when logging
             loss = float(total) / n_targets
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        else:
+            bar_loss.show_when_ready(total, n_targets, lr)
         if metrics and logged:
             memory = {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
             elapsed = time.time() - started

@@ -135,3 +135,22 @@ def test_sft_can_leave_the_forced_close_of_truncated_rows_untrained(tiny_data, t
     run_sft(config)
     stats = verify_checkpoint(tmp_path / "run" / "checkpoint")["data"]["truncation"]
     assert stats["truncated"] > 0 and stats["close_masked"] == stats["truncated"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_progress_bar_shows_the_loss_between_log_steps_without_a_sync():
+    from alignment.sft import LossOnTheBar
+
+    class Bar:
+        postfix = None
+
+        def set_postfix(self, **values):
+            self.postfix = values
+
+    bar = Bar()
+    shown = LossOnTheBar(bar)
+    shown.show_when_ready(torch.tensor(6.0, device="cuda"), 3, 1e-4)
+    assert bar.postfix is None  # nothing copied back yet
+    torch.cuda.synchronize()
+    shown.show_when_ready(torch.tensor(9.0, device="cuda"), 3, 2e-4)
+    assert bar.postfix == {"loss": "2.000", "lr": "1.0e-04"}  # the previous step's loss, once it has landed
