@@ -5,6 +5,7 @@ These start Ray and train for a few steps, so they are marked slow (`make test-s
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -121,15 +122,30 @@ def test_two_workers_match_one_worker(tmp_path):
 
 
 def test_ray_job_submit_runs_the_pipeline(tmp_path):
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1")
+    """README, "Running on a Ray cluster", line by line: its environment, token, head and job submission. Changed:
+    the head gets ports of its own (another local Ray may hold the defaults), `python` is this interpreter, and the
+    job writes to a temporary run_dir at small sizes."""
+    from tests.test_readme import shell_blocks
+
+    block = next(b for b in shell_blocks() if any(line.startswith("ray job submit") for line in b))
+    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1", OMP_NUM_THREADS="1")
+    env.pop("RAY_AUTH_MODE", None)
     env.pop("RAY_ADDRESS", None)
+    for line in block:
+        if line.startswith("export "):
+            key, value = line.removeprefix("export ").split("=", 1)
+            env[key] = value
+    assert env.get("RAY_AUTH_MODE") == "token"
     ray = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
+    token, start, submit_line = (next(line for line in block if line.startswith(prefix))
+                                 for prefix in ("ray get-auth-token", "ray start", "ray job submit"))
+    subprocess.run([ray, *shlex.split(token)[1:]], env=env, capture_output=True, timeout=60, check=True)
     # --block keeps `ray start` in the foreground; terminating it stops this head's processes only (`ray stop`
     # would stop every Ray instance of the user on this machine, e.g. a pipeline running beside the tests).
+    assert "--block" in start
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8276", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
+        [ray, *shlex.split(start)[1:], "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-port=8276",
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
          "--dashboard-agent-listen-port=52399"],  # not the default 52365, which another local Ray may hold
         env=env, stdout=(tmp_path / "ray_head.log").open("w"), stderr=subprocess.STDOUT,
     )
@@ -142,13 +158,13 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
                 break
             time.sleep(2)
         assert head.poll() is None and ready.returncode == 0, (ready.stderr or "")[-2000:]
-        submit = subprocess.run(
-            [ray, "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", ".",
-             "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}), "--",
-             sys.executable, "-m", "alignment.cli", "pipeline", "configs/tiny/pipeline.yaml", f"run_dir={tmp_path}", "stages=[data,sft]", *SMALL,
-             sft_overrides("train.max_steps=2")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )
+        argv = [a.replace("127.0.0.1:8265", "127.0.0.1:8276") for a in shlex.split(submit_line)]
+        argv = [ray, *argv[1:]]
+        argv[argv.index("python")] = sys.executable
+        run_dir = next(a for a in argv if a.startswith("run_dir="))
+        argv[argv.index(run_dir)] = f"run_dir={tmp_path}"
+        submit = subprocess.run([*argv, "stages=[data,sft]", *SMALL, sft_overrides("train.max_steps=2")],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:

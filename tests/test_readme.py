@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,30 @@ def test_the_quick_start_commands_run_as_written(tmp_path):
         assert (tmp_path / f"sft{i}" / "checkpoint" / "manifest.json").is_file(), line
     assert "train.lr" in run(help_line).stdout
     assert "chat format" in run(template_line).stdout
+
+
+DEMO_SIZES = [  # per-stage overrides after the documented ones: every stage runs, on a few rows and steps
+    "data.task.train_size=96", "data.task.validation_size=8", "data.task.test_size=8", "data.task.rl_size=16",
+    "sft.train.max_steps=2", "sft.eval.max_samples=4", "sft.eval.max_new_tokens=16",
+    "dpo.rounds=1", "dpo.mining.prompts_per_round=8", "dpo.mining.samples_per_prompt=4",
+    "dpo.mining.max_new_tokens=16", "dpo.train.max_steps=1", "dpo.train.pairs_per_step=4",
+    "dpo.selection.max_samples=4", "dpo.eval.max_samples=4", "dpo.eval.max_new_tokens=16",
+    "grpo.rollout.prompts_per_step=4", "grpo.rollout.group_size=4", "grpo.rollout.max_new_tokens=8",
+    "grpo.train.max_steps=1", "grpo.eval.max_samples=4", "grpo.eval.max_new_tokens=16",
+    "eval.eval.max_samples=4", "eval.eval.max_new_tokens=16", "eval.eval.budgets=[0,null]",
+]
+
+
+@pytest.mark.slow
+def test_make_demo_runs_as_written_at_small_sizes(tmp_path):
+    """`make demo` from the README's two commands, with a private run_dir and small sizes through its ARGS."""
+    line = next(line for block in shell_blocks() for line in block if line.startswith("make demo"))
+    venv = Path(sys.executable).parents[1]
+    if not (venv / ".installed").is_file():
+        pytest.skip(f"{venv} was not made by `make setup`: make demo would install into it")
+    args = " ".join(shlex.quote(a) for a in [f"run_dir={tmp_path}", *DEMO_SIZES])
+    done = subprocess.run(["make", *shlex.split(line)[1:], f"VENV={venv}", f"ARGS={args}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["stages"]) >= {"sft", "dpo", "grpo"} and (tmp_path / "report.md").is_file()
