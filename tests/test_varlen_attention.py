@@ -98,7 +98,12 @@ def test_packed_loss_and_gradients_match_one_by_one(kernel):
     (-alone.sum()).backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-6)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        # Relative to the tensor's largest entry, not entry by entry: a bias gradient sums every token's terms (up
+        # to ~65 here), so its float rounding follows their size, and the summation order of the CPU's kernels.
+        # Here the worst is 6e-7 of the largest entry; an attention or state leak would be of the order of 1.
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5 * max(scale, 1.0), rtol=0,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_boundaries_derived_from_position_ids_alone(kernel):
