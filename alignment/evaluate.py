@@ -174,14 +174,19 @@ def prompt_messages(row: dict) -> list[dict]:
     return strip_switch(messages)
 
 
-def reference_fits(tokenizer, rows: list[dict], budgets: list[int | None], config: EvalConfig) -> list[float | None]:
+def reference_fits(tokenizer, rows: list[dict], budgets: list[int | None], config: EvalConfig,
+                   minimal: bool = False) -> list[float | None]:
     """Per budget, the share of rows whose reference trace ends within it plus its grace window (None: the rows
-    carry no reference traces).
+    carry no reference traces). `minimal`: the row's `metadata.minimal_trace` (the steps alone) instead.
 
     A model that needs a trace as long as the reference's cannot do better than this at that budget; accuracy above
-    it comes from answering without finishing the trace.
+    it comes from answering without finishing the trace (or from leaving out what the minimal trace does not need).
     """
-    traces = [row["messages"][-1].get("reasoning_content") for row in rows if row["messages"][-1]["role"] == "assistant"]
+    if minimal:
+        traces = [(row.get("metadata") or {}).get("minimal_trace") for row in rows]
+    else:
+        traces = [row["messages"][-1].get("reasoning_content") for row in rows
+                  if row["messages"][-1]["role"] == "assistant"]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in traces if t]
     if not lengths:
         return [None] * len(budgets)
@@ -214,8 +219,9 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "budget_sweep": [
             {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "accuracy_well_formed", "mean_thinking_tokens",
                                      "mean_answer_tokens", "forced_fraction", "early_close_rate")},
-             "reference_fits": fits}
-            for cell, fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config))
+             "reference_fits": fits, "minimal_fits": minimal_fits}
+            for cell, fits, minimal_fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config),
+                                                reference_fits(tokenizer, rows, config.budgets, config, minimal=True))
         ],
         "examples": {"think": think["examples"], "no_think": no_think["examples"]},
     }
@@ -262,6 +268,10 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
     if all(c.get("reference_fits") is not None for c in first):
         axes[0].plot(range(len(first)), [c["reference_fits"] for c in first], linestyle="--", color="gray",
                      label="reference trace fits the budget")
+    if all(c.get("minimal_fits") is not None for c in first) and \
+            [c["minimal_fits"] for c in first] != [c.get("reference_fits") for c in first]:
+        axes[0].plot(range(len(first)), [c["minimal_fits"] for c in first], linestyle=":", color="gray",
+                     label="minimal trace (steps alone) fits")
     for name, summary in results.items():
         sweep = summary["budget_sweep"]
         labels = [budget_label(c["budget"]) for c in sweep]
@@ -289,13 +299,15 @@ def markdown_report(results: dict[str, dict]) -> str:
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():
         lines += [f"### {name}", "", "| budget | accuracy | well-formed | correct and well-formed | thinking tokens | "
-                  "answer tokens | forced | reference trace fits |", "|---|---|---|---|---|---|---|---|"]
+                  "answer tokens | forced | reference trace fits | minimal trace fits |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in s["budget_sweep"]:
             fits = "-" if c.get("reference_fits") is None else f"{c['reference_fits']:.3f}"
+            minimal = "-" if c.get("minimal_fits") is None else f"{c['minimal_fits']:.3f}"
             strict = "-" if c.get("accuracy_well_formed") is None else f"{c['accuracy_well_formed']:.3f}"
             lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | {strict} | "
                          f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} | "
-                         f"{fits} |")
+                         f"{fits} | {minimal} |")
         lines.append("")
     return "\n".join(lines)
 

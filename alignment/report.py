@@ -48,7 +48,8 @@ def stage_metrics(eval_results: dict[str, dict]) -> dict:
                "budget_sweep": [{"budget": c["budget"], "accuracy": c["accuracy"], "well_formed": c["well_formed"],
                                  "mean_thinking_tokens": c["mean_thinking_tokens"],
                                  "mean_answer_tokens": c["mean_answer_tokens"],
-                                 "reference_fits": c.get("reference_fits")} for c in summary["budget_sweep"]]}
+                                 "reference_fits": c.get("reference_fits"),
+                                 "minimal_fits": c.get("minimal_fits")} for c in summary["budget_sweep"]]}
         for name, summary in eval_results.items()
     }
 
@@ -84,9 +85,12 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
         for name, m in metrics["stages"].items():
             cells = " | ".join(f"{c['accuracy']:.2f} ({c['well_formed']:.2f})" for c in m["budget_sweep"])
             lines.append(f"| {name} | {cells} |")
-        reference = [c.get("reference_fits") for c in next(iter(metrics["stages"].values()))["budget_sweep"]]
+        sweep = next(iter(metrics["stages"].values()))["budget_sweep"]
+        reference, minimal = [c.get("reference_fits") for c in sweep], [c.get("minimal_fits") for c in sweep]
         if all(r is not None for r in reference):  # the most a model that needs the reference's trace can reach
             lines.append("| reference trace fits | " + " | ".join(f"{r:.2f}" for r in reference) + " |")
+        if all(r is not None for r in minimal) and minimal != reference:  # with the skippable lines left out
+            lines.append("| minimal trace fits | " + " | ".join(f"{r:.2f}" for r in minimal) + " |")
     if curves:
         lines += ["", "## Training curves", "", f"![curves]({curves.name})"]
     if budget_plot.is_file():

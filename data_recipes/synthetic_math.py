@@ -12,17 +12,46 @@ Row schema (one JSON object per line, the same for every split):
               `reasoning_content` (the trace, empty for reasoning-off rows); a `/no_think` system message marks
               reasoning-off rows
     answer    the reference final answer, as it appears inside `\\boxed{}`
-    metadata  {"steps": int, "reasoning": "on" | "off", "split": str}
+    metadata  {"steps": int, "reasoning": "on" | "off", "split": str, "minimal_trace": str}
+
+With `task.redundancy` rates above 0 the traces carry what real ones do and a budget can cut: verification lines
+after a step ("check: 39 / 3 = 13, ok"), restatements of the goal, short explored-and-abandoned branches and
+recomputed steps. `metadata.minimal_trace` is always the operations alone, so an evaluation can say how many
+problems a budget leaves room for with the full trace and with the minimal one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
 from alignment.split_guard import prompt_key
 
 MAX_VALUE = 99  # every intermediate result stays in 0..MAX_VALUE so one step is two-digit arithmetic
+
+
+@dataclass
+class RedundancyConfig:
+    """How much skippable reasoning the traces carry; every rate 0 (the default) gives the operations alone."""
+
+    verify: float = field(default=0.0, metadata={"help": "Chance of a check line after a step (check: 39 / 3 = 13, ok)."})
+    restate: float = field(
+        default=0.0, metadata={"help": "Chance of restating the goal at the start, and again halfway (per trace)."}
+    )
+    branch: float = field(
+        default=0.0, metadata={"help": "Chance per step of a wrong operation tried and abandoned before it."}
+    )
+    recompute: float = field(default=0.0, metadata={"help": "Chance per step of working it out again."})
+
+    def validate(self) -> None:
+        for name in ("verify", "restate", "branch", "recompute"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"redundancy.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def any(self) -> bool:
+        return any((self.verify, self.restate, self.branch, self.recompute))
 
 
 @dataclass
@@ -43,8 +72,13 @@ class MathTaskConfig:
         default=0.1, metadata={"help": "Fraction of training rows whose trace is stripped and marked /no_think."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for the generator; the same seed gives the same rows."})
+    redundancy: RedundancyConfig = field(
+        default_factory=RedundancyConfig,
+        metadata={"help": "Skippable lines in the traces (the problems drawn do not change with it)."},
+    )
 
     def validate(self) -> None:
+        self.redundancy.validate()
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError("min_steps must be >= 1 and <= max_steps")
         if not 0.0 <= self.reasoning_off_fraction <= 1.0:
@@ -54,50 +88,94 @@ class MathTaskConfig:
 
 
 @dataclass
+class Step:
+    value: int  # before the operation
+    op: str  # "+", "-" or "*"
+    n: int
+    result: int
+
+    @property
+    def line(self) -> str:
+        return f"{self.value} {self.op} {self.n} = {self.result}"
+
+
+@dataclass
 class Problem:
     question: str
-    trace: str
+    trace: str  # the operations alone, one per line
     answer: int
     steps: int
+    ops: list[Step] = field(default_factory=list)
 
 
-def _next_step(rng: random.Random, value: int) -> tuple[str, str, int]:
-    """Pick one operation that keeps the value in range. Returns (wording, symbol line, new value)."""
+def _next_step(rng: random.Random, value: int) -> tuple[str, Step]:
+    """Pick one operation that keeps the value in range. Returns (wording, step)."""
     while True:
         op = rng.choice(("add", "subtract", "multiply"))
         if op == "add":
             n = rng.randint(1, 9)
             if value + n <= MAX_VALUE:
-                return f"add {n}", f"{value} + {n} = {value + n}", value + n
+                return f"add {n}", Step(value, "+", n, value + n)
         elif op == "subtract":
             n = rng.randint(1, 9)
             if value - n >= 0:
-                return f"subtract {n}", f"{value} - {n} = {value - n}", value - n
+                return f"subtract {n}", Step(value, "-", n, value - n)
         else:
             n = rng.randint(2, 3)
             if value * n <= MAX_VALUE:
-                return f"multiply by {n}", f"{value} * {n} = {value * n}", value * n
+                return f"multiply by {n}", Step(value, "*", n, value * n)
 
 
 def make_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
     steps = rng.randint(min_steps, max_steps)
     value = rng.randint(1, 30)
-    wordings, lines = [], []
+    wordings, ops = [], []
     start = value
     for _ in range(steps):
-        wording, line, value = _next_step(rng, value)
+        wording, step = _next_step(rng, value)
         wordings.append(wording)
-        lines.append(line)
+        ops.append(step)
+        value = step.result
     question = f"Start with {start}. " + ", then ".join(wordings).capitalize() + ". What is the result?"
-    trace = "".join(line + "\n" for line in lines)
-    return Problem(question=question, trace=trace, answer=value, steps=steps)
+    trace = "".join(step.line + "\n" for step in ops)
+    return Problem(question=question, trace=trace, answer=value, steps=steps, ops=ops)
+
+
+_INVERSE = {"+": "-", "-": "+", "*": "/"}
+_WRONG_OP = {"+": "-", "-": "+", "*": "+"}
+
+
+def redundant_trace(problem: Problem, redundancy: RedundancyConfig, rng: random.Random) -> str:
+    """The trace with skippable lines: every operation line of the minimal trace is kept, in order, with the same
+    result, so only lines around them can be cut without losing the answer."""
+    ops = problem.ops
+    lines = []
+    if rng.random() < redundancy.restate:
+        lines.append(f"goal: start at {ops[0].value}, do {len(ops)} steps, give the result")
+    for i, step in enumerate(ops):
+        if rng.random() < redundancy.branch:
+            wrong = _WRONG_OP[step.op]
+            tried = step.value + step.n if wrong == "+" else step.value - step.n
+            lines.append(f"maybe {step.value} {wrong} {step.n} = {tried}? no, the step is {step.op} {step.n}")
+        lines.append(step.line)
+        if rng.random() < redundancy.recompute:
+            lines.append(f"again: {step.line}")
+        if rng.random() < redundancy.verify:
+            undo = step.result // step.n if step.op == "*" else (step.result - step.n if step.op == "+"
+                                                                  else step.result + step.n)
+            lines.append(f"check: {step.result} {_INVERSE[step.op]} {step.n} = {undo}, ok")
+        if i == len(ops) // 2 - 1 and len(ops) > 2 and rng.random() < redundancy.restate:
+            lines.append(f"so far {step.result}, {len(ops) - i - 1} steps left")
+    return "".join(line + "\n" for line in lines)
 
 
 def answer_text(answer: int | str) -> str:
     return f"The result is \\boxed{{{answer}}}."
 
 
-def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool) -> dict:
+def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool, trace: str | None = None) -> dict:
+    """A row; `trace` (default: the minimal one) is the reference reasoning of a reasoning-on row."""
+    trace = problem.trace if trace is None else trace
     messages = []
     if not reasoning_on:
         messages.append({"role": "system", "content": "/no_think"})
@@ -106,7 +184,7 @@ def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool
         {
             "role": "assistant",
             "content": answer_text(problem.answer),
-            "reasoning_content": problem.trace if reasoning_on else "",
+            "reasoning_content": trace if reasoning_on else "",
         }
     )
     return {
@@ -114,7 +192,8 @@ def problem_to_row(problem: Problem, row_id: str, split: str, reasoning_on: bool
         "task": "math",
         "messages": messages,
         "answer": str(problem.answer),
-        "metadata": {"steps": problem.steps, "reasoning": "on" if reasoning_on else "off", "split": split},
+        "metadata": {"steps": problem.steps, "reasoning": "on" if reasoning_on else "off", "split": split,
+                     "minimal_trace": problem.trace},
     }
 
 
@@ -144,7 +223,11 @@ def generate_splits(config: MathTaskConfig) -> dict[str, list[dict]]:
                 continue
             seen.add(key)
             reasoning_on = split != "train" or rng.random() >= config.reasoning_off_fraction
-            rows.append(problem_to_row(problem, f"math-{split}-{len(rows):06d}", split, reasoning_on))
+            row_id = f"math-{split}-{len(rows):06d}"
+            # Its own generator per row: the problems drawn are the same whatever the redundancy rates.
+            trace = redundant_trace(problem, config.redundancy, random.Random(f"{config.seed}:{row_id}")) \
+                if config.redundancy.any else None
+            rows.append(problem_to_row(problem, row_id, split, reasoning_on, trace))
         splits[split] = rows
     return splits
 
@@ -172,7 +255,7 @@ def write_splits(config: MathDataConfig) -> dict[str, str]:
         paths[name] = str(out / f"{name}.jsonl")
     counts = {name: len(rows) for name, rows in splits.items()}
     off = sum(r["metadata"]["reasoning"] == "off" for r in splits["train"])
-    manifest = {"recipe": "synthetic_math", "config": {"task": vars(config.task)}, "rows": counts,
+    manifest = {"recipe": "synthetic_math", "config": {"task": dataclasses.asdict(config.task)}, "rows": counts,
                 "train_reasoning_off": off}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"data: {counts} rows in {out} ({off} reasoning-off training rows)")

@@ -105,3 +105,49 @@ def test_a_bad_row_in_a_small_eval_file_names_the_key_that_lets_it_through(tmp_p
         read_rows(config.test_path, "prompt", config.max_bad_fraction)
     rows, report = read_rows(path, "prompt", EvalConfig(max_bad_fraction=0.05).max_bad_fraction)
     assert len(rows) == 29 and len(report.bad) == 1
+
+
+REDUNDANT = dict(verify=0.5, restate=0.5, branch=0.2, recompute=0.2)
+
+
+def test_redundant_traces_keep_the_problems_and_every_step_and_only_add_skippable_lines():
+    from data_recipes.synthetic_math import RedundancyConfig
+
+    sizes = dict(train_size=300, validation_size=20, test_size=40, rl_size=20)
+    plain = generate_splits(MathTaskConfig(**sizes))
+    redundant = generate_splits(MathTaskConfig(**sizes, redundancy=RedundancyConfig(**REDUNDANT)))
+    kinds = {"check": 0, "goal": 0, "maybe": 0, "again": 0, "so far": 0}
+    for split in plain:
+        for a, b in zip(plain[split], redundant[split]):
+            assert a["messages"][:-1] == b["messages"][:-1] and a["answer"] == b["answer"]  # the same problems
+            minimal = a["messages"][-1]["reasoning_content"]
+            assert b["metadata"]["minimal_trace"] == a["metadata"]["minimal_trace"]
+            assert not minimal or minimal == a["metadata"]["minimal_trace"]  # without redundancy: the minimal trace
+            full = b["messages"][-1]["reasoning_content"]
+            if not minimal:  # a reasoning-off row stays without a trace
+                assert not full
+                continue
+            step_lines = [line for line in full.splitlines() if not line.startswith(tuple(kinds))]
+            assert step_lines == minimal.splitlines()  # every step, in order, nothing else unmarked
+            for line in full.splitlines():
+                for kind in kinds:
+                    kinds[kind] += line.startswith(kind)
+                if line.startswith("check: "):  # the check is true arithmetic
+                    lhs, rhs = line.removeprefix("check: ").removesuffix(", ok").split(" = ")
+                    x, op, n = lhs.split()
+                    assert {"+": int(x) + int(n), "-": int(x) - int(n), "/": int(x) // int(n)}[op] == int(rhs)
+    assert all(kinds.values()), kinds  # every kind of redundancy occurs
+    lengths = [(len(r["messages"][-1]["reasoning_content"]), len(r["metadata"]["minimal_trace"]))
+               for r in redundant["test"]]
+    assert sum(a for a, _ in lengths) > 1.8 * sum(b for _, b in lengths)
+
+
+def test_evaluation_reports_where_the_minimal_trace_fits(tokenizer):
+    from alignment.evaluate import EvalConfig, reference_fits
+    from data_recipes.synthetic_math import RedundancyConfig
+
+    rows = generate_splits(MathTaskConfig(train_size=1, validation_size=1, test_size=60,
+                                          redundancy=RedundancyConfig(**REDUNDANT)))["test"]
+    config = EvalConfig(grace_fraction=0.0)
+    full, minimal = (reference_fits(tokenizer, rows, [32, 64, None], config, minimal=m) for m in (False, True))
+    assert minimal[-1] == full[-1] == 1.0 and minimal[0] > full[0] and minimal[1] >= full[1]
