@@ -118,6 +118,20 @@ def test_length_is_relative_to_the_group():
         fn(["a"], part="everything")
 
 
+def test_length_by_correctness_pays_only_correct_answers_for_being_short():
+    fn = get_reward("length").fn
+    right, wrong = "\\boxed{4}", "\\boxed{5}"
+    completions = [f"short\n</think>\n{wrong}", f"a b c\n</think>\n{right}", f"a b c d e f g h\n</think>\n{right}",
+                   f"a b c d e f g h i j k l\n</think>\n{wrong}"]
+    plain = [r.score for r in fn(completions, id=[1] * 4)]
+    kimi = fn(completions, id=[1] * 4, by_correctness=True, answer=["4"] * 4, reasoning=["on"] * 4)
+    assert plain[0] == 0.5 and plain[-1] == -0.5
+    assert [r.score for r in kimi] == [0.0, plain[1], plain[2], -0.5]  # the short wrong one gets no bonus
+    assert [r.info["correct"] for r in kimi] == [False, True, True, False]
+    with pytest.raises(ValueError, match="answer"):
+        fn(completions, by_correctness=True)
+
+
 @pytest.mark.parametrize(
     "constraint, good, bad",
     [
