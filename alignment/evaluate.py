@@ -21,6 +21,7 @@ import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import check_paths, option
+from alignment.eval_stats import mean_and_stderr, paired_gains, with_stderr
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
@@ -152,10 +153,13 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
             "completion": text,
         })
     n = len(records)
+    correct = [int(r["correct"]) for r in records]
     return {
         "reasoning": reasoning,
         "budget": budget,
-        "accuracy": sum(r["correct"] for r in records) / n,
+        "accuracy": sum(correct) / n,
+        "accuracy_stderr": mean_and_stderr(correct)[1],
+        "correct": correct,  # per row, in row order: paired comparisons between models on the same rows
         "well_formed": sum(r["well_formed"] for r in records) / n,
         # What a client that reads the answer after `</think>` strictly gets: correct and well-formed.
         "accuracy_well_formed": sum(r["correct"] and r["well_formed"] for r in records) / n,
@@ -207,8 +211,13 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
     model.train(was_training)
     summary = {
         "samples": len(rows),
+        "row_ids": [row.get("id", i) for i, row in enumerate(rows)],
         "accuracy_think": think["accuracy"],
+        "accuracy_think_stderr": think["accuracy_stderr"],
         "accuracy_no_think": no_think["accuracy"],
+        "accuracy_no_think_stderr": no_think["accuracy_stderr"],
+        "correct_think": think["correct"],
+        "correct_no_think": no_think["correct"],
         "toggle_compliance": min(think["toggle_compliance"], no_think["toggle_compliance"]),
         "toggle_compliance_think": think["toggle_compliance"],
         "toggle_compliance_no_think": no_think["toggle_compliance"],
@@ -217,8 +226,9 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "mean_thinking_tokens": think["mean_thinking_tokens"],
         "early_close_think": think["early_close_rate"],
         "budget_sweep": [
-            {**{k: cell[k] for k in ("budget", "accuracy", "well_formed", "accuracy_well_formed", "mean_thinking_tokens",
-                                     "mean_answer_tokens", "forced_fraction", "early_close_rate")},
+            {**{k: cell[k] for k in ("budget", "accuracy", "accuracy_stderr", "well_formed", "accuracy_well_formed",
+                                     "mean_thinking_tokens", "mean_answer_tokens", "forced_fraction",
+                                     "early_close_rate", "correct")},
              "reference_fits": fits, "minimal_fits": minimal_fits}
             for cell, fits, minimal_fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config),
                                                 reference_fits(tokenizer, rows, config.budgets, config, minimal=True))
@@ -275,10 +285,13 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
     for name, summary in results.items():
         sweep = summary["budget_sweep"]
         labels = [budget_label(c["budget"]) for c in sweep]
-        for ax, key in zip(axes, ("accuracy", "well_formed")):
-            ax.plot(range(len(sweep)), [c[key] for c in sweep], marker="o", label=name)
+        errors = [c.get("accuracy_stderr") or 0.0 for c in sweep]  # one standard error over the rows
+        axes[0].errorbar(range(len(sweep)), [c["accuracy"] for c in sweep], yerr=errors, marker="o", capsize=3,
+                         label=name)
+        axes[1].plot(range(len(sweep)), [c["well_formed"] for c in sweep], marker="o", label=name)
+        for ax in axes:
             ax.set_xticks(range(len(sweep)), labels)
-    for ax, title in zip(axes, ("accuracy", "well-formed rate")):
+    for ax, title in zip(axes, ("accuracy (bars: one standard error)", "well-formed rate")):
         ax.set_xlabel("thinking budget (tokens)")
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
@@ -290,11 +303,17 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
 
 
 def markdown_report(results: dict[str, dict]) -> str:
-    lines = ["# Evaluation", "", "| model | accuracy think | accuracy no-think | toggle compliance | mean thinking tokens |",
-             "|---|---|---|---|---|"]
+    gains = paired_gains(results)
+    lines = ["# Evaluation", "", "One standard error after ±, over the rows. Gain: accuracy (reasoning on) minus the "
+             "model above, paired over the same rows.", "",
+             "| model | accuracy think | gain over the one above | accuracy no-think | toggle compliance | "
+             "mean thinking tokens |", "|---|---|---|---|---|---|"]
     for name, s in results.items():
-        lines.append(f"| {name} | {s['accuracy_think']:.3f} | {s['accuracy_no_think']:.3f} | "
-                     f"{s['toggle_compliance']:.3f} | {s['mean_thinking_tokens']:.1f} |")
+        gain = gains.get(name)
+        paired = "-" if gain is None else f"{gain['difference']:+.3f} ± {gain['stderr']:.3f}"
+        lines.append(f"| {name} | {with_stderr(s, 'accuracy_think')} | {paired} | "
+                     f"{with_stderr(s, 'accuracy_no_think')} | {s['toggle_compliance']:.3f} | "
+                     f"{s['mean_thinking_tokens']:.1f} |")
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():
@@ -305,9 +324,9 @@ def markdown_report(results: dict[str, dict]) -> str:
             fits = "-" if c.get("reference_fits") is None else f"{c['reference_fits']:.3f}"
             minimal = "-" if c.get("minimal_fits") is None else f"{c['minimal_fits']:.3f}"
             strict = "-" if c.get("accuracy_well_formed") is None else f"{c['accuracy_well_formed']:.3f}"
-            lines.append(f"| {budget_label(c['budget'])} | {c['accuracy']:.3f} | {c['well_formed']:.3f} | {strict} | "
-                         f"{c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | {c['forced_fraction']:.2f} | "
-                         f"{fits} | {minimal} |")
+            lines.append(f"| {budget_label(c['budget'])} | {with_stderr(c, 'accuracy')} | {c['well_formed']:.3f} | "
+                         f"{strict} | {c['mean_thinking_tokens']:.1f} | {c['mean_answer_tokens']:.1f} | "
+                         f"{c['forced_fraction']:.2f} | {fits} | {minimal} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import html
 import json
 from pathlib import Path
 
+from alignment.eval_stats import paired_gains, with_stderr
 from alignment.tracking import read_metrics
 
 CURVES = {"sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
@@ -41,10 +42,12 @@ def _plot_curves(run_dir: Path, stages: list[str]) -> Path | None:
 
 def stage_metrics(eval_results: dict[str, dict]) -> dict:
     """The `metrics.json` figures of every evaluated model (unlimited budget written as null)."""
-    keys = ("accuracy_think", "accuracy_no_think", "toggle_compliance", "toggle_compliance_think",
-            "toggle_compliance_no_think", "well_formed_think", "mean_thinking_tokens")
+    keys = ("accuracy_think", "accuracy_think_stderr", "accuracy_no_think", "accuracy_no_think_stderr",
+            "toggle_compliance", "toggle_compliance_think", "toggle_compliance_no_think", "well_formed_think",
+            "mean_thinking_tokens")
+    gains = paired_gains(eval_results)
     return {
-        name: {**{k: summary[k] for k in keys},
+        name: {**{k: summary.get(k) for k in keys}, "gain_think_over_previous": gains.get(name),
                "budget_sweep": [{"budget": c["budget"], "accuracy": c["accuracy"], "well_formed": c["well_formed"],
                                  "mean_thinking_tokens": c["mean_thinking_tokens"],
                                  "mean_answer_tokens": c["mean_answer_tokens"],
@@ -70,12 +73,16 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
     curves = _plot_curves(run_dir, stages)
     budget_plot = run_dir / "eval" / "accuracy_vs_budget.png"
     lines = ["# Pipeline report", "", f"Run directory: `{run_dir}`", "",
-             "| stage | seconds | accuracy think | accuracy no-think | toggle compliance | well-formed (think) |",
-             "|---|---|---|---|---|---|"]
+             "One standard error after ±, over the test rows. Gain: accuracy with reasoning on minus the stage "
+             "before, paired over the same rows (a gain beyond two of its standard errors is unlikely to be noise).",
+             "", "| stage | seconds | accuracy think | gain over the stage before | accuracy no-think | "
+             "toggle compliance | well-formed (think) |", "|---|---|---|---|---|---|---|"]
     for stage in stages:
         m = metrics["stages"].get(stage)
-        figures = (f"{m['accuracy_think']:.3f} | {m['accuracy_no_think']:.3f} | {m['toggle_compliance']:.3f} | "
-                   f"{m['well_formed_think']:.3f}") if m else "- | - | - | -"
+        gain = (m or {}).get("gain_think_over_previous")
+        paired = "-" if gain is None else f"{gain['difference']:+.3f} ± {gain['stderr']:.3f}"
+        figures = (f"{with_stderr(m, 'accuracy_think')} | {paired} | {with_stderr(m, 'accuracy_no_think')} | "
+                   f"{m['toggle_compliance']:.3f} | {m['well_formed_think']:.3f}") if m else "- | - | - | - | -"
         lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {figures} |")
     if metrics["stages"]:
         budgets = [c["budget"] for c in next(iter(metrics["stages"].values()))["budget_sweep"]]

@@ -1,0 +1,53 @@
+"""Uncertainty of evaluation figures: standard errors over prompts, and paired differences between two models.
+
+With 300 prompts one standard error of an accuracy near 0.5 is ~0.029, as large as most single-stage gains. Two
+models evaluated on the same prompts mostly agree, so the standard error of their *difference* is much smaller than
+either one's: it is computed from the per-prompt differences (a paired comparison), not from the two errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation over sqrt(n); 0 for fewer than 2 values)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:
+    """second - first over the same prompts (in the same order), with the standard error of the paired mean."""
+    if len(first) != len(second):
+        raise ValueError(f"paired scores need the same prompts: {len(first)} against {len(second)}")
+    return mean_and_stderr([b - a for a, b in zip(first, second)])
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float], before_ids: Sequence, after_ids: Sequence,
+                ) -> dict | None:
+    """after - before as {difference, stderr, rows}, or None when the two were not scored on the same rows."""
+    if list(before_ids) != list(after_ids) or not before_ids:
+        return None
+    difference, stderr = paired_difference(before, after)
+    return {"difference": difference, "stderr": stderr, "rows": len(before)}
+
+
+def with_stderr(summary: dict, key: str) -> str:
+    """`0.543 ± 0.029` (the value alone for results written before standard errors were kept)."""
+    stderr = summary.get(f"{key}_stderr")
+    return f"{summary[key]:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}")
+
+
+def paired_gains(results: dict[str, dict], key: str = "correct_think") -> dict[str, dict | None]:
+    """Each model's accuracy against the one listed before it, paired over the same rows (None where not paired)."""
+    names = list(results)
+    return {after: paired_gain(results[before].get(key, []), results[after].get(key, []),
+                               results[before].get("row_ids", []), results[after].get("row_ids", []))
+            for before, after in zip(names, names[1:])}
