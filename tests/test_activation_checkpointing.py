@@ -65,7 +65,8 @@ def test_checkpointed_blocks_recompute_in_backward_and_give_the_same_gradients(l
     torch.testing.assert_close(ck_loss, loss, atol=0, rtol=0)
     assert grads.keys() == ck_grads.keys()
     for name in grads:
-        torch.testing.assert_close(ck_grads[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ck_grads[name], grads[name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_no_grad_and_eval_forwards_run_each_block_once():
@@ -123,4 +124,5 @@ def test_grpo_learner_with_activation_checkpointing_follows_the_plain_update():
     for key in stats:
         assert ck_stats[key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), key
     for name in weights:
-        torch.testing.assert_close(ck_weights[name], weights[name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ck_weights[name], weights[name], atol=1e-6, rtol=1e-5,
+                                   msg=lambda text, name=name: f"{name}: {text}")

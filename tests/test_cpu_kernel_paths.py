@@ -130,7 +130,7 @@ def test_forward_and_backward_take_the_pytorch_path(monkeypatch, training):
     got, grads = forward_and_grads(model, batch)
     torch.testing.assert_close(got, want)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(grads[name], grad, msg=name)
+        torch.testing.assert_close(grads[name], grad, msg=lambda text, name=name: f"{name}: {text}")
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ def test_packed_training_step_takes_the_pytorch_path(monkeypatch):
     loss, grads = run(tiny())
     torch.testing.assert_close(loss, want_loss)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(grads[name], grad, msg=name)
+        torch.testing.assert_close(grads[name], grad, msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_packed_rows_are_refused_on_the_pytorch_path_until_packing_is_enabled(monkeypatch):

@@ -413,7 +413,8 @@ def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model, groups
             tokens = torch.randint(5, 100, (rows,), generator=g).tolist()
             expected, got = dynamic.next(tokens, keep), static.next(tokens, keep)
             assert got.shape == expected.shape == (rows, 100)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5,
+                                       msg=lambda text, step=step: f"step {step}: {text}")
 
 
 def test_static_decoding_with_sampling_consumes_the_generator_like_dynamic(tiny_model):

@@ -66,7 +66,8 @@ def test_graphed_steps_follow_the_eager_steps():
     assert step.replayed_steps >= 5 and step.eager_steps == 1
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=2e-3, atol=0)
     for (name, a), b in zip(reference.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=1e-3, msg=name)
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=1e-3,
+                                   msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_paths_that_read_back_to_the_host_are_refused():

@@ -241,7 +241,7 @@ def test_packed_loss_and_gradients_match_one_by_one(attention):
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-6)
     assert counts.tolist() == [max(len(s["labels"]) - max(len(s["labels"]) // 3, 1), 0) for s in samples]
     for k, p in model.named_parameters():
-        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-5, rtol=1e-4, msg=lambda text, k=k: f"{k}: {text}")
 
 
 def test_hf_loss_on_packed_batch_equals_token_mean_of_samples():
@@ -280,7 +280,8 @@ def test_fixed_shape_batch_keeps_loss_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-6)
     assert results[1][1].tolist() == results[0][1].tolist()
     for k in results[0][2]:
-        torch.testing.assert_close(results[1][2][k], results[0][2][k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(results[1][2][k], results[0][2][k], atol=1e-5, rtol=1e-4,
+                                   msg=lambda text, k=k: f"{k}: {text}")
 
     assert pad_packed_batch(batch, rows=R - 1, tokens_per_row=T, max_segments=64) is None  # too many rows
     assert pad_packed_batch(batch, rows=R, tokens_per_row=T - 1, max_segments=64) is None  # rows too long
