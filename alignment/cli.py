@@ -53,7 +53,8 @@ def _worker_keys(stage: str, overrides: list[str]) -> tuple[list[str], dict[str,
 def _add_stage(subparsers, name: str, help_text: str, config_cls: type, run: Callable, config_optional: bool = False):
     epilog = _fields_help(config_cls) + (WORKER_KEYS_HELP if name in DATA_PARALLEL_STAGES else "")
     parser = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        name, help=help_text, description=help_text, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?" if config_optional else None, help="YAML config file.")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for sections.")
@@ -79,7 +80,8 @@ def _eval_command(subparsers, help_text: str) -> None:
     from alignment.evaluate import EvalRunConfig, run_eval
 
     parser = subparsers.add_parser(
-        "eval", help=help_text, description=help_text, epilog=_fields_help(EvalRunConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval", help=help_text, description=help_text, epilog=_fields_help(EvalRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoints", nargs="+", help="Checkpoint directories, then optional key=value overrides.")
     parser.add_argument("--config", help="YAML config file for the evaluation.")
@@ -99,7 +101,8 @@ def _pipeline_command(subparsers, help_text: str) -> None:
     from alignment.pipeline import PipelineConfig, run_pipeline
 
     parser = subparsers.add_parser(
-        "pipeline", help=help_text, description=help_text, epilog=_fields_help(PipelineConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
+        "pipeline", help=help_text, description=help_text, epilog=_fields_help(PipelineConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="YAML pipeline config.")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=/shared/runs/x.")

@@ -205,5 +205,9 @@ def check_paths(config: Any) -> None:
         if kind == "model":
             check_model_source(value, key)
         elif not Path(value).is_file():
-            where = "" if Path(value).is_absolute() else f" (relative to {Path.cwd()})"
-            raise ConfigError(f"`{key}`: no such file: {value}{where}")
+            raise ConfigError(f"`{key}`: no such file: {value}{relative_to_cwd(Path(value))}")
+
+
+def relative_to_cwd(path: Path) -> str:
+    """` (relative to /the/cwd)` for a relative path in an error message, else nothing."""
+    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"

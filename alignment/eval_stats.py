@@ -51,3 +51,8 @@ def paired_gains(results: dict[str, dict], key: str = "correct_think") -> dict[s
     return {after: paired_gain(results[before].get(key, []), results[after].get(key, []),
                                results[before].get("row_ids", []), results[after].get("row_ids", []))
             for before, after in zip(names, names[1:])}
+
+
+def format_gain(gain: dict | None) -> str:
+    """`+0.030 ± 0.022` for a paired gain, `-` where there is none."""
+    return "-" if gain is None else f"{gain['difference']:+.3f} ± {gain['stderr']:.3f}"

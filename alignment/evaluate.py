@@ -21,7 +21,7 @@ import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import check_paths, option
-from alignment.eval_stats import mean_and_stderr, paired_gains, with_stderr
+from alignment.eval_stats import format_gain, mean_and_stderr, paired_gains, with_stderr
 from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
@@ -309,9 +309,7 @@ def markdown_report(results: dict[str, dict]) -> str:
              "| model | accuracy think | gain over the one above | accuracy no-think | toggle compliance | "
              "mean thinking tokens |", "|---|---|---|---|---|---|"]
     for name, s in results.items():
-        gain = gains.get(name)
-        paired = "-" if gain is None else f"{gain['difference']:+.3f} ± {gain['stderr']:.3f}"
-        lines.append(f"| {name} | {with_stderr(s, 'accuracy_think')} | {paired} | "
+        lines.append(f"| {name} | {with_stderr(s, 'accuracy_think')} | {format_gain(gains.get(name))} | "
                      f"{with_stderr(s, 'accuracy_no_think')} | {s['toggle_compliance']:.3f} | "
                      f"{s['mean_thinking_tokens']:.1f} |")
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignment.config import ConfigError
+from alignment.config import ConfigError, relative_to_cwd
 
 HUB_TIMEOUT_S = 10.0
 
@@ -19,7 +19,7 @@ def check_model_source(value: str, key: str) -> None:
     local = Path(value).expanduser()
     if value.endswith(".json"):
         if not local.is_file():
-            raise ConfigError(f"`{key}`: no such model config file: {value}{_relative(local)}")
+            raise ConfigError(f"`{key}`: no such model config file: {value}{relative_to_cwd(local)}")
         return
     if local.is_dir():
         return
@@ -29,10 +29,6 @@ def check_model_source(value: str, key: str) -> None:
     if problem:
         raise ConfigError(f"`{key}`: {value!r} is not a local folder (no {local.resolve()}), "
                           f"and as a hub id: {problem}")
-
-
-def _relative(path: Path) -> str:
-    return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
 
 
 def _hub_problem(repo_id: str) -> str | None:

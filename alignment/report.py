@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-from alignment.eval_stats import paired_gains, with_stderr
+from alignment.eval_stats import format_gain, paired_gains, with_stderr
 from alignment.tracking import read_metrics
 
 CURVES = {"sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
@@ -79,9 +79,8 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
              "toggle compliance | well-formed (think) |", "|---|---|---|---|---|---|---|"]
     for stage in stages:
         m = metrics["stages"].get(stage)
-        gain = (m or {}).get("gain_think_over_previous")
-        paired = "-" if gain is None else f"{gain['difference']:+.3f} ± {gain['stderr']:.3f}"
-        figures = (f"{with_stderr(m, 'accuracy_think')} | {paired} | {with_stderr(m, 'accuracy_no_think')} | "
+        figures = (f"{with_stderr(m, 'accuracy_think')} | {format_gain(m['gain_think_over_previous'])} | "
+                   f"{with_stderr(m, 'accuracy_no_think')} | "
                    f"{m['toggle_compliance']:.3f} | {m['well_formed_think']:.3f}") if m else "- | - | - | - | -"
         lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {figures} |")
     if metrics["stages"]:

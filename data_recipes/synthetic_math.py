@@ -35,7 +35,9 @@ MAX_VALUE = 99  # every intermediate result stays in 0..MAX_VALUE so one step is
 class RedundancyConfig:
     """How much skippable reasoning the traces carry; every rate 0 (the default) gives the operations alone."""
 
-    verify: float = field(default=0.0, metadata={"help": "Chance of a check line after a step (check: 39 / 3 = 13, ok)."})
+    verify: float = field(
+        default=0.0, metadata={"help": "Chance of a check line after a step (check: 39 / 3 = 13, ok)."}
+    )
     restate: float = field(
         default=0.0, metadata={"help": "Chance of restating the goal at the start, and again halfway (per trace)."}
     )
@@ -160,10 +162,8 @@ def redundant_trace(problem: Problem, redundancy: RedundancyConfig, rng: random.
         lines.append(step.line)
         if rng.random() < redundancy.recompute:
             lines.append(f"again: {step.line}")
-        if rng.random() < redundancy.verify:
-            undo = step.result // step.n if step.op == "*" else (step.result - step.n if step.op == "+"
-                                                                  else step.result + step.n)
-            lines.append(f"check: {step.result} {_INVERSE[step.op]} {step.n} = {undo}, ok")
+        if rng.random() < redundancy.verify:  # undoing the step gives back the value it started from
+            lines.append(f"check: {step.result} {_INVERSE[step.op]} {step.n} = {step.value}, ok")
         if i == len(ops) // 2 - 1 and len(ops) > 2 and rng.random() < redundancy.restate:
             lines.append(f"so far {step.result}, {len(ops) - i - 1} steps left")
     return "".join(line + "\n" for line in lines)

@@ -13,8 +13,8 @@ from rewards.scoring import RewardScorer
 EXIT_SCORED, EXIT_USAGE = 0, 2
 
 
-def add_rewards_parser(subparsers: argparse._SubParsersAction,
-                       help_text: str = "List reward plugins, or score one completion by hand.") -> argparse.ArgumentParser:
+def add_rewards_parser(subparsers: argparse._SubParsersAction, help_text: str = "List reward plugins, or score one "
+                       "completion by hand.") -> argparse.ArgumentParser:
     """Register `rewards list` and `rewards check` on the `align` command's subparsers."""
     parser = subparsers.add_parser("rewards", help=help_text, description=help_text)
     commands = parser.add_subparsers(dest="rewards_command", metavar="{list,check}", required=True)

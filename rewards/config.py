@@ -70,7 +70,9 @@ class RewardsConfig:
         default=0.5, metadata={"help": "a reward that fails on more than this share of its last `failure_window` "
                                        "samples is stopped or disabled (`on_failing`); 1 never trips"}
     )
-    failure_window: int = field(default=16, metadata={"help": "samples per reward over which the failure rate is judged"})
+    failure_window: int = field(
+        default=16, metadata={"help": "samples per reward over which the failure rate is judged"}
+    )
     on_failing: Literal["stop", "disable"] = field(
         default="stop", metadata={"help": "stop: end the stage with an error; disable: stop calling the reward, "
                                           "its samples score failure_score, with a warning each batch"}
@@ -112,8 +114,7 @@ class RewardsConfig:
             raise RewardsConfigError("routes", f"expected a mapping of task -> list of rewards, got {self.routes!r}")
         if not self.rewards and not self.routes:
             raise RewardsConfigError("rewards", "no rewards configured")
-        lists = [("rewards", self.rewards)] + [(f"routes.{task}", specs) for task, specs in self.routes.items()]
-        for where, specs in lists:
+        for where, specs in self.spec_lists():
             if not isinstance(specs, list):
                 raise RewardsConfigError(where, f"expected a list of {{name, weight}}, got {specs!r}")
             for i, spec in enumerate(specs):
@@ -122,6 +123,10 @@ class RewardsConfig:
             for name in names:
                 if names.count(name) > 1:  # scores are reported by name
                     raise RewardsConfigError(where, f"reward {name!r} is listed twice")
+
+    def spec_lists(self) -> list[tuple[str, Any]]:
+        """(key, list of rewards) for the default list and every route: `rewards`, `routes.code`, ..."""
+        return [("rewards", self.rewards)] + [(f"routes.{task}", specs) for task, specs in self.routes.items()]
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> RewardsConfig:

@@ -17,7 +17,7 @@ from collections import deque
 import ray
 
 from rewards.registry import list_rewards
-from rewards.scoring import FailureGuard, Outcome, RewardCall, execute_call, skipped_outcomes, timeout_outcomes
+from rewards.scoring import FailureGuard, Outcome, RewardCall, execute_call, failed_outcomes, timeout_outcomes
 
 
 class _RewardWorker:
@@ -72,7 +72,7 @@ class RayRewardPool:
             while pending and idle:
                 i = pending.popleft()
                 if guard is not None and (reason := guard.skip_reason(calls[i])):
-                    results[i] = skipped_outcomes(calls[i], reason)
+                    results[i] = failed_outcomes(calls[i], reason)
                     continue
                 actor = idle.popleft()
                 in_flight[actor.run.remote(calls[i])] = (i, actor, time.monotonic() + self.timeout_s)
@@ -90,8 +90,7 @@ class RayRewardPool:
                     outcome = ray.get(ref)
                     idle.append(actor)
                 except ray.exceptions.RayError as e:  # the actor died (a reward called os._exit), or unpickling failed
-                    error = f"reward worker failed: {type(e).__name__}: {_last_line(e)}"
-                    outcome = [(float("nan"), {}, error)] * len(calls[i].completions)
+                    outcome = failed_outcomes(calls[i], f"reward worker failed: {type(e).__name__}: {_last_line(e)}")
                     self._replace(actor)
                 finish(i, outcome)
             now = time.monotonic()

@@ -156,7 +156,7 @@ def run_in_threads(calls: list[RewardCall], timeout_s: float, max_concurrency: i
         while pending and len(deadlines) < max_concurrency:
             i = pending.popleft()
             if guard is not None and (reason := guard.skip_reason(calls[i])):
-                results[i] = skipped_outcomes(calls[i], reason)
+                results[i] = failed_outcomes(calls[i], reason)
                 continue
             # Daemon threads, not an executor: an executor joins its threads at exit, so a hung reward would
             # hang the interpreter's exit too.
@@ -177,19 +177,19 @@ def run_in_threads(calls: list[RewardCall], timeout_s: float, max_concurrency: i
     return results  # type: ignore[return-value]
 
 
+def failed_outcomes(call: RewardCall, why: str) -> list[Outcome]:
+    """Every sample of `call` failed for the same reason (timed out, skipped, its worker died)."""
+    return [(math.nan, {}, why)] * len(call.completions)
+
+
 def timeout_outcomes(call: RewardCall, timeout_s: float) -> list[Outcome]:
-    return [(math.nan, {}, f"timed out after {timeout_s} s")] * len(call.completions)
-
-
-def skipped_outcomes(call: RewardCall, reason: str) -> list[Outcome]:
-    return [(math.nan, {}, reason)] * len(call.completions)
+    return failed_outcomes(call, f"timed out after {timeout_s} s")
 
 
 def check_reward_names(config: RewardsConfig, section: str = "rewards") -> None:
     """Every reward `config` names resolves (registered, an entry point, or an importable `module:function`), else
     RewardsConfigError naming the key, e.g. `mining.rewards.rewards[0].name`. Stages call it before loading a model."""
-    lists = [("rewards", config.rewards)] + [(f"routes.{task}", specs) for task, specs in config.routes.items()]
-    for where, specs in lists:
+    for where, specs in config.spec_lists():
         for i, spec in enumerate(specs):
             try:
                 get_reward(spec.name)

@@ -109,8 +109,9 @@ def test_the_readme_adapter_commands_run_on_the_fixture_of_each_schema(tmp_path)
         # The one change: the source is the fixture in this schema (hub ids and downloads need a network).
         argv[0] = str(FIXTURES / f"{schema}.jsonl")
         argv[argv.index("--out") + 1] = str(out)
-        argv = [a for i, a in enumerate(argv) if a != "--split" and (i == 0 or argv[i - 1] != "--split")]
-        argv = [a for i, a in enumerate(argv) if a != "--name" and (i == 0 or argv[i - 1] != "--name")]
+        for hub_option in ("--split", "--name"):  # a local file has neither
+            if hub_option in argv:
+                del argv[argv.index(hub_option):argv.index(hub_option) + 2]
         adapters_main(argv)  # what `python -m data_recipes.adapters` runs
         assert out.read_text().strip(), line
 
