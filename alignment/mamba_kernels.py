@@ -118,6 +118,24 @@ def _call_reference(reference: Callable, name: str) -> Callable:
     return call
 
 
+def _refused_width(name: str, first: torch.Tensor) -> int | None:
+    """The in_proj width when causal-conv1d would refuse this call's input layout (the call then runs the
+    reference), else None.
+
+    The mixer hands the conv a channel-last view into its in_proj output (directly, or inside the fused kernel), and
+    causal-conv1d needs that view's strides to be multiples of 8: an in_proj width that is one (mamba_num_heads a
+    multiple of 8). The real Nemotron-H sizes are (Nano-9B-v2: 22656); the embedded tiny hybrid's 422 is not.
+    """
+    if name == "mamba2_split_conv1d_scan_combined":  # first: the whole in_proj output [b, t, width]
+        return first.shape[-1] if first.shape[-1] % 8 else None
+    if name == "causal_conv1d_fn" and first.dim() == 3 and first.stride(1) == 1 and first.stride(2) > 1:
+        return first.stride(2) if first.stride(0) % 8 or first.stride(2) % 8 else None
+    return None
+
+
+_LAYOUT_WARNED: set[str] = set()
+
+
 def _dispatcher(bound: Callable, binding: KernelBinding) -> Callable:
     """Call `bound` (transformers' wrapper) for CUDA tensors and the PyTorch reference for all others."""
     reference = _call_reference(binding.reference, binding.name)
@@ -125,9 +143,15 @@ def _dispatcher(bound: Callable, binding: KernelBinding) -> Callable:
     @functools.wraps(binding.reference)
     def routed(*args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is not None and first.device.type in KERNEL_DEVICE_TYPES:
-            return bound(*args, **kwargs)
-        return reference(*args, **kwargs)
+        if first is None or first.device.type not in KERNEL_DEVICE_TYPES:
+            return reference(*args, **kwargs)
+        if (width := _refused_width(binding.name, first)) is not None:
+            if binding.name not in _LAYOUT_WARNED:
+                _LAYOUT_WARNED.add(binding.name)
+                log.warning("%s: causal-conv1d needs a Mamba in_proj width that is a multiple of 8, this one is %d: "
+                            "the PyTorch reference runs instead", binding.name, width)
+            return reference(*args, **kwargs)
+        return bound(*args, **kwargs)
 
     routed.__wrapped__ = bound  # what `_unwrap` follows to the binding
     setattr(routed, _ROUTED, True)

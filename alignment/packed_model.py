@@ -467,16 +467,35 @@ def _mamba_path(model: nn.Module, mixers: list[tuple[str, nn.Module]]) -> str:
     if not mixers:
         return "none"
     on_cuda = any(p.is_cuda for p in model.parameters())
-    if on_cuda and _cuda_kernels_available():
-        return "cuda-kernels"
+    why_not_kernels = "the model is on CPU"
+    if on_cuda and not _cuda_kernels_available():
+        why_not_kernels = "mamba-ssm and causal-conv1d are not installed"
+    elif on_cuda:
+        misaligned = sorted({f"{type(m).__name__} ({m.in_proj.out_features})" for _, m in mixers
+                             if not _kernels_take_seq_idx(m)})
+        if not misaligned:
+            return "cuda-kernels"
+        why_not_kernels = (f"causal-conv1d takes sample boundaries only when the Mamba in_proj width is a multiple "
+                           f"of 8 (mamba_num_heads a multiple of 8), and here it is {', '.join(misaligned)}")
+        logger.warning("packed rows: %s; the PyTorch reference conv and scan run for packed rows instead", why_not_kernels)
     unsupported = sorted({type(m).__name__ for _, m in mixers if not _reference_path_applies(m)})
     if unsupported:
         raise PackingNotSupportedError(
             f"{type(model).__name__} has recurrent layers ({', '.join(unsupported)}) with no correct packed path "
-            f"here: {'mamba-ssm and causal-conv1d are not installed' if on_cuda else 'the model is on CPU'} and no "
-            "seq_idx-aware reference exists for them. Use SampleCollator(mode='padded')."
+            f"here: {why_not_kernels} and no seq_idx-aware reference exists for them. "
+            "Use SampleCollator(mode='padded')."
         )
     return "reference-seq_idx"
+
+
+def _kernels_take_seq_idx(mixer: nn.Module) -> bool:
+    """Whether causal-conv1d accepts this mixer's packed rows.
+
+    With `seq_idx` the conv runs channel-last on a view into the in_proj output, and causal-conv1d requires that
+    view's strides to be multiples of 8; the real Nemotron-H sizes are (Nano-9B-v2: 22656).
+    """
+    width = getattr(getattr(mixer, "in_proj", None), "out_features", None)
+    return width is None or width % 8 == 0
 
 
 @torch.no_grad()

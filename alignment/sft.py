@@ -183,7 +183,7 @@ def cuda_graphs_unusable(config: TrainConfig, device: torch.device, packed: Pack
     if packed.attention != "varlen":
         return f"attention path {packed.attention!r} reads sample boundaries back to the host (varlen: bf16 on CUDA)"
     if packed.mamba not in ("cuda-kernels", "none"):
-        return f"Mamba path {packed.mamba!r} is not capturable (install the gpu extra: mamba-ssm, causal-conv1d)"
+        return f"Mamba path {packed.mamba!r} is not capturable (it needs the mamba-ssm and causal-conv1d kernels)"
     if world > 1:
         return "data-parallel steps are not captured"
     if config.deepspeed:

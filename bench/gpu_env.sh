@@ -22,5 +22,8 @@ if [ ! -f /tmp/site/.project ]; then
     && touch /tmp/site/.project || echo "bench/gpu_env.sh: pip install -e . failed (see /tmp/site/project-install.log)" >&2
 fi
 export PYTHONPATH=/tmp/kern:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Processes started without PYTHONPATH (a console script run as a user would) find the kernels and wheels too.
+python3 -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'gpu-bundle.pth').write_text('/tmp/kern\n/tmp/site\n')" \
+  || echo "bench/gpu_env.sh: could not add /tmp/kern and /tmp/site to site-packages" >&2
 export PATH=/tmp/site/bin:$PATH
 align() { python3 -m alignment.cli "$@"; }

@@ -23,6 +23,7 @@ from transformers.integrations import hub_kernels
 from transformers.models.nemotron_h import modeling_nemotron_h
 
 from alignment import mamba_kernels
+from alignment.mamba_kernels import _refused_width
 from alignment.generation import GenerationSettings, generate
 from alignment.modeling import ModelConfig, load_model
 from alignment.packed_model import _INSTALLED_FLAG, enable_packed_sequences
@@ -236,3 +237,16 @@ def test_kernels_bound_at_import_are_routed_for_a_model_built_by_transformers_al
     """)
     run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_widths_causal_conv1d_refuses_are_sent_to_the_reference():
+    """Its channel-last layout needs strides that are multiples of 8: the tiny hybrid's in_proj width 422 is not."""
+    def conv_input(width: int) -> torch.Tensor:  # what the mixer passes: a transposed view into the in_proj output
+        return torch.zeros(2, 5, width)[..., :width - 6].transpose(1, 2)
+
+    assert _refused_width("causal_conv1d_fn", conv_input(422)) == 422
+    assert _refused_width("causal_conv1d_fn", conv_input(22656)) is None  # Nano-9B-v2
+    assert _refused_width("causal_conv1d_fn", torch.zeros(2, 422, 5)) is None  # channel-first: any width
+    assert _refused_width("mamba2_split_conv1d_scan_combined", torch.zeros(2, 5, 422)) == 422
+    assert _refused_width("mamba2_split_conv1d_scan_combined", torch.zeros(2, 5, 22656)) is None
+    assert _refused_width("mamba2_chunk_scan", conv_input(422)) is None  # only the conv input is checked

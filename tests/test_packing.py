@@ -19,7 +19,9 @@ from alignment.packed_model import (
     enable_packed_sequences,
     guard_trl_config,
     has_recurrent_layers,
+    _kernels_take_seq_idx,
     mamba2_chunk_scan_seq_idx,
+    recurrent_modules,
 )
 from alignment.packing import (
     IGNORE_INDEX,
@@ -29,6 +31,7 @@ from alignment.packing import (
     pad_packed_batch,
     plan_packed_batches,
 )
+from alignment.modeling import ModelConfig, load_model, mamba_kernels_available
 from alignment.token_logprobs import per_sample_logps
 
 VOCAB, PAD = 100, 0
@@ -372,3 +375,25 @@ def test_bypassed_hook_is_caught_by_the_probe(monkeypatch):
     monkeypatch.setattr(modeling_nemotron_h, "causal_conv1d_fn", conv_ignoring_seq_idx)
     with pytest.raises(PackingNotSupportedError, match="differs from its samples run alone"):
         enable_packed_sequences(tiny_hybrid())
+
+
+@pytest.mark.parametrize("path, accepted", [("configs/tiny/model.json", False), ("configs/gpu/model_250m.json", True),
+                                            ("configs/nano9b/model_nano9b_v2.json", True),
+                                            ("configs/nano9b/model_nemotron_h_8b.json", True)])
+def test_the_cuda_kernels_take_packed_rows_only_at_in_proj_widths_they_accept(path, accepted):
+    """causal-conv1d refuses channel-last views whose strides are not multiples of 8 (the tiny hybrid's 422)."""
+    model = load_model(ModelConfig(name_or_path=path, dtype="bfloat16"), "meta")
+    mixers = [m for _, m in recurrent_modules(model)]
+    assert mixers and all(_kernels_take_seq_idx(m) == accepted for m in mixers)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and mamba_kernels_available()), reason="needs CUDA and mamba-ssm")
+def test_a_width_the_kernels_refuse_packs_through_the_reference_on_cuda():
+    model = tiny_hybrid().cuda()  # in_proj width 164
+    assert enable_packed_sequences(model).mamba == "reference-seq_idx"  # the probe checked it against samples alone
+    samples = make_samples(LENGTHS)
+    packed, padded = (SampleCollator(mode=mode, pad_token_id=PAD, max_tokens_per_row=BUDGET) for mode in ("packed", "padded"))
+    cuda = lambda batch: {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}  # noqa: E731
+    alone = torch.cat([per_sample_sums(model, cuda(padded([s])), 1)[0] for s in samples])
+    torch.testing.assert_close(per_sample_sums(model, cuda(packed(samples)), len(samples))[0], alone,
+                               rtol=1e-4, atol=1e-4)

@@ -123,7 +123,7 @@ def test_cuda_graphs_are_refused_with_the_reason():
     assert cuda_graphs_unusable(TrainConfig(), torch.device("cpu"), kernels, 1) == "not on CUDA"
     assert cuda_graphs_unusable(TrainConfig(), cuda, None, 1) == "packing is off"
     assert "segment-sdpa" in cuda_graphs_unusable(TrainConfig(), cuda, PackedPath("cuda-kernels", "segment-sdpa"), 1)
-    assert "gpu extra" in cuda_graphs_unusable(TrainConfig(), cuda, PackedPath("reference-seq_idx", "varlen"), 1)
+    assert "mamba-ssm and causal-conv1d kernels" in cuda_graphs_unusable(TrainConfig(), cuda, PackedPath("reference-seq_idx", "varlen"), 1)
     assert "data-parallel" in cuda_graphs_unusable(TrainConfig(), cuda, kernels, 2)
     assert cuda_graphs_unusable(TrainConfig(grad_accum=2), cuda, kernels, 1) == "grad_accum > 1"
     assert cuda_graphs_unusable(TrainConfig(), cuda, kernels, 1) is None
