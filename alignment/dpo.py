@@ -55,7 +55,7 @@ from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
-from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
+from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
                                   decode_for_workers, generate, line_end_token_ids)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences

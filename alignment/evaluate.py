@@ -1,6 +1,6 @@
 """Held-out evaluation: accuracy with reasoning on and off, toggle compliance, and a sweep over thinking budgets.
 
-Everything is greedy and batched through `alignment.generation`. For each (mode, budget) cell it reports accuracy
+Everything is greedy and batched through `alignment.rollout.generation`. For each (mode, budget) cell it reports accuracy
 (the final boxed answer equals the reference), the well-formed rate and the mean thinking and answer lengths.
 
 A completion is well-formed when it ended on its own (end-of-turn token), has exactly one `</think>` in reasoning-on
@@ -22,7 +22,7 @@ import torch
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import check_paths, option
 from alignment.eval_stats import format_gain, mean_and_stderr, paired_gains, with_stderr
-from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
+from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
 

@@ -4,7 +4,7 @@ One step of `run_grpo`, top to bottom:
 
 1. Rollout. Draw prompts from the pool; give each prompt a reasoning mode (on/off, `rollout.reasoning_off_fraction`)
    and, optionally, a thinking budget (`rollout.budget_fraction`); generate G completions per prompt with
-   `alignment.generation.generate` (batched, with the hybrid cache, applying the budget rule). Every completion is
+   `alignment.rollout.generation.generate` (batched, with the hybrid cache, applying the budget rule). Every completion is
    scored by the reward plugins (`rewards`), routed by its row's `task`, on the Ray reward pool or in process; the
    completions of one generation batch are scored while the next batch is generated.
 2. Filter. A group whose completions all got the same reward has advantage 0 everywhere and teaches nothing:
@@ -59,7 +59,7 @@ from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.distributed import all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
-from alignment.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
+from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
                                   check_decode_keys, decode_for_workers, generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences

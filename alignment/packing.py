@@ -135,7 +135,7 @@ class SampleCollator:
         sample_ids [R, T] int64, index of the sample in the input list, -1 in the tail.
         loss_mask [R, T] bool, labels != -100 (the tokens that are targets).
         sampler_logps [R, T] float32, only when the samples carry `sampler_logps` (the log-prob the sampler gave
-            each token, `alignment.generation`): placed like the tokens, NaN elsewhere.
+            each token, `alignment.rollout.generation`): placed like the tokens, NaN elsewhere.
 
     Padded batch (one sample per row, in input order): input_ids, labels, attention_mask [N, T] int64,
     position_ids, sample_ids, loss_mask. The first label of every sample is -100 here too, which changes no loss

@@ -1,10 +1,10 @@
-"""Batched sampling speed: our budget-aware `alignment.generation.generate` vs transformers' `generate`, same model,
+"""Batched sampling speed: our budget-aware `alignment.rollout.generation.generate` vs transformers' `generate`, same model,
 prompts and sampling settings, side by side in one run.
 
 The model is bench_grpo.py's random-init hybrid (24 blocks: 8 Mamba-2, 4 attention, 12 MLP, hidden 1024, bf16). It
 rarely writes its end-of-turn token, so every row decodes `--max-new-tokens` tokens on every side: the same work.
 Four sides: transformers `generate`; ours on the plain model with transformers' dynamic cache, and with the static
-step replayed as a CUDA graph (the default on CUDA, `alignment/static_decode.py`); ours after `enable_packed_sequences`
+step replayed as a CUDA graph (the default on CUDA, `alignment/rollout/static_decode.py`); ours after `enable_packed_sequences`
 (the model as the DPO and GRPO stages hold it while they sample) on the default path. Each is timed `--repeats` times
 after a warm-up call (Triton autotunes the Mamba kernels per shape); medians. `--profile` adds a torch profile of one call per side: host time per decode step
 and the top operators, written to `--out`.
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from alignment.generation import GenerationSettings, generate  # noqa: E402
+from alignment.rollout.generation import GenerationSettings, generate  # noqa: E402
 from alignment.packed_model import enable_packed_sequences  # noqa: E402
 from bench_grpo import build_model_dir  # noqa: E402
 

@@ -15,11 +15,11 @@ samples itself, at most `--max-new-tokens`. Prompts: `--groups` distinct prompts
 `--prompt-len` tokens, each asked `--group-size` times, as GRPO does; sampling at temperature 1.
 
 Sides (the same samples, the same planned lengths):
-  dynamic      `alignment.generation._generate_batch` over batches of `--batch` rows on transformers' forward and
+  dynamic      `alignment.rollout.generation._generate_batch` over batches of `--batch` rows on transformers' forward and
                dynamic cache (the CPU default): finished rows leave the batch.
-  static       `alignment.generation._generate_batch` over batches of `--batch` rows on the static step (a CUDA graph
+  static       `alignment.rollout.generation._generate_batch` over batches of `--batch` rows on the static step (a CUDA graph
                on CUDA): finished rows stay in the batch, fed a filler, until the batch's longest sample ends.
-  continuous   `alignment.rollout_engine.generate_continuous` over `--batch` slots: refilled as samples finish, one
+  continuous   `alignment.rollout.continuous.generate_continuous` over `--batch` slots: refilled as samples finish, one
                prefill per distinct prompt.
   continuous, no fork   the same with every sample's prompt made distinct (its first token changed): the prefill
                work forking saves.
@@ -55,12 +55,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from alignment.generation import (  # noqa: E402
+from alignment.rollout.generation import (  # noqa: E402
     GenerationSettings, _generate_batch, _Sample, decode_attention_backends, sample_uniforms,
 )  # fmt: skip
 from alignment.modeling import ModelConfig, load_model  # noqa: E402
-from alignment.rollout_engine import generate_continuous  # noqa: E402
-from alignment.static_decode import StaticDecoder, static_max_len  # noqa: E402
+from alignment.rollout.continuous import generate_continuous  # noqa: E402
+from alignment.rollout.static_decode import StaticDecoder, static_max_len  # noqa: E402
 from bench_scale import HBM_TBPS, decode_bound, decode_state_bytes  # noqa: E402
 from measure import sync  # noqa: E402
 

@@ -35,7 +35,7 @@ autotunes the Mamba kernels on first use of a shape, which the warm-up absorbs):
            `preference_loss` plus the SFT term, backward, clipping, AdamW; --dpo-pairs pairs per step.
   grpo     The GRPO learner step `alignment.grpo.policy_update` (configs/nano9b/grpo.yaml, one minibatch): one
            rollout batch of --grpo-samples completions with random advantages, packed micro-batches of one row.
-  rollout  `alignment.generation.generate` on the model as the GRPO stage holds it (LoRA, packed hooks), decode
+  rollout  `alignment.rollout.generation.generate` on the model as the GRPO stage holds it (LoRA, packed hooks), decode
            path --decode (auto: the static step as a CUDA graph), at each of --rollout-batches rows, prompts of
            --prompt-len tokens, every row decoding to the end (no end-of-turn token). Two lengths of decoding are
            timed; their difference is the decode step without the prefill.
@@ -118,7 +118,7 @@ from alignment import dpo, grpo, sft  # noqa: E402
 from alignment.activation_checkpointing import (activation_checkpointing_status,  # noqa: E402
                                                 enable_activation_checkpointing)
 from alignment.config import load_config  # noqa: E402
-from alignment.generation import GenerationSettings, generate  # noqa: E402
+from alignment.rollout.generation import GenerationSettings, generate  # noqa: E402
 from alignment.lora import apply_lora  # noqa: E402
 from alignment.mamba_kernels import transformers_kernel_calls  # noqa: E402
 from alignment.modeling import (ModelConfig, count_parameters, layer_types, load_model, mamba_kernel_path,  # noqa: E402
@@ -126,7 +126,7 @@ from alignment.modeling import (ModelConfig, count_parameters, layer_types, load
 from alignment.packed_model import enable_packed_sequences  # noqa: E402
 from alignment.packing import IGNORE_INDEX, SampleCollator, plan_packed_batches  # noqa: E402
 from alignment.resume import TrainState  # noqa: E402
-from alignment.static_decode import ATTENTION_BLOCKS, MAMBA_BLOCKS, _blocks, _cache_states  # noqa: E402
+from alignment.rollout.static_decode import ATTENTION_BLOCKS, MAMBA_BLOCKS, _blocks, _cache_states  # noqa: E402
 from alignment.token_logprobs import describe_loss_path  # noqa: E402
 from measure import PEAK_BF16_TFLOPS, matmul_tflops, peak_memory_gib, reset_memory, sync  # noqa: E402
 
@@ -175,7 +175,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-short", type=int, help="new tokens of the shorter timed generation")
     parser.add_argument("--decode-long", type=int, help="new tokens of the longer timed generation")
     parser.add_argument("--rollout-repeats", type=int, help="timed generations of each length (median)")
-    parser.add_argument("--decode", default="auto", help="generation decode path (see alignment.generation)")
+    parser.add_argument("--decode", default="auto", help="generation decode path (see alignment.rollout.generation)")
     parser.add_argument("--trl-batch-size", type=int, default=1, help="TRL samples per padded step")
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
                         help="learner parts and TRL without activation checkpointing (train.activation_checkpointing)")
@@ -583,7 +583,7 @@ def part_rollout(args, spec: ModelSpec, shared: dict) -> dict:
     states = decode_state_bytes(model, args.device)
     data = Data(args, shared["vocab"], "rollout")
     short, long = args.decode_short, args.decode_long
-    results = {"what": f"alignment.generation.generate, decode={args.decode}, prompts of {args.prompt_len} tokens, "
+    results = {"what": f"alignment.rollout.generation.generate, decode={args.decode}, prompts of {args.prompt_len} tokens, "
                        f"{short} and {long} new tokens, temperature 1, no end-of-turn token ({packed})",
                **states, "batches": {}}
     for batch in args.rollout_batches:

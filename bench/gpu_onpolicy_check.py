@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from alignment import dpo  # noqa: E402
 from alignment.config import load_config  # noqa: E402
-from alignment.generation import GenerationSettings, generate  # noqa: E402
+from alignment.rollout.generation import GenerationSettings, generate  # noqa: E402
 from alignment.grpo import GRPOConfig, policy_update  # noqa: E402
 from alignment.lora import apply_lora  # noqa: E402
 from alignment.modeling import ModelConfig, load_model, mamba_kernel_path  # noqa: E402

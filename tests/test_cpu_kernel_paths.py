@@ -24,7 +24,7 @@ from transformers.models.nemotron_h import modeling_nemotron_h
 
 from alignment import mamba_kernels
 from alignment.mamba_kernels import _refused_width
-from alignment.generation import GenerationSettings, generate
+from alignment.rollout.generation import GenerationSettings, generate
 from alignment.modeling import ModelConfig, load_model
 from alignment.packed_model import _INSTALLED_FLAG, enable_packed_sequences
 from alignment.packing import SampleCollator, model_inputs
@@ -36,7 +36,7 @@ KERNELS = {
     "causal_conv1d": ["causal_conv1d_fn", "causal_conv1d_update"],
     "mamba_ssm": ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "selective_state_update"],
 }
-# The functions of the nemotron_h module that the mixer (and alignment.static_decode) call.
+# The functions of the nemotron_h module that the mixer (and alignment.rollout.static_decode) call.
 MIXER_FUNCTIONS = {
     "causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan", "mamba2_selective_state_update",
     "mamba2_split_conv1d_scan_combined",
@@ -225,7 +225,7 @@ def test_kernels_bound_at_import_are_routed_for_a_model_built_by_transformers_al
             sys.modules[package] = fake
         import torch
         from transformers import NemotronHConfig, NemotronHForCausalLM
-        from alignment.generation import GenerationSettings, generate
+        from alignment.rollout.generation import GenerationSettings, generate
         torch.manual_seed(0)
         model = NemotronHForCausalLM(NemotronHConfig(
             vocab_size=100, hidden_size=64, hybrid_override_pattern="M*M-", num_attention_heads=4,

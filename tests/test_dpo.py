@@ -23,7 +23,7 @@ from alignment.dpo import (
     select_pairs,
     until_divergence,
 )
-from alignment.generation import GenerationResult
+from alignment.rollout.generation import GenerationResult
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import enable_packed_sequences
 from alignment.packing import IGNORE_INDEX, SampleCollator

@@ -42,7 +42,7 @@ def test_report_shows_the_reference_column():
 def test_a_cell_counts_correct_ill_formed_answers_in_accuracy_only(tokenizer, monkeypatch):
     """Accuracy grades the boxed answer; `accuracy_well_formed` also needs the format (one close, short answer)."""
     import alignment.evaluate as evaluate
-    from alignment.generation import GenerationResult
+    from alignment.rollout.generation import GenerationResult
 
     completions = [
         f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{3}}.",  # correct, well-formed
@@ -80,7 +80,7 @@ def test_pipeline_report_carries_the_reference_line(tmp_path):
 
 def test_an_unforced_close_in_the_middle_of_a_line_is_an_early_close(tokenizer, monkeypatch):
     import alignment.evaluate as evaluate
-    from alignment.generation import GenerationResult
+    from alignment.rollout.generation import GenerationResult
 
     completions = [  # (text, forced by the budget rule)
         (f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{3}}.", False),  # closed at a line end

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from alignment.generation import (
+from alignment.rollout.generation import (
     GenerationResult, GenerationSettings, decode_attention_backends, generate, line_end_token_ids,
 )
 
@@ -378,8 +378,8 @@ def test_decoding_on_cuda_leaves_cudnn_attention_out_and_restores_it():
 def test_static_steps_match_transformers_dynamic_cache_logits(tiny_model, groups):
     """Step by step from one left-padded prefill, both paths fed the same tokens, rows leaving on the way (a middle
     row, then the first), with one and with two Mamba groups."""
-    from alignment.generation import _DynamicDecoder
-    from alignment.static_decode import StaticDecoder, static_max_len
+    from alignment.rollout.generation import _DynamicDecoder
+    from alignment.rollout.static_decode import StaticDecoder, static_max_len
 
     model = tiny_model
     if groups > 1:
@@ -434,7 +434,7 @@ def test_static_decoding_is_refused_where_it_cannot_run(tiny_model):
 
 
 def test_static_buffers_leave_room_for_every_new_token_and_the_warm_up(tiny_model):
-    from alignment.static_decode import WARMUP_STEPS, StaticDecoder, static_max_len
+    from alignment.rollout.static_decode import WARMUP_STEPS, StaticDecoder, static_max_len
 
     for width in range(1, 130):  # around the rounding to 64 positions
         assert static_max_len(width, 1) >= width + 1 + WARMUP_STEPS

@@ -14,7 +14,7 @@ import torch
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.checkpoint import verify_checkpoint
 from alignment.config import load_config
-from alignment.generation import GenerationResult
+from alignment.rollout.generation import GenerationResult
 from alignment.grpo import (
     Completion, GRPOConfig, Group, PolicyLossConfig, RolloutConfig, SamplingConfig, collect_groups,
     learner_samples, rollout, run_grpo, score_completions,

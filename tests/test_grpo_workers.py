@@ -84,7 +84,7 @@ def test_two_workers_take_the_steps_of_one(tiny_data, tmp_path, lora):
 
 
 def test_several_workers_sample_with_the_continuous_engine():
-    from alignment.generation import decode_for_workers
+    from alignment.rollout.generation import decode_for_workers
 
     assert decode_for_workers("auto", "rollout.decode") == decode_for_workers("continuous", "x") == "continuous"
     with pytest.raises(ValueError, match="mining.decode='static'"):

@@ -1,4 +1,4 @@
-"""Continuous batching (alignment/rollout_engine.py) against each sample generated alone on transformers' dynamic cache.
+"""Continuous batching (alignment/rollout/continuous.py) against each sample generated alone on transformers' dynamic cache.
 
 Few slots and many samples, so slots are refilled many times; repeated prompts, so prefills are shared; mixed budgets
 and reasoning modes, so forced closes happen in refilled slots. Greedy and seeded sampling.
@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from alignment.generation import (
+from alignment.rollout.generation import (
     GenerationSettings, _generate_batch, _Sample, generate, next_tokens_from_uniforms, sample_uniforms,
 )  # fmt: skip
-from alignment.rollout_engine import generate_continuous
-from alignment.static_decode import static_max_len
+from alignment.rollout.continuous import generate_continuous
+from alignment.rollout.static_decode import static_max_len
 from tests.test_generation import MIXED_BUDGETS, MIXED_REASONING, tiny_model, tiny_prompts, tiny_settings  # noqa: F401
 
 
@@ -115,8 +115,8 @@ def test_continuous_batching_is_refused_where_the_static_step_cannot_run():
 def test_a_float32_ssm_state_stays_float32_and_needs_a_static_path(tiny_model):
     import copy
 
-    from alignment.generation import prefill
-    from alignment.static_decode import MAMBA_BLOCKS, StaticDecoder
+    from alignment.rollout.generation import prefill
+    from alignment.rollout.static_decode import MAMBA_BLOCKS, StaticDecoder
 
     prompts = tiny_prompts(4, seed=6)
     half = copy.deepcopy(tiny_model).to(torch.bfloat16)

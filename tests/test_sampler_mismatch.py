@@ -14,7 +14,7 @@ import torch
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss
 from alignment.config import ConfigError, load_config
 from alignment.evaluate import EvalConfig, generation_settings
-from alignment.generation import GenerationResult
+from alignment.rollout.generation import GenerationResult
 from alignment.grpo import (
     Completion, GRPOConfig, Group, PolicyLossConfig, apply_overlong_penalty, collect_groups, learner_samples,
     overlong_penalty, policy_update, rollout,

@@ -16,7 +16,7 @@ valid key positions.
 Shapes cannot change between replays, so finished rows stay in the batch: they are fed a filler token (id 0) and
 their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
 models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches). The
-continuous-batching engine (`alignment/rollout_engine.py`) fills such rows again instead: `load_slots` writes another
+continuous-batching engine (`alignment/rollout/continuous.py`) fills such rows again instead: `load_slots` writes another
 prefill's rows into chosen rows (slots) of the buffers, and every row keeps its own write position.
 
 The eager form of the same step runs on any device; `tests/test_generation.py` checks it against transformers'

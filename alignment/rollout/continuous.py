@@ -1,7 +1,7 @@
 """Continuous batching for long, long-tailed rollouts: decode slots refilled as samples finish, one prefill per prompt.
 
 `generate(..., settings=GenerationSettings(decode="continuous"))` comes here. The static decoder's step
-(alignment/static_decode.py, a CUDA graph on CUDA) runs over `settings.batch_size` slots. The loop, per step:
+(alignment/rollout/static_decode.py, a CUDA graph on CUDA) runs over `settings.batch_size` slots. The loop, per step:
 
 1. every occupied slot draws its next token from its logits (the prefill's for a slot filled since the last step)
    and applies the budget rule (`_Sample.step`, the same code as every other path);
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignment.generation import GenerationSettings, _Sample, draw, prefill, ssm_state_dtype
-from alignment.static_decode import StaticDecoder
+from alignment.rollout.generation import GenerationSettings, _Sample, draw, prefill, ssm_state_dtype
+from alignment.rollout.static_decode import StaticDecoder
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from alignment.static_decode import StaticDecoder, static_decode_unsupported, static_max_len
+from alignment.rollout.static_decode import StaticDecoder, static_decode_unsupported, static_max_len
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ log = logging.getLogger(__name__)
 DECODE_PATHS = {
     "auto": "cuda-graph on CUDA when the model supports it, dynamic otherwise",
     "dynamic": "transformers' forward and growing cache per step; finished rows leave the batch",
-    "static": "preallocated caches, the step written against the model's modules (alignment/static_decode.py)",
+    "static": "preallocated caches, the step written against the model's modules (alignment/rollout/static_decode.py)",
     "cuda-graph": "the static step captured once per batch shape and replayed (CUDA only)",
     "continuous": "continuous batching: batch_size slots refilled as samples finish, one prefill per distinct prompt, "
-                  "the static step (a CUDA graph on CUDA); sampling keyed per sample (alignment/rollout_engine.py)",
+                  "the static step (a CUDA graph on CUDA); sampling keyed per sample (alignment/rollout/continuous.py)",
 }
 DECODE_HELP = (
     "Decode path: auto (a CUDA graph on GPU where the model allows), dynamic, static, cuda-graph, or continuous "
-    "(slots refilled as samples finish, one prefill per prompt; alignment/rollout_engine.py)."
+    "(slots refilled as samples finish, one prefill per prompt; alignment/rollout/continuous.py)."
 )
 SSM_STATE_HELP = (
     "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's recommendation; "
@@ -460,7 +460,7 @@ def generate(
         with decode_attention_backends(device), \
                 tqdm(total=n, desc="generate", unit="sample", disable=not settings.progress) as bar:
             if path == "continuous":
-                from alignment.rollout_engine import generate_continuous  # it builds on this module
+                from alignment.rollout.continuous import generate_continuous  # it builds on this module
 
                 base_seed = torch.Generator().seed() if seed is None else seed
                 for sample, stream in zip(samples, stream_ids):  # keyed by the sample, not by its slot
