@@ -27,6 +27,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return on_device.cpu()
 
 
+def all_reduce_max(value: int) -> int:
+    """The largest of every worker's `value`."""
+    t = torch.tensor([value], dtype=torch.int64)
+    t = t.cuda() if torch.distributed.get_backend() == "nccl" else t
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def gather_objects(obj: Any) -> list:
     """Every worker's `obj` (picklable), in rank order; `[obj]` outside a distributed run."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -35,8 +35,10 @@ What is left of GRPO, the advantages and the clipped loss, is a few dozen lines 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -55,9 +57,9 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import check_paths, option, to_dict
+from alignment.config import ConfigError, check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
-from alignment.distributed import all_reduce_sum, gather_objects, sum_gradients
+from alignment.distributed import all_reduce_max, all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
                                   check_decode_keys, decode_for_workers, generate)
@@ -68,8 +70,10 @@ from alignment.runtime import distributed_rank_world, pick_device, seed_everythi
 from alignment.split_guard import guard_splits
 from alignment.lora import LoraConfig, apply_lora
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
-from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
+from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
+                              save_sharded_training_state, save_training_state)
 from alignment.tracking import MetricsLogger
+from alignment.zero import ZeroEngine, deepspeed_config
 from envs import task_environments
 from envs.code_tasks import generate_code_tasks
 from rewards import RewardScorer, RewardsConfig, RewardSpec
@@ -220,6 +224,13 @@ class GRPOTrainConfig:
     activation_checkpointing: bool = option(
         False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
     )
+    deepspeed: str = option(
+        "",
+        "DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json): shard full weights, gradients and AdamW states "
+        "with ZeRO over the workers; rollouts gather the weights once per call. Full weights only (LoRA trains "
+        "data parallel). Empty: every worker holds the whole model.",
+        path="file",
+    )
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.rows_per_micro_batch < 1 or self.sample_every < 1:
@@ -262,6 +273,12 @@ class GRPOConfig:
             raise ValueError("train.max_tokens_per_row must exceed rollout.max_new_tokens so no sample is cut")
         if self.loss.minibatches > self.rollout.prompts_per_step * self.rollout.group_size:
             raise ValueError("loss.minibatches must not exceed rollout.prompts_per_step * rollout.group_size")
+        if self.train.deepspeed and self.lora.enabled:
+            raise ValueError("train.deepspeed shards full weights; with lora.enabled the adapters train data "
+                             "parallel (leave train.deepspeed empty)")
+        if self.train.deepspeed and self.loss.kl_coef:
+            raise ValueError("train.deepspeed with loss.kl_coef > 0: the KL reference would be a second, unsharded "
+                             "copy of the model on every worker; set loss.kl_coef=0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,6 +539,7 @@ def learner_samples(
 def policy_update(
     model, samples: list[dict], advantages: torch.Tensor, config: GRPOConfig, collator: SampleCollator,
     optimizer: torch.optim.Optimizer, reference: Callable | None, rng: random.Random, rank: int = 0, world: int = 1,
+    zero: ZeroEngine | None = None,
 ) -> dict[str, float]:
     """`epochs * minibatches` optimizer steps of the clipped loss on one rollout batch. Returns mean statistics.
 
@@ -529,8 +547,13 @@ def policy_update(
     same on all); each trains on its share of every minibatch, with the loss normalised by the minibatch's tokens
     over all workers, and the gradients are summed across workers before the update: N workers take the step one
     worker takes on the whole minibatch.
+
+    Under ZeRO (`zero`) the engine runs the forwards, reduces the gradients and steps. ZeRO-3 gathers each layer's
+    weights in every forward, a collective, so every worker runs as many micro-batches as the busiest one: the
+    others add micro-batches with no loss token (a zero loss that still takes part in the gathers and reductions).
     """
     device = next(model.parameters()).device
+    learner = zero if zero is not None else model  # what runs the forwards
     temperature, chunk_tokens = config.rollout.temperature, config.train.loss_chunk_tokens
     order = list(range(len(samples)))
     rng.shuffle(order)
@@ -556,6 +579,17 @@ def policy_update(
             batch["loss_mask"] = batch["labels"][:, 1:] != IGNORE_INDEX  # [R, T-1]
             micro.append(batch)
         minibatches.append(micro)
+    fillers = 0
+    if zero is not None and world > 1:
+        filler = collator([samples[0]])  # every worker holds every sample
+        filler = {k: v.to(device) if torch.is_tensor(v) else v for k, v in filler.items()}
+        filler["token_adv"] = torch.zeros(filler["labels"][:, 1:].shape, device=device)
+        filler["loss_mask"] = torch.zeros_like(filler["token_adv"], dtype=torch.bool)
+        filler["filler"] = True
+        for micro in minibatches:
+            added = all_reduce_max(len(micro)) - len(micro)
+            micro.extend(dict(filler) for _ in range(added))
+            fillers += added
 
     # Log-probs of the sampling policy, computed once before any update. The first minibatch of the first epoch
     # is still on-policy when it is trained, so its own forward gives them (logps.detach()) and one pass is saved.
@@ -567,7 +601,7 @@ def policy_update(
             for batch in micro:
                 batch["old_logps"] = None
                 if m > 0:
-                    batch["old_logps"] = model_token_logps(model, batch, chunk_tokens, temperature)
+                    batch["old_logps"] = model_token_logps(learner, batch, chunk_tokens, temperature)
                 if reference is not None:
                     batch["ref_logps"] = reference(batch)
 
@@ -582,8 +616,8 @@ def policy_update(
             n_tokens = sum(int(b["loss_mask"].sum()) for b in micro)  # token-level: normalise by the step's tokens
             if world > 1:
                 n_tokens = int(all_reduce_sum(torch.tensor([n_tokens], dtype=torch.float64))[0])
-            for batch in micro:
-                logps = model_token_logps(model, batch, chunk_tokens, temperature)  # [R, T-1]
+            for i, batch in enumerate(micro):
+                logps = model_token_logps(learner, batch, chunk_tokens, temperature)  # [R, T-1]
                 if batch["old_logps"] is None:
                     batch["old_logps"] = logps.detach()
                 mask = batch["loss_mask"]
@@ -600,24 +634,31 @@ def policy_update(
                     logps[mask], old_logps, batch["token_adv"][mask],  # [N] each
                     config.loss.clip_low, config.loss.clip_high, ref_logps, config.loss.kl_coef, is_weights,
                 )
-                (loss.sum() / n_tokens).backward()
+                if zero is not None:  # ZeRO averages the workers' gradients, the plain path sums them
+                    zero.backward(loss.sum() * world / max(n_tokens, 1), last=i == len(micro) - 1)
+                else:
+                    (loss.sum() / n_tokens).backward()
                 totals["loss"] += float(loss.detach().sum())
                 for key, value in stats.items():
                     totals[key] += float(value.sum())
-                tokens_trained += int((batch["sample_ids"] >= 0).sum())  # real tokens, row tails excluded
+                if not batch.get("filler"):
+                    tokens_trained += int((batch["sample_ids"] >= 0).sum())  # real tokens, row tails excluded
             tokens_total += n_tokens
-            if world > 1:
-                sum_gradients(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if zero is not None:
+                grad_norm = zero.grad_norm()  # the engine clipped and stepped after the last micro-batch
+            else:
+                if world > 1:
+                    sum_gradients(trainable)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             totals["grad_norm"] += float(grad_norm)
             updates += 1
     if world > 1:  # the sums over every worker's tokens (the gradient norm is already global)
-        summed = all_reduce_sum(torch.tensor([totals[k] for k in totals if k != "grad_norm"] + [tokens_trained],
-                                             dtype=torch.float64))
+        summed = all_reduce_sum(torch.tensor([totals[k] for k in totals if k != "grad_norm"] +
+                                             [tokens_trained, fillers], dtype=torch.float64))
         totals.update(zip([k for k in totals if k != "grad_norm"], summed.tolist()))
-        tokens_trained = int(summed[-1])
+        tokens_trained, fillers = int(summed[-2]), int(summed[-1])
         mismatch.gather()
     out = {k: v / max(tokens_total, 1) for k, v in totals.items() if k != "grad_norm"}
     out["grad_norm"] = totals["grad_norm"] / max(updates, 1)
@@ -628,6 +669,8 @@ def policy_update(
     out |= mismatch.stats()
     out["updates"] = updates
     out["tokens_trained"] = tokens_trained
+    if zero is not None:
+        out["filler_micro_batches"] = fillers  # added so that every worker ran as many as the busiest
     return out
 
 
@@ -742,6 +785,14 @@ def run_grpo(config: GRPOConfig) -> dict:
     rng = random.Random(config.train.seed)  # the same draws on every worker: prompts, modes, budgets, minibatches
     rank, world = distributed_rank_world()
     decode = decode_for_workers(config.rollout.decode, "rollout.decode") if world > 1 else config.rollout.decode
+    zero_settings = None
+    if config.train.deepspeed:  # read before the model loads: a bad file fails in seconds, not after minutes
+        zero_settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
+                                         grad_accum=1, world=world, bf16=config.model.dtype == "bfloat16")
+        if config.train.loss_chunk_tokens and zero_settings["zero_optimization"]["stage"] == 3:
+            # Each chunk calls the sharded LM head, a collective, and the chunk count follows each worker's tokens.
+            raise ConfigError("train.loss_chunk_tokens must be 0 under ZeRO-3 (every worker must call the sharded "
+                              "LM head equally often)")
 
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)
@@ -786,10 +837,21 @@ def run_grpo(config: GRPOConfig) -> dict:
     if config.evaluate_before and rank == 0:
         results["before"] = evaluate_model(model, tokenizer, test_rows, config.eval)
 
+    # Under ZeRO the engine holds this worker's shard of the weights and of AdamW; rollouts gather the weights.
+    zero = ZeroEngine(model, optimizer, zero_settings, device) if zero_settings else None
+    if zero is not None:
+        optimizer = zero.optimizer
+    gathered = zero.gathered_for_generation if zero is not None else contextlib.nullcontext
+
     # Resume: the saved state belongs to this config, these prompts and this start checkpoint (its creation time).
-    fingerprint = run_fingerprint(config, config.data.train_path, salt=str(parent.get("created", "")))
+    # A sharded state loads only on as many workers as wrote it.
+    fingerprint = run_fingerprint(config, config.data.train_path, salt=str(parent.get("created", "")) +
+                                  (f" world={world}" if zero is not None else ""))
     state = TrainState(rng=rng)
-    resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
+    if zero is not None:
+        resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
+    else:
+        resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     history: list[dict] = []
     rollout_calls = [0]
     if resumed:
@@ -813,9 +875,10 @@ def run_grpo(config: GRPOConfig) -> dict:
             def rollout_fn(n: int) -> list[Group]:
                 drawn = [(i, pool.rows[i]) for i in pool.draw(n)]
                 rollout_calls[0] += 1
-                groups, t = rollout(model, tokenizer, drawn, config.rollout, settings, scorer, rng,
-                                    seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007,
-                                    rank=rank, world=world)
+                with gathered():
+                    groups, t = rollout(model, tokenizer, drawn, config.rollout, settings, scorer, rng,
+                                        seed=config.train.seed * 1_000_003 + rollout_calls[0] * 10_007,
+                                        rank=rank, world=world)
                 for key in timings:
                     timings[key] += t[key]
                 for group in groups:  # curriculum hook, on the task's reward
@@ -840,7 +903,7 @@ def run_grpo(config: GRPOConfig) -> dict:
             learn = {}
             if samples:
                 learn = policy_update(model, samples, advantages, config, collator, optimizer, reference, rng,
-                                      rank=rank, world=world)
+                                      rank=rank, world=world, zero=zero)
                 if learn["mismatch_kl_k3"] > config.loss.mismatch_warn_kl:
                     log.warning("step %d: the sampler's log-probs differ from the learner's (k3 KL %.4f, mean |dlogp| "
                                 "%.4f, max %.3f): the decode path is not the distribution being trained; check "
@@ -875,13 +938,26 @@ def run_grpo(config: GRPOConfig) -> dict:
                          records[0]["reasoning"], records[0]["budget"], records[0]["completion"][:200])
             state.step = step + 1
             saving = config.train.save_every and state.step % config.train.save_every == 0
-            if saving and state.step < config.train.max_steps and rank == 0:  # the weights are the same on every worker
+            if saving and state.step < config.train.max_steps:
                 state.seconds = time.time() - started
                 state.extra = {"pool": pool.state(), "rollout_calls": rollout_calls[0], "history": history}
-                save_training_state(out / "last", fingerprint, model, optimizer, state, trainable_only=True)
+                if zero is not None:  # every worker writes its shard
+                    save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
+                elif rank == 0:  # the weights are the same on every worker
+                    save_training_state(out / "last", fingerprint, model, optimizer, state, trainable_only=True)
     finally:
         scorer.close()
     train_seconds = time.time() - started
+    if zero is not None:  # the shards gathered into a plain model on rank 0, for evaluation and the checkpoint
+        weights = zero.full_state_dict(rank)
+        zero.close()
+        model = optimizer = zero = None
+        gc.collect()  # the sharded parameters and the optimizer hold each other: free them before rebuilding
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if rank == 0:
+            model = load_model(config.model, device)
+            model.load_state_dict(weights)
     if rank != 0:
         return {}
     plot_reward_curve(history, out / "reward_curve.png")

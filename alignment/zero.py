@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO for SFT: the one module that calls DeepSpeed, so an upstream API change touches only this file.
+"""DeepSpeed ZeRO for SFT and GRPO: the one module that calls DeepSpeed, so an upstream API change touches only this file.
 
 ZeRO-3 shards weights, gradients and AdamW states over the data-parallel workers: that is what makes full
 fine-tuning of a 9B model fit 80 GB GPUs. The stage keeps its own loop and loss: each micro-batch goes through the
@@ -10,10 +10,12 @@ batch (tests/test_zero.py checks this on 2 CPU processes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,10 +113,42 @@ class ZeroEngine:
         """The model under the engine (as DDP and DeepSpeed name it), e.g. to reach its LM head."""
         return self.engine.module
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool | None = None) -> None:
+        """Backward of one micro-batch; the optimizer steps (clipping first) after the update's last one.
+
+        `last` None: the engine counts `gradient_accumulation_steps` micro-batches per update (SFT). A stage whose
+        updates have varying micro-batch counts (GRPO) says which micro-batch is the last.
+        """
+        if last is not None:
+            self.engine.set_gradient_accumulation_boundary(last)
         # The stage already normalised the loss over every micro-batch of the step: no division by grad_accum.
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()  # steps the optimizer (clipping first) only after the step's last micro-batch
+        self.engine.step()
+
+    @contextlib.contextmanager
+    def gathered_for_generation(self) -> Iterator[torch.nn.Module]:
+        """The whole model on every worker, without ZeRO-3's hooks, for the length of the block.
+
+        Generation runs a different number of forwards on each worker (their samples end at different lengths). The
+        hooks would gather layers in each of them, and the start-of-forward hook compares the ranks' module orders,
+        all collectives; gathered once, the weights serve every decode step with no collective at all.
+        """
+        module = self.engine.module
+        if self.stage != 3:
+            yield module
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+            offload._remove_module_hooks()  # per-module gathers and releases, and the start-of-forward check
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield module
+            finally:  # in the order DeepSpeed first set them up
+                offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward)
+                offload._register_deepspeed_module(module)
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from alignment.config import load_config
 from alignment.modeling import ModelConfig, load_model
 from alignment.zero import free_local_port
 from tests.test_sft import tiny_sft_config
@@ -132,3 +133,55 @@ def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     a = load_model(ModelConfig(name_or_path=str(tmp_path / "straight" / "checkpoint"))).state_dict()
     b = load_model(ModelConfig(name_or_path=str(tmp_path / "resumed" / "checkpoint"))).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def _grpo_rank(rank: int, world: int, port: int, data, out, extra: list[str]) -> None:
+    from alignment.grpo import run_grpo
+    from tests.test_grpo_workers import _config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        run_grpo(_config(data, out, *extra))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_grpo_under_zero3_on_two_processes_follows_one_plain_process(tiny_data, tmp_path):
+    """Rollouts from weights gathered on each worker, updates from shards, fillers where a worker has fewer rows."""
+    from alignment.grpo import run_grpo
+    from tests.test_grpo_workers import _config, _records
+
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_FP32))
+    # One sample a micro-batch, 16 samples in 3 minibatches: the two workers get 3 and 2 of a 5-sample minibatch.
+    one_sample_a_row = ["train.lr=1e-4", "train.rows_per_micro_batch=1", "train.max_tokens_per_row=64", "loss.minibatches=3"]
+    run_grpo(_config(tiny_data, tmp_path / "plain", *one_sample_a_row))
+    mp.spawn(_grpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "zero", [*one_sample_a_row,
+             f"train.deepspeed={ds_config}"]), nprocs=2, join=True)
+
+    plain, sharded = _records(tmp_path / "plain"), _records(tmp_path / "zero")
+    assert [r["step"] for r in plain] == [r["step"] for r in sharded] == [0, 1, 2, 3]
+    for a, b in zip(plain[:3], sharded[:3]):
+        for key in ("reward_mean", "tokens_generated", "groups_kept", "samples_trained", "tokens_trained", "updates"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key  # the same rollouts, fillers not counted
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        for key in ("loss", "approx_kl_old"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    assert plain[0]["loss"] != plain[-2]["loss"] and plain[0]["grad_norm"] > 0
+    assert sum(r["filler_micro_batches"] for r in sharded[:3]) > 0  # a worker had fewer micro-batches than the other
+    assert (tmp_path / "plain" / "samples.jsonl").read_text() == (tmp_path / "zero" / "samples.jsonl").read_text()
+    a = load_model(ModelConfig(name_or_path=str(tmp_path / "plain" / "checkpoint"))).state_dict()
+    b = load_model(ModelConfig(name_or_path=str(tmp_path / "zero" / "checkpoint"))).state_dict()
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_grpo_refuses_zero_with_lora_or_a_kl_reference():
+    from alignment.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="adapters train data parallel"):
+        load_config(GRPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "lora.enabled=true"])
+    with pytest.raises(ValueError, match="loss.kl_coef=0"):
+        load_config(GRPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "loss.kl_coef=0.01"])
