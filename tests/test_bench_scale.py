@@ -45,3 +45,21 @@ def test_decode_state_bytes_are_the_conv_and_ssm_states_and_one_kv_position():
     assert bound["bytes_per_step"] == bound["bytes_weights"] + 2 * 2 * states["mamba_state_bytes_per_row"] \
         + 2 * 11 * states["kv_bytes_per_row_position"]
     assert torch.isclose(torch.tensor(bound["bound_tokens_per_s"]), torch.tensor(2 / (bound["bytes_per_step"] / 1e12)))
+
+
+def test_zero_memory_counts_the_cache_the_rollout_engine_allocates():
+    """bench/zero_memory.py's rollout cache against the bytes of the decoder's own buffers, for both SSM dtypes."""
+    import zero_memory
+    from alignment.rollout.generation import prefill
+    from alignment.rollout.static_decode import StaticDecoder
+
+    model = load_model(ModelConfig(name_or_path=str(TINY_MODEL), dtype="bfloat16"))
+    _, cache, mask = prefill(model, [[5, 6, 7]], pad_token_id=0)
+    for ssm_dtype, fp32 in ((torch.bfloat16, False), (torch.float32, True)):
+        decoder = StaticDecoder(model, batch_size=3, max_len=40, use_graph=False, ssm_state_dtype=ssm_dtype)
+        decoder.load_slots(cache, mask, rows=[0], slots=[1])
+        allocated = sum(t.numel() * t.element_size() for state in decoder.states if state for t in state)
+        counts = (sum(p.numel() for p in model.parameters()), 0)
+        planned = zero_memory.plan(str(TINY_MODEL), world=1, rollout_batch=3, context=40, row_tokens=1,
+                                   ssm_fp32=fp32, counts=counts)
+        assert planned["rollout_cache"] * zero_memory.GB == allocated
