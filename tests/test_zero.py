@@ -185,3 +185,46 @@ def test_grpo_refuses_zero_with_lora_or_a_kl_reference():
         load_config(GRPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "lora.enabled=true"])
     with pytest.raises(ValueError, match="loss.kl_coef=0"):
         load_config(GRPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "loss.kl_coef=0.01"])
+
+
+def _interrupted_grpo_rank(rank: int, world: int, port: int, data, out, extra: list[str], stop_at: int) -> None:
+    """`_grpo_rank`, but every worker fails in the update of step `stop_at` (a crash mid-stage)."""
+    import alignment.grpo as grpo
+
+    real_update, calls = grpo.policy_update, []
+
+    def failing_update(*args, **kwargs):
+        if len(calls) == stop_at:
+            raise RuntimeError("simulated crash")
+        calls.append(1)
+        return real_update(*args, **kwargs)
+
+    grpo.policy_update = failing_update
+    try:
+        _grpo_rank(rank, world, port, data, out, extra)
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+
+
+@pytest.mark.slow
+def test_grpo_under_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
+    """Crash in step 3 of 4 with a state saved every 2: the rerun continues from step 2, as a run never stopped."""
+    from tests.test_grpo_workers import _records
+
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_FP32))
+    settings = ["train.lr=1e-4", "train.max_steps=4", "train.save_every=2", f"train.deepspeed={ds_config}"]
+    mp.spawn(_grpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "straight", settings), nprocs=2, join=True)
+    out = tmp_path / "resumed"
+    mp.spawn(_interrupted_grpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 3), nprocs=2, join=True)
+    assert [r["step"] for r in _records(out)] == [0, 1, 2] and (out / "last" / "shards").is_dir()
+    # The rerun may make two updates only (steps 2 and 3): one started over would crash at its third.
+    mp.spawn(_interrupted_grpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 2), nprocs=2, join=True)
+
+    straight, resumed = _records(tmp_path / "straight"), _records(out)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4] and not (out / "last").exists()
+    assert (out / "checkpoint").is_dir()
+    for a, b in zip(straight[2:4], resumed[2:4]):  # the rerun's steps 2 and 3, from the sharded state
+        assert a["reward_mean"] == b["reward_mean"] and a["tokens_generated"] == b["tokens_generated"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
