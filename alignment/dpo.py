@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -52,7 +53,7 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
                                    with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import check_paths, option, to_dict
+from alignment.config import ConfigError, check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
@@ -60,14 +61,16 @@ from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, Generatio
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
 from alignment.packed_model import PackingNotSupportedError, enable_packed_sequences
 from alignment.packing import SampleCollator, per_sample_sums
-from alignment.distributed import broadcast_parameters, gather_objects, sum_gradients
-from alignment.resume import TrainState, resume_training, run_fingerprint, save_training_state
+from alignment.distributed import all_reduce_max, broadcast_parameters, gather_objects, sum_gradients
+from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
+                              save_sharded_training_state, save_training_state)
 from alignment.runtime import distributed_rank_world, pick_device, seed_everything, setup_logging
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
 from alignment.split_guard import guard_splits
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
+from alignment.zero import ZeroEngine, deepspeed_config
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
 from rewards import RewardsConfig, close_scorers, score_batch
@@ -205,6 +208,13 @@ class DPOTrainConfig:
     activation_checkpointing: bool = option(
         False, "Recompute each decoder block's activations in backward instead of keeping them (long rows).",
     )
+    deepspeed: str = option(
+        "",
+        "DeepSpeed JSON config (e.g. configs/deepspeed/zero3.json): shard full weights, gradients and AdamW states "
+        "with ZeRO over the workers; mining, reference log-probs and evaluation gather the weights. Full weights "
+        "only (LoRA trains data parallel). Empty: every worker holds the whole model.",
+        path="file",
+    )
 
     def validate(self) -> None:
         if self.max_steps < 1 or self.pairs_per_step < 1:
@@ -263,6 +273,9 @@ class DPOConfig:
             raise ValueError("mining.prompts_path is the evaluation's test split; mine from the train split")
         if self.selection.validation_path and Path(self.selection.validation_path).resolve() == test:
             raise ValueError("selection.validation_path is the evaluation's test split; select on the validation split")
+        if self.train.deepspeed and self.lora.enabled:
+            raise ValueError("train.deepspeed shards full weights; with lora.enabled the adapters train data "
+                             "parallel (leave train.deepspeed empty)")
 
     def unused_paths(self) -> tuple[str, ...]:
         """The input file the pair source leaves unread (`check_paths` skips it)."""
@@ -563,6 +576,13 @@ def run_dpo(config: DPOConfig) -> dict:
     mining = config.mining
     if world > 1:
         mining = dataclasses.replace(mining, decode=decode_for_workers(mining.decode, "mining.decode"))
+    zero_settings = None
+    if config.train.deepspeed:  # read before the model loads: a bad file fails in seconds, not after minutes
+        zero_settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
+                                         grad_accum=1, world=world, bf16=config.model.dtype == "bfloat16")
+        if config.train.loss_chunk_tokens and zero_settings["zero_optimization"]["stage"] == 3:
+            raise ConfigError("train.loss_chunk_tokens must be 0 under ZeRO-3 (every worker must call the sharded "
+                              "LM head equally often)")
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining. No prompt
@@ -595,11 +615,27 @@ def run_dpo(config: DPOConfig) -> dict:
                              f"{config.rounds} rounds x {config.mining.prompts_per_round} prompts need {needed}")
         mining_order = rng.sample(range(len(prompt_rows)), needed)
 
+    # Under ZeRO one engine holds this worker's shard of the weights and AdamW for the whole stage (the optimizer
+    # starts afresh each round); whatever reads the whole model (mining, reference log-probs, held-out metrics,
+    # evaluation) gathers it, every worker together. The model packs and drops dropout once, before it is sharded.
+    zero, zero_collator_mode = None, None
+    if zero_settings:
+        disable_dropout(model)
+        zero_collator_mode, packed_path_once = _packing_mode(model, config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay,
+                                      betas=(0.9, 0.95))
+        zero = ZeroEngine(model, optimizer, zero_settings, device)
+    gathered = zero.gathered_for_generation if zero is not None else contextlib.nullcontext
+
     # Resume: a state saved after a finished round, for this config, these prompts or pairs and this start.
     inputs = config.mining.prompts_path if mined else config.pairs.dataset_path
-    fingerprint = run_fingerprint(config, inputs, salt=str(_parent(config.model.name_or_path).get("created", "")))
+    fingerprint = run_fingerprint(config, inputs, salt=str(_parent(config.model.name_or_path).get("created", "")) +
+                                  (f" world={world}" if zero is not None else ""))
     state = TrainState(rng=rng)  # state.step counts finished rounds
-    resumed = resume_training(out / "last", fingerprint, model, None, state)
+    if zero is not None:
+        resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
+    else:
+        resumed = resume_training(out / "last", fingerprint, model, None, state)
     done = state.step
     if resumed:
         log.info("resumed after round %d (%s)", done, out / "last")
@@ -614,10 +650,11 @@ def run_dpo(config: DPOConfig) -> dict:
         step, packed_path = state.extra["step"], state.extra["packed_path"]
     else:
         history, start_eval, step, packed_path = [], None, 0, "padded batches"
-        if config.evaluate_start and rank == 0:
-            start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
-            metrics.log(0, round=0, **_scalars(start_eval))
-        selection.offer(model, 0, start_eval)
+        with gathered():
+            if config.evaluate_start and rank == 0:
+                start_eval = evaluate_model(model, tokenizer, test_rows, config.eval)
+                metrics.log(0, round=0, **_scalars(start_eval))
+            selection.offer(model, 0, start_eval)
     started = time.time() - state.seconds
     for round_index in range(done + 1, config.rounds + 1):
         timings = {}
@@ -627,9 +664,10 @@ def run_dpo(config: DPOConfig) -> dict:
             pairs, pair_stats = list(file_pairs), {"pairs": len(file_pairs), **file_report.summary()}
         else:
             chunk = mining_order[(round_index - 1) * config.mining.prompts_per_round :][: config.mining.prompts_per_round]
-            pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], mining,
-                                           seed=config.train.seed + round_index, tag=f"r{round_index}",
-                                           rank=rank, world=world)
+            with gathered():
+                pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], mining,
+                                               seed=config.train.seed + round_index, tag=f"r{round_index}",
+                                               rank=rank, world=world)
             if rank == 0:
                 write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
         if config.loss.score_until != "end":
@@ -650,15 +688,13 @@ def run_dpo(config: DPOConfig) -> dict:
             model = apply_lora(model, config.lora)
             if world > 1:  # every worker starts the round from rank 0's adapters
                 broadcast_parameters([p for p in model.parameters() if p.requires_grad])
-        if dropped := disable_dropout(model):
-            log.info("dropout off in %d modules: policy and reference log-probs must agree at the round start", dropped)
-        mode = "padded"
-        if config.train.packing:
-            try:
-                packed_path = f"packed ({enable_packed_sequences(model)})"
-                mode = "packed"
-            except PackingNotSupportedError as exc:
-                log.warning("packing not supported, using padded batches: %s", exc)
+        if zero is not None:
+            mode, packed_path = zero_collator_mode, packed_path_once
+        else:
+            if dropped := disable_dropout(model):
+                log.info("dropout off in %d modules: policy and reference log-probs must agree at the round start",
+                         dropped)
+            mode, packed_path = _packing_mode(model, config)
         collator = SampleCollator(mode=mode, pad_token_id=tokenizer.pad_token_id,
                                   max_tokens_per_row=config.train.max_tokens_per_row if mode == "packed"
                                   else config.pairs.max_seq_len)
@@ -670,7 +706,7 @@ def run_dpo(config: DPOConfig) -> dict:
         mismatch = MismatchMeter() if mined and config.mining.temperature == 1.0 and config.mining.top_p == 1.0 \
             else None
         for group in (train_pairs, heldout_pairs):  # each worker computes every world-th pair's, then they swap
-            with reference(model):
+            with gathered(), reference(model):
                 ref_logps, _ = all_pair_logps(model, group[rank::world], collator, device, config.train.pairs_per_step,
                                               config.train.loss_chunk_tokens, mismatch)
             for r, share in enumerate(gather_objects(ref_logps)):
@@ -686,25 +722,33 @@ def run_dpo(config: DPOConfig) -> dict:
             if pair_stats["mismatch_kl_k3"] > config.mining.mismatch_warn_kl:
                 log.warning("round %d: the sampler's log-probs differ from the learner's (k3 KL %.4f): the decode "
                             "path is not the distribution being trained", round_index, pair_stats["mismatch_kl_k3"])
-        heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
+        with gathered():
+            heldout_before = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
 
         # 4. Train.
         t0 = time.time()
         train_log = train_round(model, train_pairs, collator, device, config, metrics, step, rng, round_index,
-                                rank, world)
+                                rank, world, zero)
         step += train_log.pop("steps")
         timings["train_s"] = time.time() - t0
-        heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
         if config.lora.enabled:  # the next round's base (and reference) is this round's result
+            heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
             model = model.merge_and_unload()
         if rank != 0:
+            with gathered():  # rank 0 reads the whole model below
+                pass
+            if zero is not None and config.save_rounds and round_index < config.rounds:
+                save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
             continue
 
         # 5. Task accuracy of the result.
-        t0 = time.time()
-        results = evaluate_model(model, tokenizer, test_rows, config.eval)
-        timings["eval_s"] = time.time() - t0
-        validation = selection.offer(model, round_index, results)
+        with gathered():
+            if not config.lora.enabled:
+                heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config)
+            t0 = time.time()
+            results = evaluate_model(model, tokenizer, test_rows, config.eval)
+            timings["eval_s"] = time.time() - t0
+            validation = selection.offer(model, round_index, results)
         record = {"round": round_index, "pairs": pair_stats, "train": train_log,
                   "heldout_before": heldout_before, "heldout_after": heldout_after,
                   "eval": {k: v for k, v in results.items() if k != "examples"},
@@ -718,9 +762,22 @@ def run_dpo(config: DPOConfig) -> dict:
             state.step, state.seconds = round_index, time.time() - started
             state.extra = {"history": history, "start_eval": start_eval, "best": selection.best, "step": step,
                            "packed_path": packed_path}
-            save_training_state(out / "last", fingerprint, model, None, state)
+            if zero is not None:  # every worker writes its shard (the others above)
+                save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
+            else:
+                save_training_state(out / "last", fingerprint, model, None, state)
     train_seconds = time.time() - started
     close_scorers()  # ends the reward actors when mode is `ray`
+    if zero is not None:  # the shards gathered into a plain model on rank 0, for selection and the checkpoint
+        weights = zero.full_state_dict(rank)
+        zero.close()
+        model = zero = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if rank == 0:
+            model = load_model(config.model, device)
+            model.load_state_dict(weights)
     if rank != 0:
         return {}
     metrics.close()
@@ -791,17 +848,25 @@ class RoundSelection:
 
 
 def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, metrics: MetricsLogger | None,
-                first_step: int, rng: random.Random, round_index: int, rank: int = 0, world: int = 1) -> dict:
+                first_step: int, rng: random.Random, round_index: int, rank: int = 0, world: int = 1,
+                zero: ZeroEngine | None = None) -> dict:
     """`train.max_steps` optimizer steps on `pairs` (each with its reference log-probs in `pair["ref"]`).
 
     With `world` workers all draw the same batch; each computes the loss of every world-th pair of it, normalised
-    over the whole batch, and the gradients are summed across workers before the identical updates.
+    over the whole batch, and the gradients are summed across workers before the identical updates. Under ZeRO
+    (`zero`) the engine runs the forwards, reduces and steps; its layer gathers are collectives, so a worker with
+    fewer micro-batches in a step than another adds loss-free ones.
     """
     if not pairs:
         log.warning("round %d: no training pairs (no prompt had a contrast); the policy is left as it is", round_index)
         return {"steps": 0}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
-                                  weight_decay=config.train.weight_decay, betas=(0.9, 0.95))
+    if zero is not None:
+        zero.reset_optimizer_state()  # a fresh AdamW each round, as below
+        optimizer = zero.optimizer
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr,
+                                      weight_decay=config.train.weight_decay, betas=(0.9, 0.95))
+    learner = zero if zero is not None else model  # what runs the forwards
     model.train()
     queue: list[int] = []
     window: list[dict] = []
@@ -825,26 +890,38 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
         chosen_tokens = max(1, sum(sum(label != IGNORE_INDEX for label in p["encoded"]["chosen"]["labels"][1:])
                                    for p in batch))
         size = config.train.pairs_per_micro_batch or max(1, len(mine))
+        micros = [mine[start : start + size] for start in range(0, len(mine), size)]
+        if zero is not None and world > 1:  # loss-free fillers (None) up to the busiest worker's count
+            micros += [None] * (all_reduce_max(len(micros)) - len(micros))
         per_pair = [torch.zeros(0, 5)]  # per pair: loss, chosen and rejected rewards, chosen and rejected log-probs
-        for start in range(0, len(mine), size):
-            micro = mine[start : start + size]
-            logps, counts = pair_logps(model, micro, collator, device, config.train.loss_chunk_tokens)  # [b, 2]
+        for i, micro in enumerate(micros):
+            filler = micro is None
+            micro = batch[:1] if filler else micro
+            logps, counts = pair_logps(learner, micro, collator, device, config.train.loss_chunk_tokens)  # [b, 2]
             ref = torch.stack([p["ref"] for p in micro]).to(device)  # [b, 2]
             losses, chosen_rewards, rejected_rewards = preference_loss(
                 logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], counts[:, 0], counts[:, 1],
                 config.loss.loss_type, config.loss.beta,
             )
             loss = losses.sum() / len(batch) - config.loss.sft_weight * logps[:, 0].sum() / chosen_tokens
-            loss.backward()
-            per_pair.append(torch.stack([losses, chosen_rewards, rejected_rewards, logps[:, 0], logps[:, 1]], 1)
-                            .detach().cpu())
+            if zero is not None:  # ZeRO averages the workers' gradients, the plain path sums them
+                zero.backward(loss * (0.0 if filler else world), last=i == len(micros) - 1)
+            else:
+                loss.backward()
+            if not filler:
+                per_pair.append(torch.stack([losses, chosen_rewards, rejected_rewards, logps[:, 0], logps[:, 1]], 1)
+                                .detach().cpu())
         per_pair = torch.cat(per_pair)  # [B_mine, 5]
         if world > 1:
-            sum_gradients(trainable)
+            if zero is None:
+                sum_gradients(trainable)
             per_pair = torch.cat(gather_objects(per_pair))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if zero is not None:
+            grad_norm = zero.grad_norm()  # the engine clipped and stepped after the last micro-batch
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         dpo_loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = per_pair.double().unbind(1)
         sft_loss = -chosen_logps.sum().item() / chosen_tokens
@@ -861,6 +938,16 @@ def train_round(model, pairs: list[dict], collator, device, config: DPOConfig, m
                 metrics.log(first_step + local_step, round=round_index, **_mean(window))
             last, window = _mean(window), []
     return {"steps": config.train.max_steps, **last}
+
+
+def _packing_mode(model, config: DPOConfig) -> tuple[str, str]:
+    """The collator mode and how the model keeps packed samples apart: packed rows when it can, else padding."""
+    if config.train.packing:
+        try:
+            return "packed", f"packed ({enable_packed_sequences(model)})"
+        except PackingNotSupportedError as exc:
+            log.warning("packing not supported, using padded batches: %s", exc)
+    return "padded", "padded batches"
 
 
 def _mean(records: list[dict]) -> dict:

@@ -150,6 +150,11 @@ class ZeroEngine:
                 offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward)
                 offload._register_deepspeed_module(module)
 
+    def reset_optimizer_state(self) -> None:
+        """Forget AdamW's moments and step counts, as a fresh optimizer would start (DPO: each round)."""
+        inner = self.optimizer.optimizer  # the torch AdamW over this worker's fp32 partitions
+        inner.state.clear()  # AdamW creates a parameter's state again at its next step
+
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

@@ -228,3 +228,60 @@ def test_grpo_under_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
         assert a["reward_mean"] == b["reward_mean"] and a["tokens_generated"] == b["tokens_generated"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def _dpo_rank(rank: int, world: int, port: int, data, out, extra: list[str]) -> None:
+    from alignment.dpo import run_dpo
+    from tests.test_dpo_workers import _config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        run_dpo(_config(data, out, *extra))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dpo_under_zero3_on_two_processes_follows_one_plain_process(tiny_data, tmp_path):
+    """Two rounds of mined pairs: mining and reference log-probs from gathered weights, updates from shards, a fresh
+    AdamW each round, fillers where a worker has fewer micro-batches (5 pairs a step, one a micro-batch: 3 and 2)."""
+    from alignment.dpo import run_dpo
+    from tests.test_dpo_workers import _config
+
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_FP32))
+    # lr 1e-4, not the workers test's 1e-3: a fresh AdamW moves a weight by ~lr whatever its gradient, so an entry
+    # whose gradient is float noise (a cancelling sum) steps by lr with the sign of that noise, and the two sides'
+    # different summation orders then differ by ~lr there (8.6e-4 at 1e-3; the losses agree either way).
+    settings = ["train.lr=1e-4", "train.pairs_per_micro_batch=1"]
+    run_dpo(_config(tiny_data, tmp_path / "plain", *settings))
+    mp.spawn(_dpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "zero", [*settings,
+             f"train.deepspeed={ds_config}"]), nprocs=2, join=True)
+
+    for round_file in ("round1.jsonl", "round2.jsonl"):  # the same pairs, mined from the same policy
+        plain, sharded = [(tmp_path / run / "pairs" / round_file).read_text() for run in ("plain", "zero")]
+        assert plain == sharded and plain
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if "dpo_loss" in line] for run in ("plain", "zero")]
+    assert len(records[0]) == len(records[1]) == 4  # 2 rounds x 2 steps
+    for a, b in zip(*records):
+        for key in ("loss", "dpo_loss", "sft_loss", "grad_norm", "chosen_logps", "reward_margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a[key], b[key])
+    assert records[0][1]["reward_margin"] != 0  # it did train
+    # The weights agree where their gradients are not noise: Adam's noise-sign steps above leave single entries up
+    # to ~lr apart, so the checkpoints are compared by what they compute.
+    plain, sharded = (load_model(ModelConfig(name_or_path=str(tmp_path / run / "checkpoint"))) for run in ("plain", "zero"))
+    tokens = torch.arange(1, 41)[None]
+    with torch.no_grad():
+        a, b = plain(tokens).logits, sharded(tokens).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+def test_dpo_refuses_zero_with_lora():
+    from alignment.dpo import DPOConfig
+
+    with pytest.raises(ValueError, match="adapters train data parallel"):
+        load_config(DPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "lora.enabled=true"])
