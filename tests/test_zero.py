@@ -285,3 +285,46 @@ def test_dpo_refuses_zero_with_lora():
 
     with pytest.raises(ValueError, match="adapters train data parallel"):
         load_config(DPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "lora.enabled=true"])
+
+
+def _interrupted_dpo_rank(rank: int, world: int, port: int, data, out, extra: list[str], stop_at: int) -> None:
+    """`_dpo_rank`, but every worker fails in training round `stop_at` + 1 of this attempt (a crash mid-stage)."""
+    import alignment.dpo as dpo
+
+    real_round, calls = dpo.train_round, []
+
+    def failing_round(*args, **kwargs):
+        if len(calls) == stop_at:
+            raise RuntimeError("simulated crash")
+        calls.append(1)
+        return real_round(*args, **kwargs)
+
+    dpo.train_round = failing_round
+    try:
+        _dpo_rank(rank, world, port, data, out, extra)
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+
+
+@pytest.mark.slow
+def test_dpo_under_zero3_resumes_after_its_last_round(tiny_data, tmp_path):
+    """Crash in round 2 of 2: the rerun loads the sharded state of round 1 and trains round 2 only, as a run never
+    stopped."""
+    from tests.test_grpo_workers import _records
+
+    ds_config = tmp_path / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3_FP32))
+    settings = ["train.lr=1e-4", f"train.deepspeed={ds_config}"]
+    mp.spawn(_dpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "straight", settings), nprocs=2, join=True)
+    out = tmp_path / "resumed"
+    mp.spawn(_interrupted_dpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 1), nprocs=2, join=True)
+    assert (out / "last" / "shards").is_dir() and not (out / "checkpoint").exists()
+    # The rerun may train one round only: one that started over would crash in its second.
+    mp.spawn(_interrupted_dpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 1), nprocs=2, join=True)
+
+    assert (out / "checkpoint").is_dir() and not (out / "last").exists()
+    straight, resumed = ([r for r in _records(run) if "dpo_loss" in r] for run in (tmp_path / "straight", out))
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] and len(straight) == 4
+    for a, b in zip(straight, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
