@@ -1,7 +1,10 @@
 """Held-out evaluation: accuracy with reasoning on and off, toggle compliance, and a sweep over thinking budgets.
 
-Everything is greedy and batched through `alignment.rollout.generation`. For each (mode, budget) cell it reports accuracy
-(the final boxed answer equals the reference), the well-formed rate and the mean thinking and answer lengths.
+Generation is batched through `alignment.rollout.generation`: greedy by default, or `samples_per_prompt` (k) samples
+per prompt at each mode's temperature and top-p. For each (mode, budget) cell it reports accuracy (the final boxed
+answer equals the reference; with k samples avg@k, the mean over prompts of the fraction correct), maj@k (the most
+given answer is right) and pass@k (some sample is right), each with its standard error over prompts; the well-formed
+rate, the mean and p90 thinking and answer lengths, and the generated tokens per correct answer.
 
 A completion is well-formed when it ended on its own (end-of-turn token), has exactly one `</think>` in reasoning-on
 mode and none in reasoning-off mode (the prefill already holds the empty think block), no `<think>` after the close,
@@ -21,7 +24,8 @@ import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import check_paths, option
-from alignment.eval_stats import format_gain, mean_and_stderr, paired_gains, with_stderr
+from alignment.eval_stats import (format_gain, majority_answer, mean_and_stderr, paired_gains, pass_at_k,
+                                  sampling_stderr, with_stderr)
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
@@ -49,6 +53,13 @@ class EvalConfig:
                                            "file of under 100 rows stops at its first bad row).")
     decode: str = option("auto", DECODE_HELP)
     ssm_state_dtype: str = option("model", SSM_STATE_HELP)
+    samples_per_prompt: int = option(
+        1, "Completions per prompt in every cell (k): accuracy is then avg@k, with maj@k and pass@k beside it.")
+    temperature: float = option(0.0, "Sampling temperature with reasoning on; 0 is greedy (the model card: 0.6).")
+    top_p: float = option(1.0, "Nucleus mass with reasoning on (the model card: 0.95).")
+    temperature_no_think: float = option(0.0, "Sampling temperature with reasoning off (the model card: greedy).")
+    top_p_no_think: float = option(1.0, "Nucleus mass with reasoning off.")
+    seed: int = option(0, "Seed of the samples (each sample draws from its own stream, whatever its batch).")
 
     def validate(self) -> None:
         for b in self.budgets:
@@ -56,13 +67,30 @@ class EvalConfig:
                 raise ValueError(f"budgets must hold non-negative integers or null, got {b!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.samples_per_prompt < 1:
+            raise ValueError("samples_per_prompt must be at least 1")
+        if self.samples_per_prompt > 1 and self.temperature == 0 and self.temperature_no_think == 0:
+            raise ValueError("samples_per_prompt > 1 with temperature 0 in both modes gives k equal greedy "
+                             "completions; set temperature (and temperature_no_think) above 0")
+        for key in ("temperature", "temperature_no_think"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0")
+        for key in ("top_p", "top_p_no_think"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"{key} must be in (0, 1]")
         check_decode_keys(self.decode, self.ssm_state_dtype)
 
+    def sampling(self, reasoning: bool) -> tuple[float, float]:
+        """(temperature, top_p) of a mode."""
+        return (self.temperature, self.top_p) if reasoning else (self.temperature_no_think, self.top_p_no_think)
 
-def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0) -> GenerationSettings:
+
+def generation_settings(tokenizer, config: EvalConfig, temperature: float = 0.0, top_p: float = 1.0,
+                        ) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=config.max_new_tokens,
         temperature=temperature,
+        top_p=top_p,
         eos_token_ids=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
@@ -105,22 +133,34 @@ Cell = tuple[bool, int | None]  # (reasoning on, thinking budget; None is unlimi
 
 @torch.no_grad()
 def run_cells(model, tokenizer, rows: list[dict], cells: list[Cell], config: EvalConfig) -> list[dict]:
-    """Generate for every row in every (mode, budget) cell, and grade each cell.
+    """Generate k samples for every row in every (mode, budget) cell, and grade each cell.
 
-    All cells go to one `generate` call, so the decoder's batches (or slots) stay full across cells, and the
-    continuous engine prefills each prompt once for all the budgets it is evaluated at. Greedy results do not
-    depend on how samples are batched, so this gives the same figures as one call per cell.
+    The cells whose modes decode alike go to one `generate` call, so the decoder's batches (or slots) stay full
+    across cells, and the continuous engine prefills each prompt once for all the budgets it is evaluated at. There
+    every sample draws from its own random stream (its cell, row and index), so sampled figures do not depend on the
+    batching either (the other paths are reproducible for the same batches).
     """
+    k = config.samples_per_prompt
     prompts = {reasoning: [encode_prompt(tokenizer, prompt_messages(row), reasoning) for row in rows]
                for reasoning in {reasoning for reasoning, _ in cells}}
-    settings = generation_settings(tokenizer, config)
-    results = generate(
-        model, [p for reasoning, _ in cells for p in prompts[reasoning]], settings=settings,
-        budgets=[budget for _, budget in cells for _ in rows], reasoning=[reasoning for reasoning, _ in cells for _ in rows],
-    )
-    n = len(rows)
-    return [grade_cell(tokenizer, rows, results[i * n : (i + 1) * n], reasoning, budget, settings, config)
-            for i, (reasoning, budget) in enumerate(cells)]
+    calls: dict[tuple[float, float], list[int]] = {}  # (temperature, top_p) -> the cells decoded that way
+    for i, (reasoning, _) in enumerate(cells):
+        calls.setdefault(config.sampling(reasoning), []).append(i)
+    graded: dict[int, dict] = {}
+    for (temperature, top_p), members in calls.items():
+        settings = generation_settings(tokenizer, config, temperature, top_p)
+        order = [(i, r, j) for i in members for r in range(len(rows)) for j in range(k)]  # cell, row, sample
+        results = generate(
+            model, [prompts[cells[i][0]][r] for i, r, _ in order], settings=settings,
+            budgets=[cells[i][1] for i, _, _ in order], reasoning=[cells[i][0] for i, _, _ in order],
+            seed=config.seed, stream_ids=[(i * len(rows) + r) * k + j for i, r, j in order],
+        )
+        per_cell = len(rows) * k
+        for m, i in enumerate(members):
+            reasoning, budget = cells[i]
+            graded[i] = grade_cell(tokenizer, rows, results[m * per_cell : (m + 1) * per_cell], reasoning, budget,
+                                   settings, config)
+    return [graded[i] for i in range(len(cells))]
 
 
 def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | None, config: EvalConfig) -> dict:
@@ -130,10 +170,12 @@ def run_cell(model, tokenizer, rows: list[dict], reasoning: bool, budget: int | 
 
 def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budget: int | None,
                settings: GenerationSettings, config: EvalConfig) -> dict:
-    """One cell's figures from its rows' generations."""
+    """One cell's figures from its rows' generations (`samples_per_prompt` consecutive results per row)."""
     think_end = set(settings.think_end_ids)
+    k = config.samples_per_prompt
     records = []
-    for row, result in zip(rows, results):
+    for index, result in enumerate(results):
+        row = rows[index // k]
         text = completion_text(tokenizer, result.tokens)
         body = result.tokens[:-1] if result.finished else result.tokens
         close_at = next((i for i, t in enumerate(body) if t in think_end), -1)
@@ -143,6 +185,7 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
         verdict = judge(text, reasoning, result.finished, answer_tokens, config.max_answer_tokens)
         records.append({
             "id": row.get("id"),
+            "boxed": verdict["boxed"],
             "correct": verdict["boxed"] is not None and is_correct(verdict["boxed"], str(row["answer"])),
             "well_formed": verdict["well_formed"],
             "toggle_ok": verdict["toggle_ok"],
@@ -153,13 +196,32 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
             "completion": text,
         })
     n = len(records)
-    correct = [int(r["correct"]) for r in records]
+    per_row = [records[r * k : (r + 1) * k] for r in range(len(rows))]
+    fractions = [sum(s["correct"] for s in samples) / k for samples in per_row]  # k = 1: 0 or 1
+    passed = [pass_at_k(k, sum(s["correct"] for s in samples), k) for samples in per_row]
+    majority = []
+    for row, samples in zip(rows, per_row):
+        voted = majority_answer([s["boxed"] for s in samples], answers_match)
+        majority.append(float(voted is not None and is_correct(voted, str(row["answer"]))))
+    generated = sum(r["thinking_tokens"] + r["answer_tokens"] for r in records)
+    n_correct = sum(r["correct"] for r in records)
     return {
         "reasoning": reasoning,
         "budget": budget,
-        "accuracy": sum(correct) / n,
-        "accuracy_stderr": mean_and_stderr(correct)[1],
-        "correct": correct,  # per row, in row order: paired comparisons between models on the same rows
+        "samples_per_prompt": k,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "accuracy": sum(fractions) / len(rows),  # avg@k
+        "accuracy_stderr": mean_and_stderr(fractions)[1],
+        "accuracy_sampling_stderr": sampling_stderr(fractions, k),
+        "maj_at_k": sum(majority) / len(rows),
+        "maj_at_k_stderr": mean_and_stderr(majority)[1],
+        "pass_at_k": sum(passed) / len(rows),
+        "pass_at_k_stderr": mean_and_stderr(passed)[1],
+        "tokens_per_correct": generated / n_correct if n_correct else None,
+        "p90_thinking_tokens": _quantile([r["thinking_tokens"] for r in records], 0.9),
+        "p90_answer_tokens": _quantile([r["answer_tokens"] for r in records], 0.9),
+        "correct": fractions,  # per row, in row order: paired comparisons between models on the same rows
         "well_formed": sum(r["well_formed"] for r in records) / n,
         # What a client that reads the answer after `</think>` strictly gets: correct and well-formed.
         "accuracy_well_formed": sum(r["correct"] and r["well_formed"] for r in records) / n,
@@ -170,6 +232,15 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
         "early_close_rate": sum(r["early_close"] for r in records) / n,
         "examples": records[:3],
     }
+
+
+def _quantile(values: list[int], q: float) -> float:
+    """The q-quantile, linear between the order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def prompt_messages(row: dict) -> list[dict]:
@@ -196,6 +267,11 @@ def reference_fits(tokenizer, rows: list[dict], budgets: list[int | None], confi
         return [None] * len(budgets)
     grace_window = generation_settings(tokenizer, config).grace_window
     return [1.0 if b is None else sum(n <= b + grace_window(b) for n in lengths) / len(lengths) for b in budgets]
+
+
+# Figures of a cell beyond its accuracy: what k samples per prompt add, and the cost of a correct answer.
+SAMPLED_KEYS = ("accuracy_sampling_stderr", "maj_at_k", "maj_at_k_stderr", "pass_at_k", "pass_at_k_stderr",
+                "tokens_per_correct", "p90_thinking_tokens", "p90_answer_tokens")
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> dict:
@@ -225,10 +301,13 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "well_formed_no_think": no_think["well_formed"],
         "mean_thinking_tokens": think["mean_thinking_tokens"],
         "early_close_think": think["early_close_rate"],
+        "samples_per_prompt": config.samples_per_prompt,
+        **{f"{key}_{mode}": cell[key] for mode, cell in (("think", think), ("no_think", no_think))
+           for key in SAMPLED_KEYS},
         "budget_sweep": [
             {**{k: cell[k] for k in ("budget", "accuracy", "accuracy_stderr", "well_formed", "accuracy_well_formed",
                                      "mean_thinking_tokens", "mean_answer_tokens", "forced_fraction",
-                                     "early_close_rate", "correct")},
+                                     "early_close_rate", "correct", *SAMPLED_KEYS)},
              "reference_fits": fits, "minimal_fits": minimal_fits}
             for cell, fits, minimal_fits in zip(sweep, reference_fits(tokenizer, rows, config.budgets, config),
                                                 reference_fits(tokenizer, rows, config.budgets, config, minimal=True))
@@ -312,6 +391,18 @@ def markdown_report(results: dict[str, dict]) -> str:
         lines.append(f"| {name} | {with_stderr(s, 'accuracy_think')} | {format_gain(gains.get(name))} | "
                      f"{with_stderr(s, 'accuracy_no_think')} | {s['toggle_compliance']:.3f} | "
                      f"{s['mean_thinking_tokens']:.1f} |")
+    sampled = {name: s for name, s in results.items() if s.get("samples_per_prompt", 1) > 1}
+    if sampled:
+        lines += ["", "With k samples per prompt, accuracy above is avg@k; its standard error over the rows includes "
+                  "the sampling's, shown alone in brackets.", "",
+                  "| model | k | avg@k think | maj@k think | pass@k think | avg@k no-think | tokens per correct "
+                  "answer (think) |", "|---|---|---|---|---|---|---|"]
+        for name, s in sampled.items():
+            per_correct = s.get("tokens_per_correct_think")
+            lines.append(f"| {name} | {s['samples_per_prompt']} | {with_stderr(s, 'accuracy_think')} "
+                         f"({s['accuracy_sampling_stderr_think']:.3f}) | {with_stderr(s, 'maj_at_k_think')} | "
+                         f"{with_stderr(s, 'pass_at_k_think')} | {with_stderr(s, 'accuracy_no_think')} | "
+                         f"{'-' if per_correct is None else f'{per_correct:.1f}'} |")
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():

@@ -40,3 +40,36 @@ def test_gains_are_paired_only_over_the_same_rows():
     assert gains["other"] is None and gains["old"] is None and "sft" not in gains
     assert with_stderr({"accuracy_think": 0.5, "accuracy_think_stderr": 0.029}, "accuracy_think") == "0.500 ± 0.029"
     assert with_stderr({"accuracy_think": 0.5}, "accuracy_think") == "0.500"  # results from before the errors
+
+
+def test_pass_at_k_against_hand_counts():
+    from alignment.eval_stats import pass_at_k
+
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 3) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # pass@1: the fraction correct
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs of 4 hold the one correct sample
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 3 of the 10 pairs miss both correct samples
+    assert pass_at_k(3, 1, 3) == 1.0  # k = n: any correct sample
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_the_majority_answer_counts_equal_answers_together_and_ignores_missing_ones():
+    from alignment.eval_stats import majority_answer
+
+    def same(a, b):
+        return a.strip() == b.strip()
+
+    assert majority_answer(["7", None, " 7", "8", None, None], same) == "7"  # None is no answer, never a vote
+    assert majority_answer(["8", "7", "7", "8"], same) == "8"  # a tie: the first given
+    assert majority_answer([None, None], same) is None
+
+
+def test_the_sampling_stderr_is_the_spread_of_the_mean_of_k_draws_per_prompt():
+    from alignment.eval_stats import sampling_stderr
+
+    # Prompt fractions 1/4 and 3/4 of k = 4: within-prompt variances (1/4)(3/4)(4/3) = 1/4 each; the mean of the two
+    # prompts' fractions has variance (1/4 + 1/4) / 4 / 2^2 = 1/32.
+    assert sampling_stderr([0.25, 0.75], 4) == pytest.approx(math.sqrt(1 / 32))
+    assert sampling_stderr([1.0, 0.0], 4) == 0.0  # every prompt always right or always wrong: no sampling noise
+    assert sampling_stderr([0.5], 1) == 0.0

@@ -1,5 +1,9 @@
 """Evaluation grading: the well-formed rule and the share of reference traces that fit a thinking budget."""
 
+import math
+
+import pytest
+
 from envs.answers import THINK_CLOSE
 from alignment.evaluate import EvalConfig, judge, markdown_report, reference_fits
 
@@ -50,7 +54,7 @@ def test_a_cell_counts_correct_ill_formed_answers_in_accuracy_only(tokenizer, mo
         f"1 + 2 = 3\n{THINK_CLOSE}The result is \\boxed{{4}}.",  # wrong, well-formed
     ]
 
-    def scripted_generate(model, prompts, *, settings, budgets, reasoning):
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning, **_):
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
         return [GenerationResult(tokens=t, forced_mask=[False] * len(t), logprobs=[-1.0] * len(t), thinking_tokens=5, forced_close=False,
                                  finished=True) for t in ids]
@@ -89,7 +93,7 @@ def test_an_unforced_close_in_the_middle_of_a_line_is_an_early_close(tokenizer, 
         (f"1 + 2{THINK_CLOSE}The result is \\boxed{{3}}.", True),  # cut mid-line by the budget rule: not early
     ]
 
-    def scripted_generate(model, prompts, *, settings, budgets, reasoning):
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning, **_):
         results = []
         for text, forced in completions:
             t = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -102,3 +106,73 @@ def test_an_unforced_close_in_the_middle_of_a_line_is_an_early_close(tokenizer, 
     cell = evaluate.run_cell(None, tokenizer, rows, True, None, EvalConfig())
     assert cell["early_close_rate"] == 2 / 4
     assert evaluate.run_cell(None, tokenizer, rows, False, None, EvalConfig())["early_close_rate"] == 0
+
+
+def test_k_samples_per_prompt_give_avg_maj_and_pass_at_k(tokenizer, monkeypatch):
+    """Two prompts x 3 samples, scripted: avg@3, maj@3 and pass@3 by hand, with each mode's sampling settings."""
+    import alignment.evaluate as evaluate
+    from alignment.rollout.generation import GenerationResult
+
+    answers = ["3", "4", "4",  # prompt 1 (answer 3): one right, the majority wrong
+               "5", None, "5"]  # prompt 2 (answer 5): two right, one without an answer
+    calls = []
+
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning, seed, stream_ids):
+        calls.append((settings.temperature, settings.top_p, len(prompts), sorted(stream_ids)))
+        results = []
+        for answer in answers:
+            text = f"1 + 2 = 3\n{THINK_CLOSE}" + ("no idea" if answer is None else f"\\boxed{{{answer}}}")
+            t = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            results.append(GenerationResult(tokens=t, forced_mask=[False] * len(t), logprobs=[-1.0] * len(t),
+                                            thinking_tokens=4, forced_close=False, finished=True))
+        return results
+
+    monkeypatch.setattr(evaluate, "generate", scripted_generate)
+    rows = [{"messages": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"},
+            {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}]
+    config = EvalConfig(samples_per_prompt=3, temperature=0.6, top_p=0.95)
+    cell = evaluate.run_cell(None, tokenizer, rows, True, None, config)
+    assert calls == [(0.6, 0.95, 6, list(range(6)))]  # reasoning on: the model card's sampling, 6 distinct streams
+    assert cell["accuracy"] == pytest.approx((1 / 3 + 2 / 3) / 2) and cell["correct"] == pytest.approx([1 / 3, 2 / 3])
+    assert cell["accuracy_stderr"] == pytest.approx(math.sqrt(((1 / 3 - 0.5) ** 2 + (2 / 3 - 0.5) ** 2) / 1 / 2))
+    assert cell["maj_at_k"] == 0.5 and cell["pass_at_k"] == 1.0  # prompt 1's vote is 4; both have a right sample
+    assert cell["maj_at_k_stderr"] == pytest.approx(0.5) and cell["pass_at_k_stderr"] == 0.0
+    evaluate.run_cell(None, tokenizer, rows, False, None, config)
+    assert calls[-1][:2] == (0.0, 1.0)  # reasoning off: greedy, as the model card recommends
+
+
+def test_the_tokens_per_correct_answer_are_all_generated_tokens_over_the_correct_samples(tokenizer, monkeypatch):
+    import alignment.evaluate as evaluate
+    from alignment.rollout.generation import GenerationResult
+
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning, **_):
+        results = []
+        for answer in ("3", "4"):
+            t = tokenizer(f"x\n{THINK_CLOSE}\\boxed{{{answer}}}", add_special_tokens=False)["input_ids"]
+            results.append(GenerationResult(tokens=t + [tokenizer.eos_token_id], forced_mask=[False] * (len(t) + 1),
+                                            logprobs=[-1.0] * (len(t) + 1), thinking_tokens=2, forced_close=False,
+                                            finished=True))
+        return results
+
+    monkeypatch.setattr(evaluate, "generate", scripted_generate)
+    rows = [{"messages": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"}]
+    cell = evaluate.run_cell(None, tokenizer, rows, True, None, EvalConfig(samples_per_prompt=2, temperature=1.0))
+    # Both samples' tokens (2 trace tokens and the answer part each) over the one correct sample.
+    assert cell["accuracy"] == 0.5 and cell["tokens_per_correct"] == pytest.approx(2 * (2 + cell["mean_answer_tokens"]))
+
+
+def test_k_greedy_samples_are_refused():
+    with pytest.raises(ValueError, match="k equal greedy"):
+        EvalConfig(samples_per_prompt=4).validate()
+
+
+def test_the_report_adds_the_sampled_figures_when_k_is_above_one():
+    cell = {"budget": None, "accuracy": 0.5, "well_formed": 1.0, "mean_thinking_tokens": 8.0, "mean_answer_tokens": 9.0,
+            "forced_fraction": 0.0}
+    summary = {"accuracy_think": 0.5, "accuracy_think_stderr": 0.1, "accuracy_no_think": 0.25,
+               "toggle_compliance": 1.0, "mean_thinking_tokens": 8.0, "budget_sweep": [cell], "samples_per_prompt": 8,
+               "accuracy_sampling_stderr_think": 0.02, "maj_at_k_think": 0.6, "maj_at_k_think_stderr": 0.1,
+               "pass_at_k_think": 0.9, "pass_at_k_think_stderr": 0.05, "tokens_per_correct_think": 40.0}
+    report = markdown_report({"sft": summary})
+    assert "| sft | 8 | 0.500 ± 0.100 (0.020) | 0.600 ± 0.100 | 0.900 ± 0.050 | 0.250 | 40.0 |" in report
+    assert "maj@k" not in markdown_report({"sft": {**summary, "samples_per_prompt": 1}})
