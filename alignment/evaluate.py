@@ -274,6 +274,15 @@ SAMPLED_KEYS = ("accuracy_sampling_stderr", "maj_at_k", "maj_at_k_stderr", "pass
                 "tokens_per_correct", "p90_thinking_tokens", "p90_answer_tokens")
 
 
+def _mode_key(key: str, mode: str) -> str:
+    """A cell's key in the summary, per mode, its standard error last: maj_at_k_stderr -> maj_at_k_think_stderr."""
+    if key == "accuracy_sampling_stderr":
+        return f"accuracy_{mode}_sampling_stderr"
+    if key.endswith("_stderr"):
+        return f"{key.removesuffix('_stderr')}_{mode}_stderr"
+    return f"{key}_{mode}"
+
+
 def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> dict:
     """Reasoning on (unlimited), reasoning off, and the budget sweep. Returns the summary `metrics.json` uses."""
     if config.max_samples:
@@ -302,7 +311,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         "mean_thinking_tokens": think["mean_thinking_tokens"],
         "early_close_think": think["early_close_rate"],
         "samples_per_prompt": config.samples_per_prompt,
-        **{f"{key}_{mode}": cell[key] for mode, cell in (("think", think), ("no_think", no_think))
+        **{_mode_key(key, mode): cell[key] for mode, cell in (("think", think), ("no_think", no_think))
            for key in SAMPLED_KEYS},
         "budget_sweep": [
             {**{k: cell[k] for k in ("budget", "accuracy", "accuracy_stderr", "well_formed", "accuracy_well_formed",
@@ -400,7 +409,7 @@ def markdown_report(results: dict[str, dict]) -> str:
         for name, s in sampled.items():
             per_correct = s.get("tokens_per_correct_think")
             lines.append(f"| {name} | {s['samples_per_prompt']} | {with_stderr(s, 'accuracy_think')} "
-                         f"({s['accuracy_sampling_stderr_think']:.3f}) | {with_stderr(s, 'maj_at_k_think')} | "
+                         f"({s['accuracy_think_sampling_stderr']:.3f}) | {with_stderr(s, 'maj_at_k_think')} | "
                          f"{with_stderr(s, 'pass_at_k_think')} | {with_stderr(s, 'accuracy_no_think')} | "
                          f"{'-' if per_correct is None else f'{per_correct:.1f}'} |")
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",

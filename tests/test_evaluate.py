@@ -171,8 +171,29 @@ def test_the_report_adds_the_sampled_figures_when_k_is_above_one():
             "forced_fraction": 0.0}
     summary = {"accuracy_think": 0.5, "accuracy_think_stderr": 0.1, "accuracy_no_think": 0.25,
                "toggle_compliance": 1.0, "mean_thinking_tokens": 8.0, "budget_sweep": [cell], "samples_per_prompt": 8,
-               "accuracy_sampling_stderr_think": 0.02, "maj_at_k_think": 0.6, "maj_at_k_think_stderr": 0.1,
+               "accuracy_think_sampling_stderr": 0.02, "maj_at_k_think": 0.6, "maj_at_k_think_stderr": 0.1,
                "pass_at_k_think": 0.9, "pass_at_k_think_stderr": 0.05, "tokens_per_correct_think": 40.0}
     report = markdown_report({"sft": summary})
     assert "| sft | 8 | 0.500 ± 0.100 (0.020) | 0.600 ± 0.100 | 0.900 ± 0.050 | 0.250 | 40.0 |" in report
     assert "maj@k" not in markdown_report({"sft": {**summary, "samples_per_prompt": 1}})
+
+
+def test_a_sampled_evaluation_of_a_model_reaches_the_report_with_its_errors(tokenizer):
+    """evaluate_model on the tiny model with k = 2: every sampled figure is in the summary, each with its error."""
+    from alignment.evaluate import evaluate_model
+    from alignment.modeling import ModelConfig, load_model
+    from tests.conftest import TINY_MODEL
+
+    model = load_model(ModelConfig(name_or_path=str(TINY_MODEL)))
+    rows = [{"messages": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"},
+            {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}]
+    config = EvalConfig(samples_per_prompt=2, temperature=1.0, max_new_tokens=6, budgets=[None, 2],
+                        decode="continuous")
+    summary = evaluate_model(model, tokenizer, rows, config)
+    for mode in ("think", "no_think"):
+        for key in ("maj_at_k", "pass_at_k"):
+            assert 0 <= summary[f"{key}_{mode}"] <= 1 and f"{key}_{mode}_stderr" in summary
+        assert f"accuracy_{mode}_sampling_stderr" in summary
+    assert all("pass_at_k_stderr" in cell for cell in summary["budget_sweep"])
+    line = next(line for line in markdown_report({"tiny": summary}).splitlines() if line.startswith("| tiny | 2 |"))
+    assert line.count("±") == 4  # avg@k, maj@k and pass@k with reasoning on, avg@k off
