@@ -350,8 +350,19 @@ class EvalRunConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
 
 
+def efficiency_points(summary: dict) -> list[tuple[float, float, float, str]]:
+    """(mean generated tokens, accuracy, its standard error, budget label) of each reasoning-on budget, by tokens.
+
+    Generated tokens are the trace and the answer together: what a budget costs at inference. Read left to right,
+    the points are the accuracy a model buys with more tokens (its efficiency frontier).
+    """
+    points = [(c["mean_thinking_tokens"] + c["mean_answer_tokens"], c["accuracy"], c.get("accuracy_stderr") or 0.0,
+               budget_label(c["budget"])) for c in summary["budget_sweep"]]
+    return sorted(points)
+
+
 def plot_budget_sweep(results: dict[str, dict], path) -> None:
-    """Accuracy and well-formed rate against thinking budget, one curve per model."""
+    """Accuracy and well-formed rate against thinking budget, and accuracy against generated tokens, per model."""
     try:
         import matplotlib
     except ImportError:  # a dependency, but a stripped-down GPU image may lack it: the figures are in eval.json
@@ -361,7 +372,7 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     first = next(iter(results.values()))["budget_sweep"]
     if all(c.get("reference_fits") is not None for c in first):
         axes[0].plot(range(len(first)), [c["reference_fits"] for c in first], linestyle="--", color="gray",
@@ -377,13 +388,17 @@ def plot_budget_sweep(results: dict[str, dict], path) -> None:
         axes[0].errorbar(range(len(sweep)), [c["accuracy"] for c in sweep], yerr=errors, marker="o", capsize=3,
                          label=name)
         axes[1].plot(range(len(sweep)), [c["well_formed"] for c in sweep], marker="o", label=name)
-        for ax in axes:
+        for ax in axes[:2]:
             ax.set_xticks(range(len(sweep)), labels)
-    for ax, title in zip(axes, ("accuracy (bars: one standard error)", "well-formed rate")):
+        tokens, accuracy, stderr, _ = zip(*efficiency_points(summary))
+        axes[2].errorbar(tokens, accuracy, yerr=stderr, marker="o", capsize=3, label=name)
+    for ax, title in zip(axes, ("accuracy (bars: one standard error)", "well-formed rate",
+                                "accuracy against generated tokens, one point per budget")):
         ax.set_xlabel("thinking budget (tokens)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    axes[2].set_xlabel("mean generated tokens (trace + answer)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

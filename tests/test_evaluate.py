@@ -197,3 +197,15 @@ def test_a_sampled_evaluation_of_a_model_reaches_the_report_with_its_errors(toke
     assert all("pass_at_k_stderr" in cell for cell in summary["budget_sweep"])
     line = next(line for line in markdown_report({"tiny": summary}).splitlines() if line.startswith("| tiny | 2 |"))
     assert line.count("±") == 4  # avg@k, maj@k and pass@k with reasoning on, avg@k off
+
+
+def test_the_efficiency_frontier_orders_the_budgets_by_what_they_cost():
+    from alignment.evaluate import efficiency_points
+
+    sweep = [{"budget": None, "accuracy": 0.6, "accuracy_stderr": 0.03, "mean_thinking_tokens": 40.0,
+              "mean_answer_tokens": 10.0},
+             {"budget": 8, "accuracy": 0.1, "accuracy_stderr": 0.02, "mean_thinking_tokens": 8.0,
+              "mean_answer_tokens": 12.0},
+             {"budget": 32, "accuracy": 0.4, "mean_thinking_tokens": 30.0, "mean_answer_tokens": 10.0}]
+    assert efficiency_points({"budget_sweep": sweep}) == [(20.0, 0.1, 0.02, "8"), (40.0, 0.4, 0.0, "32"),
+                                                           (50.0, 0.6, 0.03, "unlimited")]
