@@ -53,7 +53,7 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
                                    with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import ConfigError, check_paths, option, to_dict
+from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
 from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
@@ -70,7 +70,7 @@ from alignment.sft import learning_rate
 from alignment.split_guard import guard_splits
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.tracking import MetricsLogger
-from alignment.zero import ZeroEngine, deepspeed_config
+from alignment.zero import ZeroEngine, full_weight_settings
 from data_recipes.preference import pair_to_row, read_pairs
 from envs.answers import THINK_CLOSE, split_thinking
 from rewards import RewardsConfig, close_scorers, score_batch
@@ -576,13 +576,7 @@ def run_dpo(config: DPOConfig) -> dict:
     mining = config.mining
     if world > 1:
         mining = dataclasses.replace(mining, decode=decode_for_workers(mining.decode, "mining.decode"))
-    zero_settings = None
-    if config.train.deepspeed:  # read before the model loads: a bad file fails in seconds, not after minutes
-        zero_settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
-                                         grad_accum=1, world=world, bf16=config.model.dtype == "bfloat16")
-        if config.train.loss_chunk_tokens and zero_settings["zero_optimization"]["stage"] == 3:
-            raise ConfigError("train.loss_chunk_tokens must be 0 under ZeRO-3 (every worker must call the sharded "
-                              "LM head equally often)")
+    zero_settings = full_weight_settings(config.train, world, bf16=config.model.dtype == "bfloat16")
 
     # Model and tokenizer: the SFT checkpoint. Checkpointed blocks stay so through every round's LoRA and merge.
     # Pair sources: one preference file for every round, or fresh training prompts per round for mining. No prompt
@@ -618,10 +612,10 @@ def run_dpo(config: DPOConfig) -> dict:
     # Under ZeRO one engine holds this worker's shard of the weights and AdamW for the whole stage (the optimizer
     # starts afresh each round); whatever reads the whole model (mining, reference log-probs, held-out metrics,
     # evaluation) gathers it, every worker together. The model packs and drops dropout once, before it is sharded.
-    zero, zero_collator_mode = None, None
+    zero = packing_once = None
     if zero_settings:
         disable_dropout(model)
-        zero_collator_mode, packed_path_once = _packing_mode(model, config)
+        packing_once = _packing_mode(model, config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay,
                                       betas=(0.9, 0.95))
         zero = ZeroEngine(model, optimizer, zero_settings, device)
@@ -689,7 +683,7 @@ def run_dpo(config: DPOConfig) -> dict:
             if world > 1:  # every worker starts the round from rank 0's adapters
                 broadcast_parameters([p for p in model.parameters() if p.requires_grad])
         if zero is not None:
-            mode, packed_path = zero_collator_mode, packed_path_once
+            mode, packed_path = packing_once
         else:
             if dropped := disable_dropout(model):
                 log.info("dropout off in %d modules: policy and reference log-probs must agree at the round start",
@@ -734,37 +728,33 @@ def run_dpo(config: DPOConfig) -> dict:
         if config.lora.enabled:  # the next round's base (and reference) is this round's result
             heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config) if rank == 0 else {}
             model = model.merge_and_unload()
-        if rank != 0:
-            with gathered():  # rank 0 reads the whole model below
-                pass
-            if zero is not None and config.save_rounds and round_index < config.rounds:
-                save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
-            continue
 
-        # 5. Task accuracy of the result.
+        # 5. Task accuracy of the result, on rank 0 (under ZeRO every worker takes part in the gather).
         with gathered():
-            if not config.lora.enabled:
-                heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config)
-            t0 = time.time()
-            results = evaluate_model(model, tokenizer, test_rows, config.eval)
-            timings["eval_s"] = time.time() - t0
-            validation = selection.offer(model, round_index, results)
-        record = {"round": round_index, "pairs": pair_stats, "train": train_log,
-                  "heldout_before": heldout_before, "heldout_after": heldout_after,
-                  "eval": {k: v for k, v in results.items() if k != "examples"},
-                  "validation_accuracy": validation, "seconds": {k: round(v, 1) for k, v in timings.items()}}
-        history.append(record)
-        metrics.log(step, round=round_index, **_scalars(results), **{f"heldout_{k}": v for k, v in heldout_after.items()},
-                    pairs=len(pairs))
-        log.info("round %d: accuracy think %.3f, held-out reward accuracy %s", round_index, results["accuracy_think"],
-                 heldout_after.get("reward_accuracy"))
-        if config.save_rounds and round_index < config.rounds:  # rank 0: the policy is the same on every worker
+            if rank == 0:
+                if not config.lora.enabled:
+                    heldout_after = heldout_metrics(model, heldout_pairs, collator, device, config)
+                t0 = time.time()
+                results = evaluate_model(model, tokenizer, test_rows, config.eval)
+                timings["eval_s"] = time.time() - t0
+                validation = selection.offer(model, round_index, results)
+        if rank == 0:
+            record = {"round": round_index, "pairs": pair_stats, "train": train_log,
+                      "heldout_before": heldout_before, "heldout_after": heldout_after,
+                      "eval": {k: v for k, v in results.items() if k != "examples"},
+                      "validation_accuracy": validation, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+            history.append(record)
+            metrics.log(step, round=round_index, **_scalars(results),
+                        **{f"heldout_{k}": v for k, v in heldout_after.items()}, pairs=len(pairs))
+            log.info("round %d: accuracy think %.3f, held-out reward accuracy %s", round_index,
+                     results["accuracy_think"], heldout_after.get("reward_accuracy"))
+        if config.save_rounds and round_index < config.rounds:  # rank 0's record is the one written
             state.step, state.seconds = round_index, time.time() - started
             state.extra = {"history": history, "start_eval": start_eval, "best": selection.best, "step": step,
                            "packed_path": packed_path}
-            if zero is not None:  # every worker writes its shard (the others above)
+            if zero is not None:  # every worker writes its shard
                 save_sharded_training_state(out / "last", fingerprint, zero, state, rank)
-            else:
+            elif rank == 0:  # the policy is the same on every worker
                 save_training_state(out / "last", fingerprint, model, None, state)
     train_seconds = time.time() - started
     close_scorers()  # ends the reward actors when mode is `ray`

@@ -57,7 +57,7 @@ from alignment.activation_checkpointing import activation_checkpointing_status, 
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
 from alignment.chat_format import completion_text, encode_prompt
 from alignment.checkpoint import read_manifest, save_model_checkpoint
-from alignment.config import ConfigError, check_paths, option, to_dict
+from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.distributed import all_reduce_max, all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
@@ -73,7 +73,7 @@ from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_
 from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
                               save_sharded_training_state, save_training_state)
 from alignment.tracking import MetricsLogger
-from alignment.zero import ZeroEngine, deepspeed_config
+from alignment.zero import ZeroEngine, full_weight_settings
 from envs import task_environments
 from envs.code_tasks import generate_code_tasks
 from rewards import RewardScorer, RewardsConfig, RewardSpec
@@ -785,14 +785,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     rng = random.Random(config.train.seed)  # the same draws on every worker: prompts, modes, budgets, minibatches
     rank, world = distributed_rank_world()
     decode = decode_for_workers(config.rollout.decode, "rollout.decode") if world > 1 else config.rollout.decode
-    zero_settings = None
-    if config.train.deepspeed:  # read before the model loads: a bad file fails in seconds, not after minutes
-        zero_settings = deepspeed_config(config.train.deepspeed, max_grad_norm=config.train.max_grad_norm,
-                                         grad_accum=1, world=world, bf16=config.model.dtype == "bfloat16")
-        if config.train.loss_chunk_tokens and zero_settings["zero_optimization"]["stage"] == 3:
-            # Each chunk calls the sharded LM head, a collective, and the chunk count follows each worker's tokens.
-            raise ConfigError("train.loss_chunk_tokens must be 0 under ZeRO-3 (every worker must call the sharded "
-                              "LM head equally often)")
+    zero_settings = full_weight_settings(config.train, world, bf16=config.model.dtype == "bfloat16")
 
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)

@@ -41,6 +41,7 @@ from alignment.resume import (TrainState, resume_sharded_training, resume_traini
 from alignment.split_guard import guard_splits
 from alignment.token_logprobs import describe_loss_path, model_token_logps
 from alignment.tracking import MetricsLogger
+from alignment.zero import chunked_loss_unusable
 from data_recipes.truncation import TruncationConfig, mask_forced_close, truncate_rows
 from envs.answers import THINK_CLOSE
 
@@ -192,14 +193,6 @@ def cuda_graphs_unusable(config: TrainConfig, device: torch.device, packed: Pack
         return "grad_accum > 1"
     if config.activation_checkpointing:
         return "activation checkpointing is on (the captured step is not checked with recomputed blocks)"
-    return None
-
-
-def chunked_loss_unusable(zero_settings: dict | None) -> str | None:
-    """Why the chunked loss cannot run here, or None when it can."""
-    if zero_settings and zero_settings.get("zero_optimization", {}).get("stage") == 3:
-        # Each call of the sharded head is a collective gather, and the chunk count follows each worker's tokens.
-        return "ZeRO-3 needs every worker to call the sharded LM head equally often"
     return None
 
 

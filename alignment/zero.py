@@ -63,6 +63,29 @@ def deepspeed_config(path: str, *, max_grad_norm: float, grad_accum: int, world:
     return config
 
 
+def chunked_loss_unusable(zero_settings: dict | None) -> str | None:
+    """Why the chunked loss cannot run under these DeepSpeed settings, or None when it can."""
+    if zero_settings and zero_settings.get("zero_optimization", {}).get("stage") == 3:
+        # Each call of the sharded head is a collective gather, and the chunk count follows each worker's tokens.
+        return "ZeRO-3 needs every worker to call the sharded LM head equally often"
+    return None
+
+
+def full_weight_settings(train, world: int, bf16: bool) -> dict | None:
+    """The DeepSpeed settings of a DPO or GRPO `train` section, None without `train.deepspeed`.
+
+    Read before the model loads, so a bad file fails in seconds; these stages mark each update's last micro-batch
+    themselves (no fixed accumulation count), and refuse a chunked loss that ZeRO-3 cannot run.
+    """
+    if not train.deepspeed:
+        return None
+    settings = deepspeed_config(train.deepspeed, max_grad_norm=train.max_grad_norm, grad_accum=1, world=world,
+                                bf16=bf16)
+    if train.loss_chunk_tokens and (why_not := chunked_loss_unusable(settings)):
+        raise ConfigError(f"train.loss_chunk_tokens must be 0 here: {why_not}")
+    return settings
+
+
 def free_local_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
     with socket.socket() as probe:

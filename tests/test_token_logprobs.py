@@ -293,7 +293,7 @@ def test_negative_chunk_size_is_refused_with_the_key(stage):
 
 
 def test_zero3_falls_back_to_full_logits():
-    from alignment.sft import chunked_loss_unusable
+    from alignment.zero import chunked_loss_unusable
 
     assert chunked_loss_unusable(None) is None
     assert chunked_loss_unusable({"zero_optimization": {"stage": 2}}) is None

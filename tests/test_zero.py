@@ -4,6 +4,7 @@ ZeRO-3 shards every weight, gradient and AdamW state between the two processes a
 checkpoint: the losses step by step and the final weights must match the unsharded run.
 """
 
+import importlib
 import json
 import os
 
@@ -32,6 +33,26 @@ def _zero_rank(rank: int, world: int, port: int, config) -> None:
         run_sft(config)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _interrupted(rank: int, world: int, port: int, target: str, stop_at: int, run_rank, *args) -> None:
+    """`run_rank(rank, world, port, *args)`, but `target` ("module.function") raises on its call number `stop_at`
+    (from 0) on every worker: a crash mid-stage."""
+    module_name, name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    real, calls = getattr(module, name), []
+
+    def failing(*call_args, **kwargs):
+        if len(calls) == stop_at:
+            raise RuntimeError("simulated crash")
+        calls.append(1)
+        return real(*call_args, **kwargs)
+
+    setattr(module, name, failing)
+    try:
+        run_rank(rank, world, port, *args)
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
 
 
 def logged(run) -> list[tuple[float, float]]:
@@ -88,25 +109,6 @@ def test_deepspeed_config_is_checked(tmp_path):
     assert filled["train_batch_size"] == 8 and filled["gradient_clipping"] == 0.5 and filled["bf16"]["enabled"]
 
 
-def _interrupted_rank(rank: int, world: int, port: int, config, stop_after: int) -> None:
-    """`_zero_rank`, but every worker fails after `stop_after` optimizer steps (a crash mid-stage)."""
-    import alignment.sft as sft
-
-    real_step, calls = sft.zero_step, []
-
-    def failing_step(*args, **kwargs):
-        if len(calls) == stop_after:
-            raise RuntimeError("simulated crash")
-        calls.append(1)
-        return real_step(*args, **kwargs)
-
-    sft.zero_step = failing_step
-    try:
-        _zero_rank(rank, world, port, config)
-    except RuntimeError as exc:
-        assert "simulated crash" in str(exc)
-
-
 @pytest.mark.slow
 def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     """Crash after 3 of 4 steps with a state saved every 2: the rerun continues from step 2 and ends where an
@@ -118,7 +120,8 @@ def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     mp.spawn(_zero_rank, args=(2, free_local_port(), straight), nprocs=2, join=True)
 
     resumed = tiny_sft_config(tiny_data, tmp_path / "resumed", *settings)
-    mp.spawn(_interrupted_rank, args=(2, free_local_port(), resumed, 3), nprocs=2, join=True)
+    mp.spawn(_interrupted, args=(2, free_local_port(), "alignment.sft.zero_step", 3, _zero_rank, resumed), nprocs=2,
+             join=True)
     state = tmp_path / "resumed" / "last"
     assert json.loads((state / "manifest.json").read_text())["step"] == 2 and (state / "shards").is_dir()
     mp.spawn(_zero_rank, args=(2, free_local_port(), resumed), nprocs=2, join=True)
@@ -136,16 +139,11 @@ def test_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
 
 
 def _grpo_rank(rank: int, world: int, port: int, data, out, extra: list[str]) -> None:
-    from alignment.grpo import run_grpo
-    from tests.test_grpo_workers import _config
+    """tests/test_grpo_workers.py's worker, with the environment DeepSpeed reads."""
+    from tests.test_grpo_workers import _worker
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        run_grpo(_config(data, out, *extra))
-    finally:
-        torch.distributed.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    _worker(rank, world, port, data, out, extra)
 
 
 @pytest.mark.slow
@@ -187,25 +185,6 @@ def test_grpo_refuses_zero_with_lora_or_a_kl_reference():
         load_config(GRPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "loss.kl_coef=0.01"])
 
 
-def _interrupted_grpo_rank(rank: int, world: int, port: int, data, out, extra: list[str], stop_at: int) -> None:
-    """`_grpo_rank`, but every worker fails in the update of step `stop_at` (a crash mid-stage)."""
-    import alignment.grpo as grpo
-
-    real_update, calls = grpo.policy_update, []
-
-    def failing_update(*args, **kwargs):
-        if len(calls) == stop_at:
-            raise RuntimeError("simulated crash")
-        calls.append(1)
-        return real_update(*args, **kwargs)
-
-    grpo.policy_update = failing_update
-    try:
-        _grpo_rank(rank, world, port, data, out, extra)
-    except RuntimeError as exc:
-        assert "simulated crash" in str(exc)
-
-
 @pytest.mark.slow
 def test_grpo_under_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     """Crash in step 3 of 4 with a state saved every 2: the rerun continues from step 2, as a run never stopped."""
@@ -216,10 +195,13 @@ def test_grpo_under_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
     settings = ["train.lr=1e-4", "train.max_steps=4", "train.save_every=2", f"train.deepspeed={ds_config}"]
     mp.spawn(_grpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "straight", settings), nprocs=2, join=True)
     out = tmp_path / "resumed"
-    mp.spawn(_interrupted_grpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 3), nprocs=2, join=True)
+    crash = "alignment.grpo.policy_update"
+    mp.spawn(_interrupted, args=(2, free_local_port(), crash, 3, _grpo_rank, tiny_data, out, settings), nprocs=2,
+             join=True)
     assert [r["step"] for r in _records(out)] == [0, 1, 2] and (out / "last" / "shards").is_dir()
     # The rerun may make two updates only (steps 2 and 3): one started over would crash at its third.
-    mp.spawn(_interrupted_grpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 2), nprocs=2, join=True)
+    mp.spawn(_interrupted, args=(2, free_local_port(), crash, 2, _grpo_rank, tiny_data, out, settings), nprocs=2,
+             join=True)
 
     straight, resumed = _records(tmp_path / "straight"), _records(out)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4] and not (out / "last").exists()
@@ -231,17 +213,11 @@ def test_grpo_under_zero3_resumes_from_its_sharded_state(tiny_data, tmp_path):
 
 
 def _dpo_rank(rank: int, world: int, port: int, data, out, extra: list[str]) -> None:
-    from alignment.dpo import run_dpo
-    from tests.test_dpo_workers import _config
+    """tests/test_dpo_workers.py's worker, with the environment DeepSpeed reads."""
+    from tests.test_dpo_workers import _worker
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        run_dpo(_config(data, out, *extra))
-    finally:
-        torch.distributed.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    _worker(rank, world, port, data, out, extra)
 
 
 @pytest.mark.slow
@@ -287,25 +263,6 @@ def test_dpo_refuses_zero_with_lora():
         load_config(DPOConfig, None, ["train.deepspeed=configs/deepspeed/zero3.json", "lora.enabled=true"])
 
 
-def _interrupted_dpo_rank(rank: int, world: int, port: int, data, out, extra: list[str], stop_at: int) -> None:
-    """`_dpo_rank`, but every worker fails in training round `stop_at` + 1 of this attempt (a crash mid-stage)."""
-    import alignment.dpo as dpo
-
-    real_round, calls = dpo.train_round, []
-
-    def failing_round(*args, **kwargs):
-        if len(calls) == stop_at:
-            raise RuntimeError("simulated crash")
-        calls.append(1)
-        return real_round(*args, **kwargs)
-
-    dpo.train_round = failing_round
-    try:
-        _dpo_rank(rank, world, port, data, out, extra)
-    except RuntimeError as exc:
-        assert "simulated crash" in str(exc)
-
-
 @pytest.mark.slow
 def test_dpo_under_zero3_resumes_after_its_last_round(tiny_data, tmp_path):
     """Crash in round 2 of 2: the rerun loads the sharded state of round 1 and trains round 2 only, as a run never
@@ -317,10 +274,13 @@ def test_dpo_under_zero3_resumes_after_its_last_round(tiny_data, tmp_path):
     settings = ["train.lr=1e-4", f"train.deepspeed={ds_config}"]
     mp.spawn(_dpo_rank, args=(2, free_local_port(), tiny_data, tmp_path / "straight", settings), nprocs=2, join=True)
     out = tmp_path / "resumed"
-    mp.spawn(_interrupted_dpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 1), nprocs=2, join=True)
+    crash = "alignment.dpo.train_round"
+    mp.spawn(_interrupted, args=(2, free_local_port(), crash, 1, _dpo_rank, tiny_data, out, settings), nprocs=2,
+             join=True)
     assert (out / "last" / "shards").is_dir() and not (out / "checkpoint").exists()
     # The rerun may train one round only: one that started over would crash in its second.
-    mp.spawn(_interrupted_dpo_rank, args=(2, free_local_port(), tiny_data, out, settings, 1), nprocs=2, join=True)
+    mp.spawn(_interrupted, args=(2, free_local_port(), crash, 1, _dpo_rank, tiny_data, out, settings), nprocs=2,
+             join=True)
 
     assert (out / "checkpoint").is_dir() and not (out / "last").exists()
     straight, resumed = ([r for r in _records(run) if "dpo_loss" in r] for run in (tmp_path / "straight", out))
@@ -328,3 +288,20 @@ def test_dpo_under_zero3_resumes_after_its_last_round(tiny_data, tmp_path):
     for a, b in zip(straight, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_dpo_and_grpo_read_their_deepspeed_settings_and_refuse_a_chunked_loss_under_zero3():
+    from types import SimpleNamespace
+
+    from alignment.config import ConfigError
+    from alignment.zero import full_weight_settings
+
+    def train(**keys):
+        return SimpleNamespace(**{"deepspeed": "configs/deepspeed/zero3.json", "max_grad_norm": 1.0,
+                                  "loss_chunk_tokens": 0, **keys})
+
+    assert full_weight_settings(train(deepspeed=""), world=2, bf16=True) is None
+    settings = full_weight_settings(train(), world=2, bf16=True)
+    assert settings["gradient_accumulation_steps"] == 1 and settings["train_batch_size"] == 2
+    with pytest.raises(ConfigError, match="train.loss_chunk_tokens must be 0 here: ZeRO-3"):
+        full_weight_settings(train(loss_chunk_tokens=2048), world=2, bf16=True)
