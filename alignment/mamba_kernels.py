@@ -118,18 +118,25 @@ def _call_reference(reference: Callable, name: str) -> Callable:
     return call
 
 
+def causal_conv1d_takes_stride(stride: int) -> bool:
+    """Whether causal-conv1d accepts a channel-last input with this stride (it needs multiples of 8).
+
+    The Mamba-2 mixer hands the conv a channel-last view into its in_proj output (directly, with `seq_idx` always,
+    or inside the fused kernel), whose strides follow the in_proj width: the width must be a multiple of 8
+    (mamba_num_heads a multiple of 8). The real Nemotron-H sizes are (Nano-9B-v2: 22656); the embedded tiny
+    hybrid's 422 is not.
+    """
+    return stride % 8 == 0
+
+
 def _refused_width(name: str, first: torch.Tensor) -> int | None:
     """The in_proj width when causal-conv1d would refuse this call's input layout (the call then runs the
-    reference), else None.
-
-    The mixer hands the conv a channel-last view into its in_proj output (directly, or inside the fused kernel), and
-    causal-conv1d needs that view's strides to be multiples of 8: an in_proj width that is one (mamba_num_heads a
-    multiple of 8). The real Nemotron-H sizes are (Nano-9B-v2: 22656); the embedded tiny hybrid's 422 is not.
-    """
+    reference), else None."""
     if name == "mamba2_split_conv1d_scan_combined":  # first: the whole in_proj output [b, t, width]
-        return first.shape[-1] if first.shape[-1] % 8 else None
+        return None if causal_conv1d_takes_stride(first.shape[-1]) else first.shape[-1]
     if name == "causal_conv1d_fn" and first.dim() == 3 and first.stride(1) == 1 and first.stride(2) > 1:
-        return first.stride(2) if first.stride(0) % 8 or first.stride(2) % 8 else None
+        accepted = causal_conv1d_takes_stride(first.stride(0)) and causal_conv1d_takes_stride(first.stride(2))
+        return None if accepted else first.stride(2)
     return None
 
 

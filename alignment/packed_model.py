@@ -43,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from alignment.mamba_kernels import route_kernels_by_device
+from alignment.mamba_kernels import causal_conv1d_takes_stride, route_kernels_by_device
 
 logger = logging.getLogger(__name__)
 
@@ -489,13 +489,10 @@ def _mamba_path(model: nn.Module, mixers: list[tuple[str, nn.Module]]) -> str:
 
 
 def _kernels_take_seq_idx(mixer: nn.Module) -> bool:
-    """Whether causal-conv1d accepts this mixer's packed rows.
-
-    With `seq_idx` the conv runs channel-last on a view into the in_proj output, and causal-conv1d requires that
-    view's strides to be multiples of 8; the real Nemotron-H sizes are (Nano-9B-v2: 22656).
-    """
+    """Whether causal-conv1d accepts this mixer's packed rows: with `seq_idx` its input is always the channel-last
+    view into the in_proj output, whose stride is the in_proj width (`mamba_kernels.causal_conv1d_takes_stride`)."""
     width = getattr(getattr(mixer, "in_proj", None), "out_features", None)
-    return width is None or width % 8 == 0
+    return width is None or causal_conv1d_takes_stride(width)
 
 
 @torch.no_grad()
