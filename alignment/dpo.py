@@ -134,7 +134,7 @@ class MiningConfig:
     max_pairs_per_prompt: int = option(2, "Disjoint pairs per prompt: i-th best with i-th worst, while the margin holds.")
     batch_size: int = option(128, "Samples generated together (continuous: decode slots).")
     decode: str = option("auto", DECODE_HELP)
-    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
+    ssm_state_dtype: str = option("float32", SSM_STATE_HELP)
     mismatch_warn_kl: float = option(
         0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
               "this (measured at temperature 1, top_p 1).",

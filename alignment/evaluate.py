@@ -52,7 +52,7 @@ class EvalConfig:
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of test_path's rows is bad (at 0.01 a "
                                            "file of under 100 rows stops at its first bad row).")
     decode: str = option("auto", DECODE_HELP)
-    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
+    ssm_state_dtype: str = option("float32", SSM_STATE_HELP)
     samples_per_prompt: int = option(
         1, "Completions per prompt in every cell (k): accuracy is then avg@k, with maj@k and pass@k beside it.")
     temperature: float = option(0.0, "Sampling temperature with reasoning on; 0 is greedy (the model card: 0.6).")

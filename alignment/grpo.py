@@ -116,7 +116,7 @@ class RolloutConfig:
             "continuous: decode slots, refilled over the whole step's samples in one call (scored after it).",
     )
     decode: str = option("auto", DECODE_HELP)
-    ssm_state_dtype: str = option("model", SSM_STATE_HELP)
+    ssm_state_dtype: str = option("float32", SSM_STATE_HELP)
 
     def validate(self) -> None:
         check_decode_keys(self.decode, self.ssm_state_dtype)

@@ -23,16 +23,21 @@ Sides (the same samples, the same planned lengths):
                prefill per distinct prompt.
   continuous, no fork   the same with every sample's prompt made distinct (its first token changed): the prefill
                work forking saves.
+  continuous-fp32  continuous with the SSM state in float32 whatever `--ssm-state` says (its cost).
   transformers `model.generate` in batches of `--batch` (uniform lengths only: it cannot stop rows at planned lengths,
                so on long tails it would decode every row to the longest).
+
+The SSM state between decode steps is `--ssm-state` (rollout.ssm_state_dtype: model, the model's dtype, or float32)
+on the static and continuous sides; transformers keeps it in float32.
 
 Reported per side: wall seconds, useful tokens/s (tokens of the samples: what a learner gets), computed rows/s (rows
 a decode step processes, finished or not), decode steps and seconds per step, prefill forwards and prompts
 prefilled. On CUDA also the share of the memory bound of one decode step at `--batch` rows (bench_scale.py's bound:
 weights + Mamba states read and written + KV read, over the HBM bandwidth). Each side runs once after a warm-up
 call of the same side on a few samples (Triton autotune, graph capture), synchronised; `--repeats` timed runs per
-side, the sides interleaved, median seconds (repeat r samples with seed + r; counts are of the first). Results go to
-`<out>/bench_rollout.json`.
+side, the sides interleaved, median seconds (repeat r samples with seed + r; counts are of the first). Per batch size also
+the prefill alone: the distinct prompts once (forked) against every sample's prompt, in forwards of `--batch` rows.
+Results go to `<out>/bench_rollout.json`.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from alignment.rollout.generation import (  # noqa: E402
-    GenerationSettings, _generate_batch, _Sample, decode_attention_backends, sample_uniforms,
+    SSM_STATE_DTYPES, GenerationSettings, _generate_batch, _Sample, decode_attention_backends, prefill,
+    sample_uniforms, ssm_state_dtype,
 )  # fmt: skip
 from alignment.modeling import ModelConfig, load_model  # noqa: E402
 from alignment.rollout.continuous import generate_continuous  # noqa: E402
@@ -85,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-new-tokens", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--sides", default="dynamic,static,continuous,continuous-nofork,transformers")
+    parser.add_argument("--ssm-state", choices=SSM_STATE_DTYPES, default="model",
+                        help="the SSM state dtype of the static and continuous sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median; repeat r: seed + r)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_rollout")
@@ -132,7 +140,8 @@ def run_batches(model, samples, settings, batch, device, static: bool) -> dict:
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         if static and (decoder is None or decoder.batch_size != len(chunk)):
-            decoder = StaticDecoder(model, len(chunk), max_len, use_graph=device.type == "cuda")
+            decoder = StaticDecoder(model, len(chunk), max_len, use_graph=device.type == "cuda",
+                                    ssm_state_dtype=ssm_state_dtype(settings, model))
         _generate_batch(model, chunk, settings, None, decoder)
         decoded = [len(s.tokens) - 1 for s in chunk]  # the first token comes from the prefill
         steps += max(decoded)
@@ -171,8 +180,34 @@ def run_transformers(model, samples, settings, batch, device) -> dict:
             "prompts_prefilled": len(samples)}
 
 
+def run_continuous_fp32(model, samples, settings, batch, device) -> dict:
+    return run_continuous(model, samples, dataclasses.replace(settings, ssm_state_dtype="float32"), batch, device)
+
+
 SIDES = {"dynamic": functools.partial(run_batches, static=False), "static": functools.partial(run_batches, static=True),
-         "continuous": run_continuous, "continuous-nofork": run_continuous, "transformers": run_transformers}
+         "continuous": run_continuous, "continuous-nofork": run_continuous, "continuous-fp32": run_continuous_fp32,
+         "transformers": run_transformers}
+
+
+def side_state_dtype(side: str, settings: GenerationSettings, model) -> torch.dtype:
+    """The SSM state a side keeps between steps (transformers' cache and the fp32 side: float32)."""
+    if side in ("transformers", "dynamic", "continuous-fp32"):
+        return torch.float32
+    return ssm_state_dtype(settings, model)
+
+
+def prefill_seconds(model, prompts: list[list[int]], batch: int, device) -> float:
+    """Seconds to prefill `prompts` in forwards of `batch` rows (median of 3 after a warm-up), synchronised."""
+    runs = []
+    for repeat in range(4):
+        sync(device.type)
+        started = time.perf_counter()
+        for start in range(0, len(prompts), batch):
+            prefill(model, prompts[start:start + batch], pad_token_id=0)
+        sync(device.type)
+        if repeat:
+            runs.append(time.perf_counter() - started)
+    return statistics.median(runs)
 
 
 def main() -> None:
@@ -184,7 +219,8 @@ def main() -> None:
     source = args.checkpoint or str(MODELS[args.model])
     model = load_model(ModelConfig(name_or_path=source, dtype=dtype, attn_implementation="sdpa"), device).eval()
     vocab = model.config.vocab_size
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, pad_token_id=0)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=1.0, pad_token_id=0,
+                                  ssm_state_dtype=args.ssm_state)
     real_prompts = None
     if args.checkpoint:
         from alignment.chat_format import encode_prompt
@@ -195,10 +231,11 @@ def main() -> None:
 
         tokenizer = load_tokenizer(ModelConfig(name_or_path=args.checkpoint))
         settings = dataclasses.replace(generation_settings(tokenizer, EvalConfig()), temperature=1.0,
-                                       max_new_tokens=args.max_new_tokens)
+                                       max_new_tokens=args.max_new_tokens, ssm_state_dtype=args.ssm_state)
         rows, _ = read_rows(args.prompts, "prompt")
         real_prompts = [encode_prompt(tokenizer, prompt_for(row), True) for row in rows[:args.groups]]
-    states = decode_state_bytes(model, args.device) if device.type == "cuda" else None
+    states = {dtype: decode_state_bytes(model, args.device, dtype) for dtype in (torch.float32, model.dtype)} \
+        if device.type == "cuda" else None
     report = {"model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}, "runs": []}
     prompt_lengths = [len(p) for p in real_prompts] if real_prompts else [args.prompt_len]
@@ -227,6 +264,17 @@ def main() -> None:
                         timed[side].append(time.perf_counter() - started)
                         result["useful_tokens"] = sum(len(s.tokens) for s in samples)
                         results.setdefault(side, result)  # counts of the first repeat (same planned lengths)
+                forked, _ = workload(args, vocab, lengths, True, real_prompts)
+                distinct = list(dict.fromkeys(map(tuple, forked)))
+                prefill_report = {"lengths": lengths, "batch": batch, "side": "prefill",
+                                  "prompts_forked": len(distinct), "prompts_unforked": len(forked),
+                                  "seconds_forked": prefill_seconds(model, [list(p) for p in distinct], batch, device),
+                                  "seconds_unforked": prefill_seconds(model, forked, batch, device)}
+                report["runs"].append(prefill_report)
+                print(f"{lengths:<9}{batch:>6} prefill: {len(distinct)} distinct prompts in "
+                      f"{prefill_report['seconds_forked']:.3f} s, all {len(forked)} in "
+                      f"{prefill_report['seconds_unforked']:.3f} s "
+                      f"({prefill_report['seconds_unforked'] / prefill_report['seconds_forked']:.1f}x)", flush=True)
                 for side in sides:
                     result, seconds = results[side], statistics.median(timed[side])
                     result |= {"lengths": lengths, "batch": batch, "side": side, "seconds": seconds,
@@ -236,7 +284,9 @@ def main() -> None:
                                "seconds_per_step": seconds / max(1, result["decode_steps"])}
                     if states is not None:
                         context = args.prompt_len + sum(planned) / len(planned) / 2
-                        bound = decode_bound(model, states, batch, context, HBM_TBPS)
+                        state_dtype = side_state_dtype(side, settings, model)
+                        result["ssm_state_dtype"] = str(state_dtype)
+                        bound = decode_bound(model, states[state_dtype], batch, context, HBM_TBPS)
                         result["bound"] = bound
                         result["share_of_bound"] = result["computed_rows_per_s"] / bound["bound_tokens_per_s"]
                     report["runs"].append(result)

@@ -543,8 +543,9 @@ def part_grpo(args, spec: ModelSpec, shared: dict) -> dict:
     return result
 
 
-def decode_state_bytes(model: nn.Module, device: str) -> dict:
-    """Per-row bytes of each Mamba layer's conv + SSM state and of one position of KV, from a prefill's cache."""
+def decode_state_bytes(model: nn.Module, device: str, ssm_dtype: torch.dtype = torch.float32) -> dict:
+    """Per-row bytes of each Mamba layer's conv + SSM state and of one position of KV, from a prefill's cache, the
+    SSM state counted in `ssm_dtype` (the decoder's rollout.ssm_state_dtype: float32, or the model's dtype)."""
     with torch.inference_mode():
         ids = torch.full((1, 8), 3, device=device)
         cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
@@ -552,7 +553,7 @@ def decode_state_bytes(model: nn.Module, device: str) -> dict:
     for block in _blocks(model):
         if block.block_type in MAMBA_BLOCKS:
             conv, ssm = _cache_states(cache, block.layer_idx, block.block_type)
-            mamba += conv[0].numel() * conv.element_size() + ssm[0].numel() * ssm.element_size()
+            mamba += conv[0].numel() * conv.element_size() + ssm[0].numel() * ssm_dtype.itemsize
         elif block.block_type in ATTENTION_BLOCKS:
             keys, values = _cache_states(cache, block.layer_idx, block.block_type)  # [1, H_kv, 8, head_dim]
             kv_per_position += (keys[0, :, 0].numel() * keys.element_size()

@@ -69,17 +69,19 @@ def main() -> None:
     parser.add_argument("--rollout-batch", type=int, default=64, help="decode slots per GPU (rollout.batch_size)")
     parser.add_argument("--context", type=int, default=4352, help="prompt + rollout.max_new_tokens")
     parser.add_argument("--row", type=int, default=6144, help="train.max_tokens_per_row")
-    parser.add_argument("--ssm-fp32", action="store_true", help="rollout.ssm_state_dtype=float32")
+    parser.add_argument("--ssm-state", choices=["float32", "model"], default="float32",
+                        help="rollout.ssm_state_dtype: float32 (the default) or model (bf16)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     counts = parameter_count(args.model_json)
+    ssm_fp32 = args.ssm_state == "float32"
     print(f"{args.model_json}: {counts[0] / 1e9:.2f}B parameters; rollouts of {args.rollout_batch} x {args.context} "
-          f"tokens ({'float32' if args.ssm_fp32 else 'bf16'} SSM state); learner rows of {args.row} tokens\n")
+          f"tokens ({'float32' if ssm_fp32 else 'bf16'} SSM state); learner rows of {args.row} tokens\n")
     print("| workers | ZeRO-3 shards | gathered weights | rollout cache | rollout peak | row logits (fp32) | "
           "learner peak, activations not counted |")
     print("|---|---|---|---|---|---|---|")
     for world in args.workers:
-        p = plan(args.model_json, world, args.rollout_batch, args.context, args.row, args.ssm_fp32, counts)
+        p = plan(args.model_json, world, args.rollout_batch, args.context, args.row, ssm_fp32, counts)
         print(f"| {world} | {p['shards']:.1f} GB | {p['gathered_weights']:.1f} GB | {p['rollout_cache']:.1f} GB | "
               f"{p['rollout_peak']:.1f} GB | {p['row_logits']:.1f} GB | {p['learner_peak_without_activations']:.1f} GB |")
 

@@ -41,6 +41,9 @@ def test_decode_state_bytes_are_the_conv_and_ssm_states_and_one_kv_position():
     per_layer = conv_dim * c.conv_kernel * 4 + c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size * 4
     assert states["mamba_state_bytes_per_row"] == 4 * per_layer  # 4 Mamba layers in M-M*-M-M*-
     assert states["kv_bytes_per_row_position"] == 2 * 2 * c.num_key_value_heads * c.head_dim * 4  # 2 layers, K and V
+    half = bench_scale.decode_state_bytes(model, "cpu", ssm_dtype=torch.bfloat16)  # rollout.ssm_state_dtype: model
+    assert half["mamba_state_bytes_per_row"] == states["mamba_state_bytes_per_row"] \
+        - 4 * c.mamba_num_heads * c.mamba_head_dim * c.ssm_state_size * 2
     bound = bench_scale.decode_bound(model, states, batch=2, context=10, hbm_tbps=1.0)
     assert bound["bytes_per_step"] == bound["bytes_weights"] + 2 * 2 * states["mamba_state_bytes_per_row"] \
         + 2 * 11 * states["kv_bytes_per_row_position"]

@@ -6,6 +6,7 @@ and reasoning modes, so forced closes happen in refilled slots. Greedy and seede
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -112,7 +113,7 @@ def test_continuous_batching_is_refused_where_the_static_step_cannot_run():
         generate(NotAHybrid(), [[5, 6]], settings=tiny_settings(decode="continuous"))
 
 
-def test_a_float32_ssm_state_stays_float32_and_needs_a_static_path(tiny_model):
+def test_the_ssm_state_is_float32_by_default_and_the_models_dtype_on_request(tiny_model):
     import copy
 
     from alignment.rollout.generation import prefill
@@ -120,16 +121,20 @@ def test_a_float32_ssm_state_stays_float32_and_needs_a_static_path(tiny_model):
 
     prompts = tiny_prompts(4, seed=6)
     half = copy.deepcopy(tiny_model).to(torch.bfloat16)
-    decoder = StaticDecoder(half, 2, 64, use_graph=False, ssm_state_dtype=torch.float32)
     _, cache, mask = prefill(half, prompts[:2], 0)
-    decoder.load_slots(cache, mask, [0, 1], [1, 0])
-    mamba = [state for block, state in zip(decoder.blocks, decoder.states) if block.block_type in MAMBA_BLOCKS]
-    assert mamba and all(ssm.dtype == torch.float32 and conv.dtype == torch.bfloat16 for conv, ssm in mamba)
-    assert torch.isfinite(decoder.step_slots([5, 6])).all()
+    for wanted in (torch.float32, torch.bfloat16):  # the prefill cache holds float32 either way
+        decoder = StaticDecoder(half, 2, 64, use_graph=False, ssm_state_dtype=wanted)
+        decoder.load_slots(cache, mask, [0, 1], [1, 0])
+        mamba = [state for block, state in zip(decoder.blocks, decoder.states) if block.block_type in MAMBA_BLOCKS]
+        assert mamba and all(ssm.dtype == wanted and conv.dtype == torch.bfloat16 for conv, ssm in mamba)
+        assert torch.isfinite(decoder.step_slots([5, 6])).all()
+    assert tiny_settings().ssm_state_dtype == "float32"
     for decode in ("static", "continuous"):  # in a float32 model the option changes nothing
-        kept = generate(tiny_model, prompts, settings=tiny_settings(decode=decode, ssm_state_dtype="float32"))
+        kept = generate(tiny_model, prompts, settings=tiny_settings(decode=decode, ssm_state_dtype="model"))
         assert kept == generate(tiny_model, prompts, settings=tiny_settings(decode=decode))
+    short = tiny_settings(max_new_tokens=4)
     with pytest.raises(ValueError, match="needs a static decode path"):
-        generate(tiny_model, prompts, settings=tiny_settings(decode="dynamic", ssm_state_dtype="float32"))
-    auto = generate(tiny_model, prompts, settings=tiny_settings(ssm_state_dtype="float32"))  # auto: static on CPU
-    assert auto == generate(tiny_model, prompts, settings=tiny_settings())
+        generate(half, prompts, settings=dataclasses.replace(short, decode="dynamic", ssm_state_dtype="model"))
+    # auto on the CPU: the static step, where a bf16 state can be kept; the same tokens as asking for it
+    auto = generate(half, prompts, settings=dataclasses.replace(short, ssm_state_dtype="model"))
+    assert auto == generate(half, prompts, settings=dataclasses.replace(short, decode="static", ssm_state_dtype="model"))

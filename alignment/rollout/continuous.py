@@ -73,7 +73,8 @@ def generate_continuous(
         return stats
     if any(sample.uniforms is None for sample in samples):
         raise ValueError("every sample needs its own draws (sample_uniforms) before continuous batching")
-    decoder = StaticDecoder(model, slots, max_len, use_graph=use_graph, ssm_state_dtype=ssm_state_dtype(settings))
+    decoder = StaticDecoder(model, slots, max_len, use_graph=use_graph,
+                            ssm_state_dtype=ssm_state_dtype(settings, model))
     waiting = deque(samples)
     holder: list[_Sample | None] = [None] * slots  # slot -> its sample
     fresh: dict[int, torch.Tensor] = {}  # slot -> the prefill's logits [V], for a slot filled since the last step

@@ -57,10 +57,10 @@ DECODE_HELP = (
     "(slots refilled as samples finish, one prefill per prompt; alignment/rollout/continuous.py)."
 )
 SSM_STATE_HELP = (
-    "Mamba SSM state between decode steps: model (the prefill cache's dtype) or float32 (NVIDIA's recommendation; "
-    "twice the state bytes per step). float32 needs a static decode path."
+    "Mamba SSM state between decode steps: float32 (what transformers' cache holds and NVIDIA recommends) or model "
+    "(the model's dtype, bf16 on GPU: half the state bytes a decode step reads and writes; a static decode path)."
 )
-SSM_STATE_DTYPES = ("model", "float32")
+SSM_STATE_DTYPES = ("float32", "model")
 
 
 def check_decode_keys(decode: str, ssm_state_dtype: str) -> None:
@@ -87,9 +87,9 @@ class GenerationSettings:
     batch_size: int = 32  # samples decoded together
     progress: bool = False  # show a progress bar over samples
     decode: str = "auto"  # decode path, see DECODE_PATHS; auto: cuda-graph on CUDA where the model allows, else dynamic
-    # Mamba SSM state between decode steps on the static paths: "model" keeps the prefill cache's dtype, "float32"
-    # keeps it in float32 (NVIDIA's recommendation for these models; each step reads and writes twice the bytes).
-    ssm_state_dtype: str = "model"
+    # Mamba SSM state between decode steps: "float32" as transformers' cache holds it (NVIDIA's recommendation for
+    # these models), or "model", the model's dtype (bf16 on GPU: a step reads and writes half the state bytes).
+    ssm_state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -369,19 +369,19 @@ def _generate_batch(
         logits = decoder.next([fed[r] for r in keep], keep)
 
 
-def ssm_state_dtype(settings: GenerationSettings) -> torch.dtype | None:
-    """The static decoder's SSM state dtype for these settings (None: as the prefill cache holds it)."""
-    return torch.float32 if settings.ssm_state_dtype == "float32" else None
+def ssm_state_dtype(settings: GenerationSettings, model: nn.Module) -> torch.dtype:
+    """The static decoder's SSM state dtype for these settings and this model."""
+    return torch.float32 if settings.ssm_state_dtype == "float32" else next(model.parameters()).dtype
 
 
-def _decode_path(model: nn.Module, requested: str, device: torch.device, float32_state: bool = False) -> str:
+def _decode_path(model: nn.Module, requested: str, device: torch.device, static_state: bool = False) -> str:
     """The decode path to use: `requested`, or for auto the fastest one this model and device allow (a static one
-    when `float32_state` asks for a float32 SSM state)."""
+    when `static_state` asks for an SSM state that transformers' dynamic cache does not keep)."""
     if requested == "dynamic":  # works for every model: no need to walk its modules
         return requested
     unsupported = static_decode_unsupported(model)
-    if requested == "auto" and float32_state and device.type != "cuda" and unsupported is None:
-        return "static"  # transformers' dynamic cache keeps the state in its own dtype
+    if requested == "auto" and static_state and device.type != "cuda" and unsupported is None:
+        return "static"  # transformers' dynamic cache keeps the state in float32
     if requested == "auto":
         if device.type == "cuda" and unsupported:
             log.info("no CUDA-graph decoding for this model (%s): transformers' dynamic cache", unsupported)
@@ -431,11 +431,11 @@ def generate(
     samples = [_Sample(p, b, r, settings) for p, b, r in zip(prompts, budgets, reasoning)]
 
     device = next(model.parameters()).device
-    float32_state = settings.ssm_state_dtype == "float32"
-    path = _decode_path(model, settings.decode, device, float32_state)
-    if float32_state and path == "dynamic":
-        raise ValueError("ssm_state_dtype='float32' needs a static decode path (static, cuda-graph or continuous): "
-                         "transformers' dynamic cache keeps the SSM state in its own dtype")
+    static_state = ssm_state_dtype(settings, model) != torch.float32  # the dynamic cache keeps float32
+    path = _decode_path(model, settings.decode, device, static_state)
+    if static_state and path == "dynamic":
+        raise ValueError("ssm_state_dtype='model' needs a static decode path (static, cuda-graph or continuous) for "
+                         "a model that is not float32: transformers' dynamic cache keeps the SSM state in float32")
     log.info("generating %d samples on %s (batch size %d, decode: %s%s)", n, device, settings.batch_size, path,
              ", SDPA without cuDNN" if device.type == "cuda" else "")
     max_len = static_max_len(max(map(len, prompts), default=0), settings.max_new_tokens)
@@ -476,7 +476,7 @@ def generate(
                 if path in ("static", "cuda-graph") and (static is None or static.batch_size != len(batch)):
                     static = None  # free the previous buffers and graph first
                     static = StaticDecoder(model, len(batch), max_len, use_graph=path == "cuda-graph",
-                                           ssm_state_dtype=ssm_state_dtype(settings))
+                                           ssm_state_dtype=ssm_state_dtype(settings, model))
                 _generate_batch(model, batch, settings, generator, static)
                 bar.update(len(batch))
     finally:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.mamba_kernels import route_kernels_by_device
+from alignment.rollout.ssm_step import ssm_step, ssm_step_chosen
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ ATTENTION_BLOCKS = {"attention", "full_attention"}
 PLAIN_BLOCKS = {"mlp"}  # stateless: the block's own forward is used
 POSITION_ROUND = 64  # KV buffers hold a multiple of this many positions, so one graph fits similar lengths
 WARMUP_STEPS = 2  # eager steps before a capture (Triton autotuning, cuBLAS workspaces); they need room in the buffers
+_LOGGED: set[tuple[torch.device, torch.dtype]] = set()  # the kernel path is logged once per device and state dtype
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -98,7 +100,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, use_graph: bool,
-                 ssm_state_dtype: torch.dtype | None = None):
+                 ssm_state_dtype: torch.dtype = torch.float32):
         reason = static_decode_unsupported(model)
         if reason:
             raise ValueError(f"static decoding is not available: {reason}")
@@ -116,7 +118,12 @@ class StaticDecoder:
         self.conv_update = getattr(modeling, "causal_conv1d_update", None)
         self.state_update = getattr(modeling, "mamba2_selective_state_update", None)
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph
-        self.ssm_state_dtype = ssm_state_dtype  # None: the prefill cache's dtype; float32 as NVIDIA recommends
+        if mamba is not None and (self.device, ssm_state_dtype) not in _LOGGED:
+            _LOGGED.add((self.device, ssm_state_dtype))
+            mixers = f"{getattr(self.state_update, '__module__', '?')}.{getattr(self.state_update, '__name__', '?')}"
+            log.info("static decode on %s: %s SSM state, updated by %s", self.device, str(ssm_state_dtype)[6:],
+                     "alignment.rollout.ssm_step (Triton)" if ssm_step_chosen(self.device, ssm_state_dtype) else mixers)
+        self.ssm_state_dtype = ssm_state_dtype  # float32 as transformers' cache holds it, or the model's dtype
         self.states: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # per block, allocated on start
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] token fed this step
         self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] column each row writes
@@ -202,15 +209,7 @@ class StaticDecoder:
         self.position[target] = width
         self.shared_column = False  # slots filled at different times write different columns
         if self.use_graph and self.graph is None:
-            saved = [None if s is None else (s[0].clone(), s[1].clone()) for s in self.states]
-            valid_saved, position_saved = self.valid.clone(), self.position.clone()
-            self._capture()  # the warm-up steps move every slot on: put them back
-            for state, copy in zip(self.states, saved):
-                if state is not None:
-                    state[0].copy_(copy[0])
-                    state[1].copy_(copy[1])
-            self.valid.copy_(valid_saved)
-            self.position.copy_(position_saved)
+            self._capture_keeping_state()
 
     def free_slots(self, slots: list[int]) -> None:
         """Park finished slots: they write at column 0 of their own row until `load_slots` fills them again."""
@@ -294,6 +293,10 @@ class StaticDecoder:
         ).transpose(1, 2)  # [B, 1, conv_dim]
         xs, b, c = xbc.split([mixer.intermediate_size, groups * state_size, groups * state_size], dim=-1)
         a = -torch.exp(mixer.A_log.float())  # [H]
+        if ssm_step_chosen(ssm.device, ssm.dtype):  # a bf16 state: whole heads per program, see alignment/rollout/ssm_step.py
+            y = ssm_step(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a, b.reshape(batch, groups, state_size),
+                         c.reshape(batch, groups, state_size), mixer.D, mixer.dt_bias)
+            return mixer.out_proj(mixer.norm(y.reshape(batch, 1, -1), gate).to(x.dtype))
         y = self.state_update(
             ssm,
             xs.reshape(batch, heads, head_dim),
@@ -335,6 +338,18 @@ class StaticDecoder:
                 query, keys, values, attn_mask=self.valid[:, None, None, :], scale=attn.scaling
             )
         return attn.o_proj(out.reshape(batch, 1, -1))
+
+    def _capture_keeping_state(self) -> None:
+        """Capture the step, then put back the states, masks and positions its warm-up steps moved on."""
+        saved = [None if s is None else (s[0].clone(), s[1].clone()) for s in self.states]
+        valid_saved, position_saved = self.valid.clone(), self.position.clone()
+        self._capture()
+        for state, copy in zip(self.states, saved):
+            if state is not None:
+                state[0].copy_(copy[0])
+                state[1].copy_(copy[1])
+        self.valid.copy_(valid_saved)
+        self.position.copy_(position_saved)
 
     def _capture(self) -> None:
         """Warm the step up on a side stream (Triton autotuning, cuBLAS workspaces), then record it."""
