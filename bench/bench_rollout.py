@@ -24,6 +24,7 @@ Sides (the same samples, the same planned lengths):
   continuous, no fork   the same with every sample's prompt made distinct (its first token changed): the prefill
                work forking saves.
   continuous-fp32  continuous with the SSM state in float32 whatever `--ssm-state` says (its cost).
+  continuous-fixed  continuous without moving the tail to fewer slots (every step over all `--batch` slots).
   transformers `model.generate` in batches of `--batch` (uniform lengths only: it cannot stop rows at planned lengths,
                so on long tails it would decode every row to the longest).
 
@@ -154,9 +155,9 @@ def run_continuous(model, samples, settings, batch, device) -> dict:
     max_len = static_max_len(max(len(s.prompt) for s in samples), settings.max_new_tokens)
     stats = generate_continuous(model, samples, dataclasses.replace(settings, batch_size=batch), max_len=max_len,
                                 use_graph=device.type == "cuda")
-    return {"decode_steps": stats.decode_steps, "computed_rows": stats.decode_steps * min(batch, len(samples)),
+    return {"decode_steps": stats.decode_steps, "computed_rows": stats.slot_steps,
             "prefills": stats.prefills, "prompts_prefilled": stats.prompts_prefilled,
-            "slot_occupancy": stats.occupancy(min(batch, len(samples)))}
+            "slot_occupancy": stats.occupancy(), "moves_to_fewer_slots": stats.moves}
 
 
 def run_transformers(model, samples, settings, batch, device) -> dict:
@@ -180,12 +181,22 @@ def run_transformers(model, samples, settings, batch, device) -> dict:
             "prompts_prefilled": len(samples)}
 
 
+def run_continuous_fixed(model, samples, settings, batch, device) -> dict:
+    from unittest import mock
+
+    from alignment.rollout import continuous
+
+    with mock.patch.object(continuous, "smaller_slots", lambda live, slots: None):
+        return run_continuous(model, samples, settings, batch, device)
+
+
 def run_continuous_fp32(model, samples, settings, batch, device) -> dict:
     return run_continuous(model, samples, dataclasses.replace(settings, ssm_state_dtype="float32"), batch, device)
 
 
 SIDES = {"dynamic": functools.partial(run_batches, static=False), "static": functools.partial(run_batches, static=True),
          "continuous": run_continuous, "continuous-nofork": run_continuous, "continuous-fp32": run_continuous_fp32,
+         "continuous-fixed": run_continuous_fixed,
          "transformers": run_transformers}
 
 

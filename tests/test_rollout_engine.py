@@ -75,6 +75,51 @@ def test_a_group_shares_one_prefill_and_its_samples_still_differ(tiny_model):
     assert len(set(first_group)) > 1  # one prefill, G different samples
 
 
+def test_the_tail_moves_to_fewer_slots_and_every_sample_still_matches_alone(tiny_model):
+    """12 samples in 12 slots, mixed budgets and lengths: as they finish, the rest move to 4 slots."""
+    prompts = tiny_prompts(len(MIXED_BUDGETS), seed=7)
+    settings = tiny_settings(decode="continuous", batch_size=len(prompts), temperature=1.0)
+    lengths = [24, 3, 5, 8, 2, 20, 4, 6, 3, 2, 24, 7]  # each sample's max_new_tokens: a long tail
+    samples = [_Sample(p, b, r, dataclasses.replace(settings, max_new_tokens=n))
+               for p, b, r, n in zip(prompts, MIXED_BUDGETS, MIXED_REASONING, lengths)]
+    for i, sample in enumerate(samples):
+        sample.uniforms = sample_uniforms(5, i, settings.max_new_tokens)
+    max_len = static_max_len(max(map(len, prompts)), settings.max_new_tokens)
+    stats = generate_continuous(tiny_model, samples, settings, max_len=max_len, use_graph=False)
+    assert stats.moves >= 1 and stats.slot_steps < stats.decode_steps * len(prompts)
+    for i, sample in enumerate(samples):
+        own = tiny_settings(temperature=1.0, max_new_tokens=lengths[i])
+        want = alone(tiny_model, prompts[i], MIXED_BUDGETS[i], MIXED_REASONING[i], own, sample.uniforms)
+        assert sample.result() == want, f"sample {i}"
+        torch.testing.assert_close(torch.tensor(sample.result().logprobs), torch.tensor(want.logprobs), equal_nan=True)
+
+
+def test_moved_slots_step_as_they_would_have_in_place(tiny_model):
+    from alignment.rollout.generation import prefill
+    from alignment.rollout.static_decode import StaticDecoder
+
+    prompts = tiny_prompts(4, seed=8)
+    _, cache, mask = prefill(tiny_model, prompts, 0)
+    with torch.inference_mode():
+        decoder = StaticDecoder(tiny_model, 4, 64, use_graph=False)
+        decoder.load_slots(cache, mask, [0, 1, 2, 3], [0, 1, 2, 3])
+        decoder.step_slots([5, 6, 7, 8])
+        moved = decoder.moved_to([2, 0], 4)  # rows 2 and 3 of the new one parked
+        assert not moved.valid[2:].any() and (moved.position[2:] == 0).all()
+        assert torch.equal(moved.position[:2], decoder.position[[2, 0]])
+        in_place = torch.stack([decoder.step_slots([9, 0, 10, 0])[[2, 0]] for _ in range(3)])
+        after_move = torch.stack([moved.step_slots([10, 9, 0, 0])[:2] for _ in range(3)])
+    torch.testing.assert_close(after_move, in_place, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tail_shrinks_by_powers_of_two_down_to_a_floor():
+    from alignment.rollout.continuous import MIN_SLOTS, smaller_slots
+
+    assert MIN_SLOTS == 4
+    assert [smaller_slots(live, 256) for live in (1, 3, 5, 64, 100, 128, 129)] == [4, 4, 8, 64, 128, 128, None]
+    assert smaller_slots(2, 8) == 4 and smaller_slots(3, 7) is None and smaller_slots(1, 5) is None
+
+
 def test_uniform_draws_follow_the_sampling_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0]])
     settings = GenerationSettings(temperature=1.0, top_p=0.9)

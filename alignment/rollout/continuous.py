@@ -10,7 +10,11 @@
 4. parked slots are filled from the waiting samples: their distinct prompts are prefilled together by the model's
    own forward, and each prompt's states are copied into the slots of all its samples. A prompt's prefill is kept
    until its last sample is admitted, so a GRPO group or a DPO mining set costs one prefill instead of G, however
-   its samples are spread over refills.
+   its samples are spread over refills;
+5. once nothing waits and at most half the slots hold a sample, the samples left move to a decoder of fewer slots
+   (the next power of two that holds them, at least `MIN_SLOTS`; `StaticDecoder.moved_to`). Long-tailed lengths
+   leave a few long samples running after the rest, and a step's cost grows with its rows (every slot's Mamba
+   states are read and written), so the tail runs on a smaller step instead of one of mostly parked slots.
 
 Step 4 comes after step 3, so a fresh slot's states are never advanced by a filler token.
 
@@ -36,6 +40,7 @@ from alignment.rollout.static_decode import StaticDecoder
 log = logging.getLogger(__name__)
 
 FILLER_TOKEN = 0  # fed to parked slots; their outputs are never read
+MIN_SLOTS = 4  # the tail's decoders shrink no further (each size is one more graph to capture)
 
 
 @dataclass
@@ -46,10 +51,18 @@ class EngineStats:
     prefills: int = 0  # model forwards that prefilled prompts
     prompts_prefilled: int = 0  # distinct prompts run through those forwards (samples - this: prefills saved)
     decode_steps: int = 0
+    slot_steps: int = 0  # sum over decode steps of the step's slots (rows computed)
     occupied_slot_steps: int = 0  # sum over decode steps of slots holding an unfinished sample
+    moves: int = 0  # times the samples left moved to a decoder of fewer slots
 
-    def occupancy(self, slots: int) -> float:
-        return self.occupied_slot_steps / max(1, self.decode_steps * slots)
+    def occupancy(self) -> float:
+        return self.occupied_slot_steps / max(1, self.slot_steps)
+
+
+def smaller_slots(live: int, slots: int) -> int | None:
+    """Slots for the `live` samples left once nothing waits: a power of two at most half of `slots`, or None."""
+    size = max(MIN_SLOTS, 1 << max(0, live - 1).bit_length())
+    return size if size <= slots // 2 else None
 
 
 @torch.inference_mode()
@@ -141,7 +154,17 @@ def generate_continuous(
         if any(sample is not None for sample in holder):
             step_logits = decoder.step_slots(fed)
             stats.decode_steps += 1
+            stats.slot_steps += slots
             stats.occupied_slot_steps += sum(sample is not None for sample in holder)
         free = [slot for slot in range(slots) if holder[slot] is None]
         if free and waiting:
             fill(free)
+        elif not waiting and not fresh and step_logits is not None:
+            live = [slot for slot in range(slots) if holder[slot] is not None]
+            size = smaller_slots(len(live), slots) if live else None
+            if size is not None:  # the tail: the samples left move to a smaller step
+                decoder = decoder.moved_to(live, size)
+                step_logits = step_logits[torch.tensor(live, device=step_logits.device)]
+                holder = [holder[slot] for slot in live] + [None] * (size - len(live))
+                slots = size
+                stats.moves += 1

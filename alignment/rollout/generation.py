@@ -468,8 +468,9 @@ def generate(
                 stats = generate_continuous(model, [samples[i] for i in order], settings, max_len=max_len,
                                             use_graph=device.type == "cuda", on_done=bar.update)
                 log.info("continuous batching: %d samples, %d distinct prompts prefilled in %d forwards, %d decode "
-                         "steps at %.0f%% slot occupancy", stats.samples, stats.prompts_prefilled, stats.prefills,
-                         stats.decode_steps, 100 * stats.occupancy(min(settings.batch_size, n)))
+                         "steps at %.0f%% slot occupancy, the tail moved to fewer slots %d times", stats.samples,
+                         stats.prompts_prefilled, stats.prefills, stats.decode_steps, 100 * stats.occupancy(),
+                         stats.moves)
                 return [s.result() for s in samples]
             for start in range(0, n, settings.batch_size):
                 batch = [samples[i] for i in order[start : start + settings.batch_size]]

@@ -104,6 +104,7 @@ class StaticDecoder:
         reason = static_decode_unsupported(model)
         if reason:
             raise ValueError(f"static decoding is not available: {reason}")
+        self.model = model
         self.device = next(model.parameters()).device
         if use_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
@@ -216,6 +217,34 @@ class StaticDecoder:
         target = torch.tensor(slots, device=self.device)
         self.valid[target] = False
         self.position[target] = 0
+
+    def moved_to(self, slots: list[int], batch_size: int) -> StaticDecoder:
+        """A new decoder of `batch_size` rows whose row k continues slot `slots[k]` of this one; its other rows are
+        parked. The continuous engine's tail: once nothing waits, the samples left move to a smaller step."""
+        if len(slots) > batch_size:
+            raise ValueError(f"{len(slots)} slots do not fit a decoder of {batch_size} rows")
+        if self.states is None:
+            raise RuntimeError("nothing to move: no slot was loaded")
+        moved = StaticDecoder(self.model, batch_size, self.max_len, use_graph=self.use_graph,
+                              ssm_state_dtype=self.ssm_state_dtype)
+        source = torch.tensor(slots, device=self.device)
+        moved.states = []
+        for state in self.states:
+            if state is None:
+                moved.states.append(None)
+                continue
+            copies = []
+            for buffer in state:  # conv and SSM states, or keys and values
+                rows = buffer.new_zeros(batch_size, *buffer.shape[1:])
+                rows[: len(slots)] = buffer[source]
+                copies.append(rows)
+            moved.states.append(tuple(copies))
+        moved.valid[: len(slots)] = self.valid[source]
+        moved.position[: len(slots)] = self.position[source]
+        moved.shared_column = False
+        if moved.use_graph:
+            moved._capture_keeping_state()
+        return moved
 
     def step_slots(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token to every slot (a filler for free ones); return the logits of every slot [B, V]."""
