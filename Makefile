@@ -27,7 +27,12 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PYTHON) -m pytest -q
 
-test-slow: setup
+# The slow suite logs a tiny run to wandb, MLflow and trackio (offline): the `trackers` extra.
+$(VENV)/.trackers: $(STAMP)
+	$(PYTHON) -m pip install -q -e ".[dev,deepspeed,trackers]"
+	@touch $@
+
+test-slow: setup $(VENV)/.trackers
 	@# exit code 5 means no test carried the marker; that is not a failure.
 	$(PYTHON) -m pytest -q -m slow || [ $$? -eq 5 ]
 

@@ -85,11 +85,16 @@ def _eval_command(subparsers, help_text: str) -> None:
     )
     parser.add_argument("checkpoints", nargs="+", help="Checkpoint directories, then optional key=value overrides.")
     parser.add_argument("--config", help="YAML config file for the evaluation.")
+    parser.add_argument("--sets", help="Named benchmark sets, comma-separated NAME=PATH (or NAME:SCHEMA=PATH): "
+                                       "math500=data/math500.jsonl,gpqa=data/gpqa_diamond.csv")
 
     def handler(args) -> int:
         checkpoints = [c for c in args.checkpoints if "=" not in c]
         overrides = [c for c in args.checkpoints if "=" in c]
         config = load_config(EvalRunConfig, args.config, overrides)
+        if args.sets:
+            config.sets = [entry.strip() for entry in args.sets.split(",") if entry.strip()]
+            config.validate()
         with _removed_if_left_empty(config.output_dir):
             run_eval(checkpoints, config)
         return 0

@@ -69,6 +69,7 @@ from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
 from alignment.split_guard import guard_splits
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
+from alignment.trackers import TrackingConfig
 from alignment.tracking import MetricsLogger
 from alignment.zero import ZeroEngine, full_weight_settings
 from data_recipes.preference import pair_to_row, read_pairs
@@ -262,6 +263,7 @@ class DPOConfig:
     evaluate_start: bool = option(True, "Evaluate the starting checkpoint too, so one run reports before and after.")
     output_dir: str = option("runs/tiny/dpo", "Run directory: checkpoint/, pairs/, metrics.jsonl, eval.json.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    tracking: TrackingConfig = option(TrackingConfig(), "Experiment trackers: tensorboard, wandb, mlflow, trackio.")
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -636,7 +638,8 @@ def run_dpo(config: DPOConfig) -> dict:
 
     # Evaluation, selection and the record are rank 0's; the other workers mine and train beside it.
     metrics = MetricsLogger(out, "dpo", resume_step=state.extra["step"] + 1 if resumed else None,
-                            keep=lambda record: record.get("round", 0) <= done) if rank == 0 else None
+                            keep=lambda record: record.get("round", 0) <= done, tracking=config.tracking,
+                            run_config=to_dict(config)) if rank == 0 else None
     selection = RoundSelection(config if rank == 0 else dataclasses.replace(
         config, selection=dataclasses.replace(config.selection, validation_path="")), tokenizer)
     if resumed:
@@ -770,7 +773,6 @@ def run_dpo(config: DPOConfig) -> dict:
             model.load_state_dict(weights)
     if rank != 0:
         return {}
-    metrics.close()
     selected_round, results = selection.restore_best(model, config.rounds, results)
     if results is None:  # the start was kept and was not evaluated on the test split yet
         results = evaluate_model(model, tokenizer, test_rows, config.eval)
@@ -780,6 +782,8 @@ def run_dpo(config: DPOConfig) -> dict:
     report = dict(results, start={k: v for k, v in (start_eval or {}).items() if k != "examples"} or None,
                   rounds=history, selected_round=selected_round)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
+    metrics.log_file(out / "eval.json")
+    metrics.close()
     manifest = {
         "stage": "dpo",
         "config": to_dict(config),

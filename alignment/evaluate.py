@@ -18,17 +18,20 @@ what a trained `</think>` label after a mid-line cut could teach, while at infer
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
-from alignment.config import check_paths, option
+from alignment.config import check_paths, option, to_dict
+from alignment.trackers import TrackingConfig, open_trackers
 from alignment.eval_stats import (format_gain, majority_answer, mean_and_stderr, paired_gains, pass_at_k,
                                   sampling_stderr, with_stderr)
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
-from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, extract_boxed
+from data_recipes.adapters.choice_sets import MULTIPLE_CHOICE
+from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, choice_letter, extract_boxed
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,26 @@ def judge(completion: str, reasoning: bool, finished: bool, answer_tokens: int, 
         "toggle_ok": format_ok and (not reasoning or bool(completion.split(THINK_CLOSE)[0].strip())),
         "well_formed": format_ok and finished and boxed is not None and answer_tokens <= max_answer_tokens,
         "boxed": boxed,
+        "answer": answer,
     }
+
+
+def row_answer(verdict: dict, row: dict) -> str | None:
+    """What a completion answers: the letter it picks for a multiple-choice row, else its last boxed text."""
+    if row.get("task") == MULTIPLE_CHOICE:
+        choices = (row.get("metadata") or {}).get("choices")
+        if not isinstance(choices, dict) or not choices:
+            raise ValueError(f"row {row.get('id')!r}: a multiple_choice row needs metadata.choices (letter -> option)")
+        return choice_letter(verdict["answer"], choices)
+    return verdict["boxed"]
+
+
+def answer_is_right(given: str | None, row: dict) -> bool:
+    if given is None:
+        return False
+    if row.get("task") == MULTIPLE_CHOICE:
+        return given == str(row["answer"]).strip().upper()
+    return is_correct(given, str(row["answer"]))
 
 
 def is_correct(boxed: str, reference: str) -> bool:
@@ -183,10 +205,11 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
         early_close = reasoning and not result.forced_close and close_at >= 0 and \
             (close_at == 0 or body[close_at - 1] not in settings.line_end_ids)
         verdict = judge(text, reasoning, result.finished, answer_tokens, config.max_answer_tokens)
+        given = row_answer(verdict, row)
         records.append({
             "id": row.get("id"),
-            "boxed": verdict["boxed"],
-            "correct": verdict["boxed"] is not None and is_correct(verdict["boxed"], str(row["answer"])),
+            "boxed": given,
+            "correct": answer_is_right(given, row),
             "well_formed": verdict["well_formed"],
             "toggle_ok": verdict["toggle_ok"],
             "thinking_tokens": result.thinking_tokens,
@@ -202,7 +225,7 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
     majority = []
     for row, samples in zip(rows, per_row):
         voted = majority_answer([s["boxed"] for s in samples], answers_match)
-        majority.append(float(voted is not None and is_correct(voted, str(row["answer"]))))
+        majority.append(float(answer_is_right(voted, row)))
     generated = sum(r["thinking_tokens"] + r["answer_tokens"] for r in records)
     n_correct = sum(r["correct"] for r in records)
     return {
@@ -341,13 +364,62 @@ def budget_label(budget: int | None) -> str:
 DEFAULT_SWEEP = [0, 8, 16, 32, 64, 128, None]
 
 
+# Benchmark names `sets` knows, and the schema of their released files (data_recipes/adapters).
+NAMED_SETS = {"math500": "math", "aime24": "aime", "aime25": "aime", "gsm8k": "gsm8k", "gpqa": "gpqa",
+              "gpqa_diamond": "gpqa"}
+CODE_SCHEMAS = ("humaneval", "livecodebench", "mbpp")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    schema: str
+    path: str
+
+
+def parse_sets(entries: list[str]) -> list[EvalSet]:
+    """`NAME=PATH` (a name of NAMED_SETS reads its released schema, any other name the project's rows) or
+    `NAME:SCHEMA=PATH`; errors name the `sets` key and the entry."""
+    from data_recipes.adapters import schema_names
+
+    sets = []
+    for entry in entries:
+        label, sep, path = str(entry).partition("=")
+        name, _, schema = label.partition(":")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"sets: {entry!r} is not NAME=PATH or NAME:SCHEMA=PATH")
+        schema = schema.strip() or NAMED_SETS.get(name.strip(), "rows")
+        if schema in CODE_SCHEMAS:
+            raise ValueError(f"sets: {entry!r} is a code set; align eval grades math answers and multiple-choice "
+                             "letters (code sets train and score through GRPO's code_tests reward)")
+        if schema not in schema_names():
+            raise ValueError(f"sets: {entry!r}: unknown schema {schema!r}; known: {schema_names()}")
+        sets.append(EvalSet(name.strip(), schema, path.strip()))
+    if len({s.name for s in sets}) != len(sets):
+        raise ValueError(f"sets: a name is given twice in {entries}")
+    return sets
+
+
 @dataclass
 class EvalRunConfig:
     """Evaluation of saved checkpoints."""
 
     eval: EvalConfig = option(EvalConfig(budgets=list(DEFAULT_SWEEP)), "What to evaluate and how to decode.")
+    sets: list = option(
+        [], "Named benchmark sets, NAME=PATH (math500, aime24, aime25, gsm8k, gpqa, gpqa_diamond read their "
+            "released schema; other names the project's rows) or NAME:SCHEMA=PATH; eval.test_path is then unused. "
+            "On the command line: --sets math500=PATH,gpqa=PATH.",
+    )
     output_dir: str = option("runs/tiny/eval", "Where eval.json, accuracy_vs_budget.png and report.md go.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    tracking: TrackingConfig = option(TrackingConfig(), "Experiment trackers: each model's figures, the plot and "
+                                                        "eval.json go to wandb, mlflow, trackio (tensorboard: none).")
+
+    def validate(self) -> None:
+        parse_sets(self.sets)
+
+    def unused_paths(self) -> tuple[str, ...]:
+        return ("eval.test_path",) if self.sets else ()
 
 
 def efficiency_points(summary: dict) -> list[tuple[float, float, float, str]]:
@@ -444,6 +516,81 @@ def markdown_report(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def model_label(checkpoint: str, taken) -> str:
+    """runs/x/sft/checkpoint -> "sft"; the whole path when that name is taken already."""
+    path = Path(checkpoint)
+    name = path.parent.name if path.name == "checkpoint" else path.name
+    return checkpoint if name in taken else name
+
+
+def run_eval_sets(checkpoints: list[str], config: EvalRunConfig, device) -> dict:
+    """Every checkpoint on every named set: eval.json holds each set's source and settings, and every result."""
+    import json
+
+    from alignment.checkpoint import verify_checkpoint
+    from alignment.modeling import ModelConfig, load_model, load_tokenizer
+    from data_recipes.adapters import load_dataset_rows
+
+    sets = parse_sets(config.sets)
+    for s in sets:  # a hub id is fetched by `datasets`; a local path must exist
+        if (s.path.startswith((".", "/")) or s.path.endswith((".jsonl", ".json", ".parquet"))) and \
+                not Path(s.path).exists():
+            raise FileNotFoundError(f"sets: {s.name}: no such file: {s.path}")
+    rows = {s.name: load_dataset_rows(s.path, s.schema, max_bad_fraction=config.eval.max_bad_fraction) for s in sets}
+    results: dict[str, dict[str, dict]] = {s.name: {} for s in sets}
+    for checkpoint in checkpoints:
+        verify_checkpoint(checkpoint)
+        model_config = ModelConfig(name_or_path=checkpoint)
+        tokenizer = load_tokenizer(model_config)
+        model = load_model(model_config, device)
+        label = model_label(checkpoint, results[sets[0].name])
+        for s in sets:
+            log.info("eval: %s on %s (%d rows, schema %s)", label, s.name, len(rows[s.name]), s.schema)
+            results[s.name][label] = evaluate_model(model, tokenizer, rows[s.name], config.eval)
+    record = {
+        "sets": {s.name: {"path": s.path, "schema": s.schema, "rows": len(rows[s.name]),
+                          "rows_evaluated": min(len(rows[s.name]), config.eval.max_samples or len(rows[s.name])),
+                          "settings": to_dict(config.eval) | {"test_path": None}} for s in sets},
+        "results": results,
+    }
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    for s in sets:
+        plot_budget_sweep(results[s.name], out / f"accuracy_vs_budget_{s.name}.png")
+    (out / "report.md").write_text(sets_report(record))
+    for tracker in open_trackers(config.tracking, "eval", out, to_dict(config)):
+        for set_name, by_model in results.items():
+            for label, summary in by_model.items():
+                tracker.log(0, {f"{set_name}/{label}/{key}": value for key, value in summary.items()})
+        for s in sets:
+            tracker.log_file(out / f"accuracy_vs_budget_{s.name}.png")
+        for name in ("eval.json", "report.md"):
+            tracker.log_file(out / name)
+        log.info("eval: %s run at %s", type(tracker).__name__, tracker.finish())
+    print(f"eval: {out / 'eval.json'}\nreport: {out / 'report.md'}")
+    return record
+
+
+def sets_report(record: dict) -> str:
+    """One table across the sets: each model's accuracy with reasoning on and off, one standard error after ±."""
+    names = list(record["sets"])
+    models = list(next(iter(record["results"].values())))
+    lines = ["# Evaluation on named sets", "", "One standard error after ±, over the rows of the set.", "",
+             "| model | " + " | ".join(f"{n} think | {n} no-think" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for model in models:
+        cells = []
+        for name in names:
+            summary = record["results"][name][model]
+            cells += [with_stderr(summary, "accuracy_think"), with_stderr(summary, "accuracy_no_think")]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "| set | schema | rows | evaluated | source |", "|---|---|---|---|---|"]
+    for name, info in record["sets"].items():
+        lines.append(f"| {name} | {info['schema']} | {info['rows']} | {info['rows_evaluated']} | `{info['path']}` |")
+    return "\n".join(lines) + "\n"
+
+
 def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
     import json
     from pathlib import Path
@@ -456,6 +603,8 @@ def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
     setup_logging()
     check_paths(config)
     device = pick_device(config.device)
+    if config.sets:
+        return run_eval_sets(checkpoints, config, device)
     rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     results: dict[str, dict] = {}
     for checkpoint in checkpoints:
@@ -463,14 +612,17 @@ def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
         model_config = ModelConfig(name_or_path=checkpoint)
         tokenizer = load_tokenizer(model_config)
         model = load_model(model_config, device)
-        name = Path(checkpoint).parent.name if Path(checkpoint).name == "checkpoint" else Path(checkpoint).name
-        if name in results:
-            name = checkpoint
-        results[name] = evaluate_model(model, tokenizer, rows, config.eval)
+        results[model_label(checkpoint, results)] = evaluate_model(model, tokenizer, rows, config.eval)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     plot_budget_sweep(results, out / "accuracy_vs_budget.png")
     (out / "report.md").write_text(markdown_report(results))
+    for tracker in open_trackers(config.tracking, "eval", out, to_dict(config)):
+        for name, summary in results.items():
+            tracker.log(0, {f"{name}/{key}": value for key, value in summary.items()})
+        for record in ("accuracy_vs_budget.png", "eval.json", "report.md"):
+            tracker.log_file(out / record)
+        log.info("eval: %s run at %s", type(tracker).__name__, tracker.finish())
     print(f"eval: {out / 'eval.json'}\nplot: {out / 'accuracy_vs_budget.png'}\nreport: {out / 'report.md'}")
     return results

@@ -72,6 +72,7 @@ from alignment.lora import LoraConfig, apply_lora
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.resume import (TrainState, resume_sharded_training, resume_training, run_fingerprint,
                               save_sharded_training_state, save_training_state)
+from alignment.trackers import TrackingConfig
 from alignment.tracking import MetricsLogger
 from alignment.zero import ZeroEngine, full_weight_settings
 from envs import task_environments
@@ -262,6 +263,7 @@ class GRPOConfig:
     evaluate_before: bool = option(True, "Also evaluate the start checkpoint, so eval.json holds before and after.")
     output_dir: str = option("runs/tiny/grpo", "Run directory: checkpoint/, metrics.jsonl, reward_curve.png, ...")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    tracking: TrackingConfig = option(TrackingConfig(), "Experiment trackers: tensorboard, wandb, mlflow, trackio.")
     cpu_threads: int = option(
         0, "Torch CPU threads; 0 keeps one per core. Small models on a shared machine run much faster with 1."
     )
@@ -851,8 +853,8 @@ def run_grpo(config: GRPOConfig) -> dict:
         pool.load_state(state.extra["pool"])
         rollout_calls[0], history = state.extra["rollout_calls"], state.extra["history"]
         log.info("resumed from step %d (%s)", state.step, out / "last")
-    metrics = MetricsLogger(out, "grpo", resume_step=state.step if resumed else None, records=("samples.jsonl",)) \
-        if rank == 0 else None
+    metrics = MetricsLogger(out, "grpo", resume_step=state.step if resumed else None, records=("samples.jsonl",),
+                            tracking=config.tracking, run_config=to_dict(config)) if rank == 0 else None
     if world > 1:
         log.info("worker %d of %d: rolls out groups %d, %d, ... of each step and trains on its share of each "
                  "minibatch", rank, world, rank, rank + world)
@@ -959,6 +961,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     results["after"] = evaluate_model(model, tokenizer, test_rows, config.eval)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     metrics.log(config.train.max_steps, **{k: v for k, v in results["after"].items() if isinstance(v, float)})
+    for record in ("reward_curve.png", "eval.json"):
+        metrics.log_file(out / record)
     metrics.close()
 
     # Checkpoint (atomic) with its manifest.

@@ -17,6 +17,7 @@ Without a cluster address it starts a local Ray instance (dashboard off, loopbac
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint
 from alignment.config import DATA_PARALLEL_STAGES, load_config, option, to_dict
+from alignment.trackers import TrackingConfig, open_trackers
 from alignment.distributed import connect_ray
 from alignment.runtime import setup_logging
 
@@ -62,6 +64,10 @@ class PipelineConfig:
     eval: StageSettings = option(StageSettings(config="configs/tiny/eval.yaml"), "Final evaluation of every model.")
     address: str = option("", "Ray cluster address; empty uses RAY_ADDRESS or starts a local instance.")
     max_retries: int = option(1, "Times a failed stage task (a dead worker) is retried before the pipeline stops.")
+    tracking: TrackingConfig = option(
+        TrackingConfig(), "Experiment trackers of every stage whose own `tracking` is left at its default (the group: "
+        "this run directory's name), and of the report (report.md, the plots, metrics.json's figures).",
+    )
 
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
@@ -121,8 +127,19 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
         config.model.tokenizer = ""
 
 
+def _track(config: Any, pipeline: TrackingConfig, run_dir: Path) -> None:
+    """Hand the pipeline's trackers to a stage left at the default, and group the stage with the pipeline's run."""
+    if not hasattr(config, "tracking"):
+        return
+    if to_dict(config.tracking) == to_dict(TrackingConfig()):
+        config.tracking = dataclasses.replace(pipeline)
+    if not config.tracking.group:
+        config.tracking.group = pipeline.group or run_dir.name
+
+
 def _fingerprint(config: Any, upstream: str) -> str:
-    text = json.dumps(to_dict(config), sort_keys=True, default=str) + upstream
+    settings = {k: v for k, v in to_dict(config).items() if k != "tracking"}  # where logs go changes no result
+    text = json.dumps(settings, sort_keys=True, default=str) + upstream
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -181,6 +198,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         settings: StageSettings = getattr(config, name)
         stage_config = load_config(stage_entry(name)[0], settings.config or None, list(settings.overrides))
         _wire(name, stage_config, run_dir, upstream_model, data_dir)
+        _track(stage_config, config.tracking, run_dir)
         checkpoints = list(produced.values()) if name == "eval" else []
         if name == "eval":
             upstream_fp += json.dumps(produced)
@@ -214,7 +232,22 @@ def run_pipeline(config: PipelineConfig) -> dict:
             produced[name] = upstream_model
     from alignment.report import write_report
 
-    return write_report(run_dir, selected, timings)
+    metrics = write_report(run_dir, selected, timings)
+    track_report(config, run_dir, metrics)
+    return metrics
+
+
+def track_report(config: PipelineConfig, run_dir: Path, metrics: dict) -> None:
+    """The report's own tracker run, in the pipeline's group: every model's figures, stage times, report, plots."""
+    report_tracking = dataclasses.replace(config.tracking, group=config.tracking.group or run_dir.name)
+    for tracker in open_trackers(report_tracking, "pipeline", run_dir, to_dict(config)):
+        for stage, figures in metrics["stages"].items():
+            tracker.log(0, {f"{stage}/{key}": value for key, value in figures.items()})
+        tracker.log(0, {f"seconds/{stage}": seconds for stage, seconds in metrics["seconds"].items()})
+        for record in ("report.md", "metrics.json", "curves.png", "eval/accuracy_vs_budget.png"):
+            if (run_dir / record).is_file():
+                tracker.log_file(run_dir / record)
+        log.info("pipeline: %s run at %s", type(tracker).__name__, tracker.finish())
 
 
 def _jsonable(value: Any) -> Any:

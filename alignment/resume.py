@@ -43,6 +43,7 @@ def run_fingerprint(config, *input_files: str, salt: str = "") -> str:
     """Hash of the resolved config (less where outputs go), the bytes of the inputs and `salt`."""
     data = to_dict(config)
     data.pop("output_dir", None)
+    data.pop("tracking", None)  # where the logs go changes nothing a resumed run computes
     digest = hashlib.sha256((json.dumps(data, sort_keys=True, default=str) + salt).encode())
     for path in input_files:
         digest.update(Path(path).read_bytes())

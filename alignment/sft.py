@@ -40,6 +40,7 @@ from alignment.resume import (TrainState, resume_sharded_training, resume_traini
                               save_sharded_training_state, save_training_state)
 from alignment.split_guard import guard_splits
 from alignment.token_logprobs import describe_loss_path, model_token_logps
+from alignment.trackers import TrackingConfig
 from alignment.tracking import MetricsLogger
 from alignment.zero import chunked_loss_unusable
 from data_recipes.truncation import TruncationConfig, mask_forced_close, truncate_rows
@@ -124,6 +125,7 @@ class SFTConfig:
     eval: EvalConfig = option(EvalConfig(), "Evaluation after training (on data.test_path; eval.test_path is unused).")
     output_dir: str = option("runs/tiny/sft", "Run directory: checkpoint/, metrics.jsonl, tensorboard/, eval.json.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    tracking: TrackingConfig = option(TrackingConfig(), "Experiment trackers: tensorboard, wandb, mlflow, trackio.")
 
     def validate(self) -> None:
         if self.train.packing and self.train.max_tokens_per_row < self.data.max_seq_len:
@@ -355,7 +357,8 @@ def run_sft(config: SFTConfig) -> dict:
         resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     if resumed:
         log.info("resumed from step %d (%s)", state.step, out / "last")
-    metrics = MetricsLogger(out, "sft", resume_step=state.step if resumed else None) if rank == 0 else None
+    metrics = MetricsLogger(out, "sft", resume_step=state.step if resumed else None, tracking=config.tracking,
+                            run_config=to_dict(config)) if rank == 0 else None
     model.train()
     started = time.time() - state.seconds
     progress = tqdm(range(state.step, config.train.max_steps), desc="sft", unit="step", dynamic_ncols=True,
@@ -420,6 +423,7 @@ def run_sft(config: SFTConfig) -> dict:
     results = evaluate_model(model, tokenizer, test_rows, config.eval)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     metrics.log(config.train.max_steps, **{k: v for k, v in results.items() if isinstance(v, float)})
+    metrics.log_file(out / "eval.json")
     metrics.close()
 
     # Checkpoint (atomic) with its manifest.

@@ -64,6 +64,46 @@ def last_code_block(text: str, languages: tuple[str, ...] = ("python", "py", "py
     return blocks[-1] if blocks else None
 
 
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+_ANSWER_PHRASE = re.compile(  # "answer: C", "the answer is (C)", "answer is **C**", "Answer - C)"
+    r"answer(?:\s+is)?\s*[:\-]?\s*[(\[*]*\s*([A-Za-z])\s*[)\]*]*(?![\w'])", re.IGNORECASE)
+
+_ANOTHER_LETTER = re.compile(r"\s*(?:,|/|&|and|or)\s*[(\[]?[A-Z](?![\w'])")
+
+
+def _plain(text: str) -> str:
+    return " ".join(_TEXT_MACRO.sub(r"\1", text).replace("$", "").split()).strip(" .").lower()
+
+
+def choice_letter(text: str, choices: dict[str, str]) -> str | None:
+    """The option a multiple-choice answer picks (a key of `choices`, e.g. "C"), or None when it picks none or several.
+
+    The last `\\boxed{}` decides when there is one: a letter, alone or in brackets or `\\text{}` ("(C)"), or
+    followed by its option ("C) 42"), or exactly the text of one option ("42"). Anything else boxed picks nothing,
+    whatever the prose says. Without a box, the last "answer is (C)" / "Answer: C" phrase, its letter one of the
+    options. A bare letter elsewhere ("A careful look ...") is never an answer.
+    """
+    letters = {letter.upper() for letter in choices}
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        inner = _TEXT_MACRO.sub(r"\1", boxed).strip().strip("$").strip()
+        alone = re.fullmatch(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\.?", inner)
+        if alone:
+            return alone.group(1).upper() if alone.group(1).upper() in letters else None
+        lead = re.match(r"[(\[]?([A-Z])[)\].:]\s+(.+)", inner)
+        if lead and lead.group(1) in letters and _plain(lead.group(2)) == _plain(choices[lead.group(1)]):
+            return lead.group(1)
+        named = [letter for letter, option in choices.items() if _plain(option) == _plain(inner)]
+        return named[0].upper() if len(named) == 1 else None
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if not phrases:
+        return None
+    last = phrases[-1]
+    if _ANOTHER_LETTER.match(text, last.end()):  # "answer: A and B" picks two
+        return None
+    return last.group(1).upper() if last.group(1).upper() in letters else None
+
+
 def answers_match(predicted: str, reference: str) -> bool:
     """Exact match after trimming whitespace and a trailing period; numbers compare by value (`3.0` == `3`)."""
     a, b = predicted.strip().rstrip("."), reference.strip().rstrip(".")

@@ -9,7 +9,7 @@ line can say `schema: gsm8k`:
     rows = load_dataset_rows("openai/gsm8k", "gsm8k", split="train", name="main")   # hub, through `datasets`
 
 Schemas: `llama_nemotron`, `nemotron_post_training` (conversation sets with a reasoning flag), `gsm8k`, `math`,
-`openmathreasoning` (math), `mbpp`, `humaneval`, `livecodebench` (code with tests), `rows` (already converted).
+`openmathreasoning`, `aime` (math), `gpqa` (multiple choice), `mbpp`, `humaneval`, `livecodebench` (code with tests), `rows` (already converted).
 Preference sets (chosen/rejected) are in `data_recipes/preference.py`.
 """
 
@@ -21,10 +21,11 @@ from data_recipes.adapters.base import (
     register_schema,
     schema_names,
 )
+from data_recipes.adapters.choice_sets import rows_from_gpqa
 from data_recipes.adapters.code_sets import rows_from_humaneval, rows_from_livecodebench, rows_from_mbpp
 from data_recipes.adapters.conversation import rows_from_llama_nemotron, rows_from_nemotron_post_training
 from data_recipes.adapters.loading import load_dataset_rows, load_dataset_rows_with_report, load_records
-from data_recipes.adapters.math_sets import rows_from_gsm8k, rows_from_math, rows_from_openmathreasoning
+from data_recipes.adapters.math_sets import rows_from_aime, rows_from_gsm8k, rows_from_math, rows_from_openmathreasoning
 
 __all__ = [
     "AdapterReport",
@@ -35,6 +36,8 @@ __all__ = [
     "load_dataset_rows_with_report",
     "load_records",
     "register_schema",
+    "rows_from_aime",
+    "rows_from_gpqa",
     "rows_from_gsm8k",
     "rows_from_humaneval",
     "rows_from_livecodebench",

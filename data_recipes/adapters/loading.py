@@ -15,6 +15,7 @@ public test sets, and the split guard refuses splits that share a prompt.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -29,7 +30,7 @@ from data_recipes.adapters.base import (
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 @register_schema("rows")
@@ -59,6 +60,9 @@ def _file_records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise ValueError(f"{path}: a .json dataset must hold a list of records")
         return data
+    if path.suffix == ".csv":  # GPQA's release: one record per row, the header names the fields
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [dict(record) for record in csv.DictReader(handle)]
     # Parquet through `datasets` (already a dependency) rather than pyarrow directly, whose version it pins.
     import datasets
 

@@ -3,6 +3,8 @@
 - `gsm8k`: `question`, `answer` = worked steps (with `<<48/2=24>>` calculator notes) then `#### 72`.
 - `math` (MATH / competition math, MATH-500): `problem`, `solution` with the final answer in `\\boxed{}`; an
   explicit `answer` field wins over the boxed one when present.
+- `aime` (AIME 2024 / 2025 as released, and other problem/answer sets): `problem`, `answer` (an integer for AIME),
+  no solution: a reasoning-off row whose answer turn states the boxed answer.
 - `openmathreasoning`: `problem`, `generated_solution` (a `<think>` trace, then the written solution),
   `expected_answer`.
 
@@ -81,6 +83,15 @@ def competition_math_row(record: dict[str, Any], index: int) -> dict[str, Any]:
     return math_row("math", record, index, problem, solution, answer_text(answer), answer, extra)
 
 
+@register_schema("aime")
+def aime_row(record: dict[str, Any], index: int) -> dict[str, Any]:
+    problem = text_field(record, "problem")
+    answer = record.get("answer")
+    if not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise RecordError("`answer` is missing")
+    return math_row("aime", record, index, problem, "", answer_text(str(answer)), str(answer))
+
+
 @register_schema("openmathreasoning")
 def openmathreasoning_row(record: dict[str, Any], index: int) -> dict[str, Any]:
     problem = text_field(record, "problem")
@@ -106,3 +117,8 @@ def rows_from_math(records, **options) -> list[dict[str, Any]]:
 def rows_from_openmathreasoning(records, **options) -> list[dict[str, Any]]:
     """Rows from OpenMathReasoning records (`problem`, `generated_solution`, `expected_answer`)."""
     return adapt(records, "openmathreasoning", **options)[0]
+
+
+def rows_from_aime(records, **options) -> list[dict[str, Any]]:
+    """Rows from problem/answer records (AIME: `problem`, `answer`)."""
+    return adapt(records, "aime", **options)[0]
