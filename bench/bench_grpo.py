@@ -14,15 +14,26 @@ batch geometry set to match (`per_device_train_batch_size` x `gradient_accumulat
 Reported per side: mean step time over the steps after the first (warm-up), its split into generate / reward /
 learn, completion tokens generated per second and (prompt + completion) tokens trained per second.
 
+Long-tailed lengths (`--lengths longtail`): each sample ends with the end-of-turn token at a planned length drawn
+log-uniform in [`--min-new-tokens`, `--max-new-tokens`], keyed by its prompt and how many samples of that prompt
+came before, so every side decodes the same lengths. `--decodes static,continuous` runs our stage once per
+rollout.decode path (TRL is skipped then): the step time of today's static batch against continuous batching.
+
     python bench/bench_grpo.py --size tiny                  # CPU check, under a minute
     python bench/bench_grpo.py --device cuda                # the GPU benchmark: 64 prompts x 8, 1024 new tokens
     python bench/bench_grpo.py --device cuda --skip-trl     # ours only
+    python bench/bench_grpo.py --device cuda --model-json configs/nano9b/model_nano9b_v2.json --lengths longtail \
+        --max-new-tokens 2048 --decodes static,continuous --set lora.enabled=true --set train.loss_chunk_tokens=2048 \
+        --set train.activation_checkpointing=true --set rollout.batch_size=256   # a 9B GRPO step, both engines
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import random
 import statistics
 import sys
 import tempfile
@@ -60,12 +71,20 @@ def trl_parity(completions, **kwargs) -> list[float]:
 
 
 def build_model_dir(args, out: Path) -> Path:
-    """A random-init hybrid and a tokenizer (the tiny one, grown to the vocabulary with filler tokens) on disk."""
+    """A random-init hybrid and a tokenizer (the tiny one, grown to the vocabulary with filler tokens) on disk.
+
+    With `--model-json` only the tokenizer is written: the stage builds that architecture itself, on the device (a
+    CPU init of 9B parameters takes minutes)."""
     from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
+    if args.model_json:
+        args.vocab = json.loads(Path(args.model_json).read_text())["vocab_size"]
     # Filler tokens make every id the random model can sample decodable, so rewards see real text.
     tokenizer.add_tokens([f"<w{i}>" for i in range(args.vocab - len(tokenizer))])
+    if args.model_json:
+        tokenizer.save_pretrained(out / "tokenizer")
+        return out / "tokenizer"
     unit = "M-*-M-"  # 8 Mamba-2, 4 attention, 12 MLP in 24 blocks
     config = NemotronHConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -145,12 +164,42 @@ def profile_generation_call(out: Path, call: int) -> None:
     grpo.generate = profiled
 
 
-def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
+@contextlib.contextmanager
+def planned_lengths(low: int, high: int, seed: int = 0):
+    """Samples end at log-uniform planned lengths (see the docstring): a random-init model's stand-in for real,
+    long-tailed completions. The same prompts in the same order get the same lengths on every side."""
+    from alignment.rollout import generation
+
+    seen: dict[tuple[int, ...], int] = {}
+    original_init, original_step = generation._Sample.__init__, generation._Sample.step
+
+    def init(sample, prompt, *rest, **kwargs):
+        original_init(sample, prompt, *rest, **kwargs)
+        key = tuple(prompt)
+        seen[key] = seen.get(key, -1) + 1
+        draw = random.Random(hash((seed, key, seen[key])) & 0xFFFFFFFF).uniform(math.log(low), math.log(high))
+        sample.planned = int(round(math.exp(draw)))
+
+    def step(sample, model_choice, choice_logprob):
+        if len(sample.tokens) + 1 >= sample.planned and sample.settings.eos_token_ids and not sample.pending:
+            model_choice = sample.settings.eos_token_ids[0]
+        return original_step(sample, model_choice, choice_logprob)
+
+    generation._Sample.__init__, generation._Sample.step = init, step
+    try:
+        yield
+    finally:
+        generation._Sample.__init__, generation._Sample.step = original_init, original_step
+
+
+def run_ours(args, model_dir: Path, data: Path, out: Path, decode: str = "auto") -> dict:
     steps = args.steps + args.profile_generate  # the profiled step comes last and is not timed
     if args.profile_generate:
         profile_generation_call(out, steps)
     config = load_config(GRPOConfig, None, [
-        f"model.name_or_path={model_dir}", f"model.dtype={args.dtype}",
+        *([f"model.name_or_path={Path(args.model_json).resolve()}", f"model.tokenizer={model_dir}"]
+          if args.model_json else [f"model.name_or_path={model_dir}"]),
+        f"model.dtype={args.dtype}",
         f"data.train_path={data / 'train.jsonl'}", f"eval.test_path={data / 'test.jsonl'}",
         f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.batch_size={args.gen_batch}",
@@ -161,10 +210,13 @@ def run_ours(args, model_dir: Path, data: Path, out: Path) -> dict:
         "train.rows_per_micro_batch=1", "train.sample_every=1000",
         "rewards.rewards=[{name: bench_parity}]", "rewards.mode=inprocess",
         "eval.max_samples=1", "eval.max_new_tokens=1", "eval.budgets=[]", "evaluate_before=false",
-        f"output_dir={out / 'ours'}", f"device={args.device}", f"cpu_threads={args.threads}",
+        f"rollout.decode={decode}", f"output_dir={out / ('ours-' + decode)}", f"device={args.device}",
+        f"cpu_threads={args.threads}", *args.set,
     ])
-    run_grpo(config)
-    steps = [m for m in read_metrics(out / "ours" / "metrics.jsonl") if "time_step" in m][1 : args.steps]
+    with planned_lengths(args.min_new_tokens, args.max_new_tokens) if args.lengths == "longtail" \
+            else contextlib.nullcontext():
+        run_grpo(config)
+    steps = [m for m in read_metrics(out / f"ours-{decode}" / "metrics.jsonl") if "time_step" in m][1 : args.steps]
     return summarise(
         step=[m["time_step"] for m in steps], generate=[m["time_generate"] for m in steps],
         reward=[m["time_reward"] for m in steps], learn=[m["time_learn"] for m in steps],
@@ -267,6 +319,14 @@ def main() -> None:
     parser.add_argument("--profile-generate", action="store_true",
                         help="profile the generate call of one extra step of ours (not timed)")
     parser.add_argument("--out", default="runs/bench/grpo", help="where results.json and the runs go")
+    parser.add_argument("--lengths", choices=["model", "longtail"], default="model",
+                        help="model: what the model writes (a random model: nearly always the cap); longtail: planned")
+    parser.add_argument("--min-new-tokens", type=int, default=None, help="longtail's shortest (--max-new-tokens / 32)")
+    parser.add_argument("--decodes", default="auto", help="comma-separated rollout.decode paths of our stage")
+    parser.add_argument("--model-json", help="an architecture's config JSON instead of the 24-block model, e.g. "
+                                             "configs/nano9b/model_nano9b_v2.json (built on the device)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a GRPO config override for our stage, e.g. --set lora.enabled=true (repeatable)")
     for key in SIZES["full"]:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override the size's {key}")
     args = parser.parse_args()
@@ -278,26 +338,33 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    args.min_new_tokens = args.min_new_tokens or max(1, args.max_new_tokens // 32)
+    args.decodes = args.decodes.split(",")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
         model_dir, data = build_model_dir(args, tmp), write_prompts(args, tmp)
-        results = {"setup": {k: v for k, v in vars(args).items()}, "ours": run_ours(args, model_dir, data, out)}
-        (out / "results.json").write_text(json.dumps(results, indent=2))  # ours alone, in case TRL is cut off
-        print(f"ours: {json.dumps(results['ours'])}", flush=True)
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            print("TRL not importable: skipping the GRPOTrainer side")
-            results["trl"] = None
-        else:
-            results["trl"] = None if args.skip_trl else run_trl(args, model_dir, data, out)
+        results = {"setup": {k: v for k, v in vars(args).items()}, "decodes": {}}
+        for decode in args.decodes:
+            results["decodes"][decode] = run_ours(args, model_dir, data, out, decode)
+            (out / "results.json").write_text(json.dumps(results, indent=2))  # so far, in case a side is cut off
+            print(f"ours, decode={decode}: {json.dumps(results['decodes'][decode])}", flush=True)
+        results["ours"] = results["decodes"][args.decodes[0]]
+        results["trl"] = None
+        if len(args.decodes) == 1 and not args.skip_trl:  # decode paths side by side: ours only
+            try:
+                import trl  # noqa: F401
+            except ImportError:
+                print("TRL not importable: skipping the GRPOTrainer side")
+            else:
+                results["trl"] = run_trl(args, model_dir, data, out)
     if args.device.startswith("cuda"):
         results["setup"]["gpu"] = torch.cuda.get_device_name()
 
-    rows = [("ours", results["ours"])] + ([("trl GRPOTrainer", results["trl"])] if results["trl"] else [])
+    rows = [(f"ours, {d}", r) for d, r in results["decodes"].items()] + \
+        ([("trl GRPOTrainer", results["trl"])] if results["trl"] else [])
     print(f"\n{args.prompts} prompts x {args.group_size} completions, up to {args.max_new_tokens} new tokens, "
           f"{args.device}, {args.dtype}")
     print(f"{'':18}{'step s':>9}{'generate':>10}{'reward':>9}{'learn':>9}{'gen tok/s':>11}{'train tok/s':>12}")
@@ -307,6 +374,10 @@ def main() -> None:
     if results["trl"]:
         results["speedup_step"] = results["trl"]["step_s"] / results["ours"]["step_s"]
         print(f"speed-up (TRL step time / ours): {results['speedup_step']:.2f}x")
+    if len(args.decodes) > 1:
+        first, last = (results["decodes"][d]["step_s"] for d in (args.decodes[0], args.decodes[-1]))
+        results["speedup_step_decodes"] = first / last
+        print(f"speed-up ({args.decodes[0]} step time / {args.decodes[-1]}): {first / last:.2f}x")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {out / 'results.json'}")
 
