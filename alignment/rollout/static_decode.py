@@ -17,7 +17,9 @@ Shapes cannot change between replays, so finished rows stay in the batch: they a
 their outputs are ignored. Their compute is not saved, which costs little while a step is bound by the host (small
 models) and up to the finished rows' share of the arithmetic when it is not (large models, large batches). The
 continuous-batching engine (`alignment/rollout/continuous.py`) fills such rows again instead: `load_slots` writes another
-prefill's rows into chosen rows (slots) of the buffers, and every row keeps its own write position.
+prefill's rows into chosen rows (slots) of the buffers, and every row keeps its own write position; `moved_to`
+continues chosen slots on a decoder of fewer rows (the engine's tail, once nothing waits). A Mamba state kept in the
+model's dtype is updated by `alignment/rollout/ssm_step.py` on CUDA, a float32 one by the mixer's own function.
 
 The eager form of the same step runs on any device; `tests/test_generation.py` checks it against transformers'
 forward with its dynamic cache, and `bench/bench_generation.py` checks the graph against both on a GPU.
