@@ -17,19 +17,20 @@ what a trained `</think>` label after a mid-line cut could teach, while at infer
 
 from __future__ import annotations
 
+import json
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
 from alignment.config import check_paths, option, to_dict
-from alignment.trackers import TrackingConfig, open_trackers
 from alignment.eval_stats import (format_gain, majority_answer, mean_and_stderr, paired_gains, pass_at_k,
                                   sampling_stderr, with_stderr)
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys, generate,
                                   line_end_token_ids)
+from alignment.trackers import TrackingConfig, log_finished
 from data_recipes.adapters.choice_sets import MULTIPLE_CHOICE
 from envs.answers import THINK_CLOSE, THINK_OPEN, answer_part, answers_match, choice_letter, extract_boxed
 
@@ -523,26 +524,36 @@ def model_label(checkpoint: str, taken) -> str:
     return checkpoint if name in taken else name
 
 
-def run_eval_sets(checkpoints: list[str], config: EvalRunConfig, device) -> dict:
-    """Every checkpoint on every named set: eval.json holds each set's source and settings, and every result."""
-    import json
-
+def load_checkpoint(checkpoint: str, device):
+    """(model, tokenizer) of a checkpoint `align eval` names, verified first."""
     from alignment.checkpoint import verify_checkpoint
     from alignment.modeling import ModelConfig, load_model, load_tokenizer
+
+    verify_checkpoint(checkpoint)
+    model_config = ModelConfig(name_or_path=checkpoint)
+    tokenizer = load_tokenizer(model_config)  # seconds, before minutes of model loading
+    return load_model(model_config, device), tokenizer
+
+
+def figures_of(results: dict[str, dict], prefix: str = "") -> dict:
+    """Each model's summary flattened for the trackers: {"<prefix><model>/<key>": value}."""
+    return {f"{prefix}{name}/{key}": value for name, summary in results.items() for key, value in summary.items()}
+
+
+def run_eval_sets(checkpoints: list[str], config: EvalRunConfig, device) -> dict:
+    """Every checkpoint on every named set: eval.json holds each set's source and settings, and every result."""
     from data_recipes.adapters import load_dataset_rows
 
     sets = parse_sets(config.sets)
-    for s in sets:  # a hub id is fetched by `datasets`; a local path must exist
-        if (s.path.startswith((".", "/")) or s.path.endswith((".jsonl", ".json", ".parquet"))) and \
-                not Path(s.path).exists():
-            raise FileNotFoundError(f"sets: {s.name}: no such file: {s.path}")
-    rows = {s.name: load_dataset_rows(s.path, s.schema, max_bad_fraction=config.eval.max_bad_fraction) for s in sets}
+    rows = {}
+    for s in sets:  # before any model loads: a missing file fails in seconds
+        try:
+            rows[s.name] = load_dataset_rows(s.path, s.schema, max_bad_fraction=config.eval.max_bad_fraction)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"sets: {s.name}: {error}") from error
     results: dict[str, dict[str, dict]] = {s.name: {} for s in sets}
     for checkpoint in checkpoints:
-        verify_checkpoint(checkpoint)
-        model_config = ModelConfig(name_or_path=checkpoint)
-        tokenizer = load_tokenizer(model_config)
-        model = load_model(model_config, device)
+        model, tokenizer = load_checkpoint(checkpoint, device)
         label = model_label(checkpoint, results[sets[0].name])
         for s in sets:
             log.info("eval: %s on %s (%d rows, schema %s)", label, s.name, len(rows[s.name]), s.schema)
@@ -556,18 +567,14 @@ def run_eval_sets(checkpoints: list[str], config: EvalRunConfig, device) -> dict
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(record, indent=2))
-    for s in sets:
-        plot_budget_sweep(results[s.name], out / f"accuracy_vs_budget_{s.name}.png")
+    plots = [out / f"accuracy_vs_budget_{s.name}.png" for s in sets]
+    for s, plot in zip(sets, plots):
+        plot_budget_sweep(results[s.name], plot)
     (out / "report.md").write_text(sets_report(record))
-    for tracker in open_trackers(config.tracking, "eval", out, to_dict(config)):
-        for set_name, by_model in results.items():
-            for label, summary in by_model.items():
-                tracker.log(0, {f"{set_name}/{label}/{key}": value for key, value in summary.items()})
-        for s in sets:
-            tracker.log_file(out / f"accuracy_vs_budget_{s.name}.png")
-        for name in ("eval.json", "report.md"):
-            tracker.log_file(out / name)
-        log.info("eval: %s run at %s", type(tracker).__name__, tracker.finish())
+    figures = {}
+    for set_name, by_model in results.items():
+        figures |= figures_of(by_model, f"{set_name}/")
+    log_finished(config.tracking, "eval", out, to_dict(config), figures, [*plots, out / "eval.json", out / "report.md"])
     print(f"eval: {out / 'eval.json'}\nreport: {out / 'report.md'}")
     return record
 
@@ -592,12 +599,7 @@ def sets_report(record: dict) -> str:
 
 
 def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
-    import json
-    from pathlib import Path
-
-    from alignment.checkpoint import verify_checkpoint
     from alignment.data import read_rows
-    from alignment.modeling import ModelConfig, load_model, load_tokenizer
     from alignment.runtime import pick_device, setup_logging
 
     setup_logging()
@@ -608,21 +610,14 @@ def run_eval(checkpoints: list[str], config: EvalRunConfig) -> dict[str, dict]:
     rows, _ = read_rows(config.eval.test_path, "prompt", config.eval.max_bad_fraction)
     results: dict[str, dict] = {}
     for checkpoint in checkpoints:
-        verify_checkpoint(checkpoint)
-        model_config = ModelConfig(name_or_path=checkpoint)
-        tokenizer = load_tokenizer(model_config)
-        model = load_model(model_config, device)
+        model, tokenizer = load_checkpoint(checkpoint, device)
         results[model_label(checkpoint, results)] = evaluate_model(model, tokenizer, rows, config.eval)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     plot_budget_sweep(results, out / "accuracy_vs_budget.png")
     (out / "report.md").write_text(markdown_report(results))
-    for tracker in open_trackers(config.tracking, "eval", out, to_dict(config)):
-        for name, summary in results.items():
-            tracker.log(0, {f"{name}/{key}": value for key, value in summary.items()})
-        for record in ("accuracy_vs_budget.png", "eval.json", "report.md"):
-            tracker.log_file(out / record)
-        log.info("eval: %s run at %s", type(tracker).__name__, tracker.finish())
+    log_finished(config.tracking, "eval", out, to_dict(config), figures_of(results),
+                 [out / "accuracy_vs_budget.png", out / "eval.json", out / "report.md"])
     print(f"eval: {out / 'eval.json'}\nplot: {out / 'accuracy_vs_budget.png'}\nreport: {out / 'report.md'}")
     return results

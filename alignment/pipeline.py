@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from alignment.checkpoint import CorruptCheckpointError, verify_checkpoint
 from alignment.config import DATA_PARALLEL_STAGES, load_config, option, to_dict
-from alignment.trackers import TrackingConfig, open_trackers
+from alignment.trackers import TrackingConfig, log_finished, pipeline_group
 from alignment.distributed import connect_ray
 from alignment.runtime import setup_logging
 
@@ -134,7 +134,7 @@ def _track(config: Any, pipeline: TrackingConfig, run_dir: Path) -> None:
     if to_dict(config.tracking) == to_dict(TrackingConfig()):
         config.tracking = dataclasses.replace(pipeline)
     if not config.tracking.group:
-        config.tracking.group = pipeline.group or run_dir.name
+        config.tracking.group = pipeline_group(pipeline, run_dir)
 
 
 def _fingerprint(config: Any, upstream: str) -> str:
@@ -239,15 +239,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 def track_report(config: PipelineConfig, run_dir: Path, metrics: dict) -> None:
     """The report's own tracker run, in the pipeline's group: every model's figures, stage times, report, plots."""
-    report_tracking = dataclasses.replace(config.tracking, group=config.tracking.group or run_dir.name)
-    for tracker in open_trackers(report_tracking, "pipeline", run_dir, to_dict(config)):
-        for stage, figures in metrics["stages"].items():
-            tracker.log(0, {f"{stage}/{key}": value for key, value in figures.items()})
-        tracker.log(0, {f"seconds/{stage}": seconds for stage, seconds in metrics["seconds"].items()})
-        for record in ("report.md", "metrics.json", "curves.png", "eval/accuracy_vs_budget.png"):
-            if (run_dir / record).is_file():
-                tracker.log_file(run_dir / record)
-        log.info("pipeline: %s run at %s", type(tracker).__name__, tracker.finish())
+    figures = {f"{stage}/{key}": value for stage, stage_figures in metrics["stages"].items()
+               for key, value in stage_figures.items()}
+    figures |= {f"seconds/{stage}": seconds for stage, seconds in metrics["seconds"].items()}
+    log_finished(dataclasses.replace(config.tracking, group=pipeline_group(config.tracking, run_dir)), "pipeline",
+                 run_dir, to_dict(config), figures,
+                 [run_dir / name for name in ("report.md", "metrics.json", "curves.png", "eval/accuracy_vs_budget.png")])
 
 
 def _jsonable(value: Any) -> Any:

@@ -73,6 +73,23 @@ def open_trackers(config: TrackingConfig, stage: str, run_dir: str | Path, run_c
     return trackers
 
 
+def log_finished(config: TrackingConfig, stage: str, run_dir: str | Path, run_config: dict, figures: dict,
+                 files: list[Path]) -> None:
+    """A run per tracker for work that is done (an evaluation, a pipeline's report): its figures at step 0 and
+    those of its `files` that exist."""
+    for tracker in open_trackers(config, stage, run_dir, run_config):
+        tracker.log(0, figures)
+        for path in files:
+            if path.is_file():
+                tracker.log_file(path)
+        log.info("%s: %s run at %s", stage, type(tracker).__name__, tracker.finish())
+
+
+def pipeline_group(config: TrackingConfig, run_dir: Path) -> str:
+    """The group of a pipeline's runs: `tracking.group`, else the run directory's name."""
+    return config.group or Path(run_dir).name
+
+
 def flat(config: dict, prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr": 1}} -> {"train.lr": 1}: the form MLflow's parameters take."""
     out = {}

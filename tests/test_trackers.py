@@ -66,7 +66,7 @@ def test_a_pipeline_hands_its_trackers_to_default_stages_and_groups_them_all(tmp
 
 
 def test_the_pipeline_report_gets_its_own_run_in_the_group(tmp_path, monkeypatch):
-    from alignment import pipeline
+    from alignment import pipeline, trackers
 
     opened = []
 
@@ -84,7 +84,7 @@ def test_the_pipeline_report_gets_its_own_run_in_the_group(tmp_path, monkeypatch
         def finish(self):
             return "here"
 
-    monkeypatch.setattr(pipeline, "open_trackers", lambda *args: [Recorder(*args)])
+    monkeypatch.setattr(trackers, "open_trackers", lambda *args: [Recorder(*args)])
     run_dir = tmp_path / "run3"
     (run_dir / "eval").mkdir(parents=True)
     for name in ("report.md", "metrics.json", "curves.png", "eval/accuracy_vs_budget.png"):

@@ -324,22 +324,22 @@ class StaticDecoder:
         ).transpose(1, 2)  # [B, 1, conv_dim]
         xs, b, c = xbc.split([mixer.intermediate_size, groups * state_size, groups * state_size], dim=-1)
         a = -torch.exp(mixer.A_log.float())  # [H]
-        if ssm_step_chosen(ssm.device, ssm.dtype):  # a bf16 state: whole heads per program, see alignment/rollout/ssm_step.py
+        if ssm_step_chosen(ssm.device, ssm.dtype):  # a bf16 state: whole heads per program (rollout/ssm_step.py)
             y = ssm_step(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a, b.reshape(batch, groups, state_size),
                          c.reshape(batch, groups, state_size), mixer.D, mixer.dt_bias)
-            return mixer.out_proj(mixer.norm(y.reshape(batch, 1, -1), gate).to(x.dtype))
-        y = self.state_update(
-            ssm,
-            xs.reshape(batch, heads, head_dim),
-            dt.transpose(1, 2).expand(-1, -1, head_dim),  # [B, H, P]
-            a[:, None, None].expand(-1, head_dim, state_size),  # [H, P, N]
-            b.reshape(batch, groups, state_size),
-            c.reshape(batch, groups, state_size),
-            mixer.D[:, None].expand(-1, head_dim),
-            z=None,
-            dt_bias=mixer.dt_bias[:, None].expand(-1, head_dim),
-            dt_softplus=True,
-        )  # [B, H, P]
+        else:
+            y = self.state_update(
+                ssm,
+                xs.reshape(batch, heads, head_dim),
+                dt.transpose(1, 2).expand(-1, -1, head_dim),  # [B, H, P]
+                a[:, None, None].expand(-1, head_dim, state_size),  # [H, P, N]
+                b.reshape(batch, groups, state_size),
+                c.reshape(batch, groups, state_size),
+                mixer.D[:, None].expand(-1, head_dim),
+                z=None,
+                dt_bias=mixer.dt_bias[:, None].expand(-1, head_dim),
+                dt_softplus=True,
+            )  # [B, H, P]
         y = mixer.norm(y.reshape(batch, 1, -1), gate)
         return mixer.out_proj(y.to(x.dtype))
 
