@@ -163,3 +163,14 @@ def test_the_sets_table_and_its_records_reach_mlflow(tmp_path, monkeypatch):
     assert [m.value for m in logged] == [record["results"]["aime25"]["tiny"]["accuracy_think"]]
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "report.md", "accuracy_vs_budget_gpqa_diamond.png"} <= artifacts
+
+
+def test_a_missing_set_file_is_named_by_its_set_before_any_model_loads(tmp_path):
+    from alignment.config import load_config
+    from alignment.evaluate import run_eval
+
+    config = load_config(EvalRunConfig, None, [f"output_dir={tmp_path / 'eval'}", "device=cpu"])
+    config.sets = [f"gpqa_diamond={tmp_path / 'absent.csv'}"]
+    with pytest.raises(FileNotFoundError, match=r"sets: gpqa_diamond: .*absent\.csv"):
+        run_eval([str(tmp_path / "no-checkpoint")], config)
+    assert not (tmp_path / "eval").exists()
