@@ -18,6 +18,8 @@ Long-tailed lengths (`--lengths longtail`): each sample ends with the end-of-tur
 log-uniform in [`--min-new-tokens`, `--max-new-tokens`], keyed by its prompt and how many samples of that prompt
 came before, so every side decodes the same lengths. `--decodes static,continuous` runs our stage once per
 rollout.decode path (TRL is skipped then): the step time of today's static batch against continuous batching.
+`--warmup-tokens N` ends the warm-up step's samples after N tokens, so that on a 9B model it compiles and captures
+without costing a full step.
 
     python bench/bench_grpo.py --size tiny                  # CPU check, under a minute
     python bench/bench_grpo.py --device cuda                # the GPU benchmark: 64 prompts x 8, 1024 new tokens
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -165,12 +168,15 @@ def profile_generation_call(out: Path, call: int) -> None:
 
 
 @contextlib.contextmanager
-def planned_lengths(low: int, high: int, seed: int = 0):
+def planned_lengths(low: int, high: int, seed: int = 0, short_first: int = 0, short_length: int = 0):
     """Samples end at log-uniform planned lengths (see the docstring): a random-init model's stand-in for real,
-    long-tailed completions. The same prompts in the same order get the same lengths on every side."""
+    long-tailed completions. The same prompts in the same order get the same lengths on every side. The first
+    `short_first` samples end after `short_length` tokens instead: a warm-up step that compiles and captures what
+    the timed steps use without generating as much."""
     from alignment.rollout import generation
 
     seen: dict[tuple[int, ...], int] = {}
+    created = itertools.count()
     original_init, original_step = generation._Sample.__init__, generation._Sample.step
 
     def init(sample, prompt, *rest, **kwargs):
@@ -178,7 +184,7 @@ def planned_lengths(low: int, high: int, seed: int = 0):
         key = tuple(prompt)
         seen[key] = seen.get(key, -1) + 1
         draw = random.Random(hash((seed, key, seen[key])) & 0xFFFFFFFF).uniform(math.log(low), math.log(high))
-        sample.planned = int(round(math.exp(draw)))
+        sample.planned = short_length if next(created) < short_first else int(round(math.exp(draw)))
 
     def step(sample, model_choice, choice_logprob):
         if len(sample.tokens) + 1 >= sample.planned and sample.settings.eos_token_ids and not sample.pending:
@@ -213,8 +219,9 @@ def run_ours(args, model_dir: Path, data: Path, out: Path, decode: str = "auto")
         f"rollout.decode={decode}", f"output_dir={out / ('ours-' + decode)}", f"device={args.device}",
         f"cpu_threads={args.threads}", *args.set,
     ])
-    with planned_lengths(args.min_new_tokens, args.max_new_tokens) if args.lengths == "longtail" \
-            else contextlib.nullcontext():
+    short_first = args.prompts * args.group_size if args.warmup_tokens else 0  # the warm-up step's samples
+    with planned_lengths(args.min_new_tokens, args.max_new_tokens, short_first=short_first,
+                         short_length=args.warmup_tokens) if args.lengths == "longtail" else contextlib.nullcontext():
         run_grpo(config)
     steps = [m for m in read_metrics(out / f"ours-{decode}" / "metrics.jsonl") if "time_step" in m][1 : args.steps]
     return summarise(
@@ -322,6 +329,8 @@ def main() -> None:
     parser.add_argument("--lengths", choices=["model", "longtail"], default="model",
                         help="model: what the model writes (a random model: nearly always the cap); longtail: planned")
     parser.add_argument("--min-new-tokens", type=int, default=None, help="longtail's shortest (--max-new-tokens / 32)")
+    parser.add_argument("--warmup-tokens", type=int, default=0,
+                        help="longtail: the warm-up step's samples end after this many tokens (0: planned as the rest)")
     parser.add_argument("--decodes", default="auto", help="comma-separated rollout.decode paths of our stage")
     parser.add_argument("--model-json", help="an architecture's config JSON instead of the 24-block model, e.g. "
                                              "configs/nano9b/model_nano9b_v2.json (built on the device)")

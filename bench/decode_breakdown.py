@@ -98,7 +98,7 @@ def main() -> None:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     model = load_model(ModelConfig(name_or_path=str(MODELS[args.model]), dtype=dtype, attn_implementation="sdpa"),
                        torch.device(args.device)).eval()
-    states = decode_state_bytes(model, args.device)
+    states = decode_state_bytes(model, args.device, model.dtype)  # the bound of the step with the model-dtype state
     report = {"model": args.model, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "args": vars(args), "batches": []}
     settings = GenerationSettings(max_new_tokens=args.context, temperature=1.0, pad_token_id=0)
@@ -111,11 +111,12 @@ def main() -> None:
             bound = decode_bound(model, states, batch, args.prompt_len + args.context / 2, HBM_TBPS)
             row["bound_step_ms"] = bound["bound_step_seconds"] * 1e3
             for slots in (False, True):
-                for state_dtype in (None, torch.float32):
+                for state_dtype in (model.dtype, torch.float32):
                     decoder = loaded_decoder(model, batch, args, slots, state_dtype)
-                    name = f"step_{'slots' if slots else 'batch'}_{'fp32' if state_dtype else 'model'}_state_ms"
+                    state = "model" if state_dtype == model.dtype else "fp32"
+                    name = f"step_{'slots' if slots else 'batch'}_{state}_state_ms"
                     row[name] = timed(model_step(decoder, slots), args.steps, args.repeats, args.device) * 1e3
-                    if not slots and state_dtype is None:
+                    if not slots and state == "model":
                         logits = decoder.next([7] * batch, list(range(batch)))
                     del decoder
                     torch.cuda.empty_cache() if args.device == "cuda" else None
@@ -140,7 +141,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (out / "decode_breakdown.json").write_text(json.dumps(report, indent=2, default=str))
             if args.profile and args.device == "cuda":
-                decoder = loaded_decoder(model, batch, args, True, None)
+                decoder = loaded_decoder(model, batch, args, True, model.dtype)
                 decoder.graph = None  # eager steps: the profiler sees each kernel
                 step = lambda: decoder.step_slots([7] * batch)  # noqa: E731
                 step()

@@ -445,17 +445,22 @@ def test_static_buffers_leave_room_for_every_new_token_and_the_warm_up(tiny_mode
         StaticDecoder(tiny_model, 2, 10 + WARMUP_STEPS, use_graph=False).start(cache, mask)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_decoding_matches_dynamic_on_gpu():
-    """The captured step replays the eager static step: same greedy tokens as transformers' dynamic cache path,
-    with the kernels the device has (mamba-ssm / causal-conv1d when installed), over two batch shapes."""
+def cuda_tiny_model() -> NemotronHForCausalLM:
+    """A float32 tiny hybrid on the GPU whose widths the CUDA kernels accept."""
     torch.manual_seed(0)
     config = NemotronHConfig(  # the causal-conv1d kernels want the projection width a multiple of 8: 128 + 160 + 8
         vocab_size=100, hidden_size=64, hybrid_override_pattern="M-M*-M-", num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
         chunk_size=8, conv_kernel=4, pad_token_id=0, eos_token_id=TINY_EOS[0],
     )  # fmt: skip
-    model = NemotronHForCausalLM(config).float().eval().to("cuda")
+    return NemotronHForCausalLM(config).float().eval().to("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decoding_matches_dynamic_on_gpu():
+    """The captured step replays the eager static step: same greedy tokens as transformers' dynamic cache path,
+    with the kernels the device has (mamba-ssm / causal-conv1d when installed), over two batch shapes."""
+    model = cuda_tiny_model()
     prompts = tiny_prompts(len(MIXED_BUDGETS))
     runs = {
         decode: generate(model, prompts, settings=tiny_settings(decode=decode, batch_size=5),
