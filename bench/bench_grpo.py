@@ -16,8 +16,10 @@ learn, completion tokens generated per second and (prompt + completion) tokens t
 
 Long-tailed lengths (`--lengths longtail`): each sample ends with the end-of-turn token at a planned length drawn
 log-uniform in [`--min-new-tokens`, `--max-new-tokens`], keyed by its prompt and how many samples of that prompt
-came before, so every side decodes the same lengths. `--decodes static,continuous` runs our stage once per
-rollout.decode path (TRL is skipped then): the step time of today's static batch against continuous batching.
+came before, so every side decodes the same lengths. `--decodes cuda-graph,continuous` runs our stage once per
+rollout.decode path (TRL is skipped then): the step time of the static batch as the GPU ran it before continuous
+batching (`cuda-graph`: the static step replayed as a CUDA graph; `static` is the same step eager, the CPU's) against
+continuous batching.
 `--warmup-tokens N` ends the warm-up step's samples after N tokens, so that on a 9B model it compiles and captures
 without costing a full step.
 
@@ -25,7 +27,7 @@ without costing a full step.
     python bench/bench_grpo.py --device cuda                # the GPU benchmark: 64 prompts x 8, 1024 new tokens
     python bench/bench_grpo.py --device cuda --skip-trl     # ours only
     python bench/bench_grpo.py --device cuda --model-json configs/nano9b/model_nano9b_v2.json --lengths longtail \
-        --max-new-tokens 2048 --decodes static,continuous --set lora.enabled=true --set train.loss_chunk_tokens=2048 \
+        --max-new-tokens 2048 --decodes cuda-graph,continuous --set lora.enabled=true --set train.loss_chunk_tokens=2048 \
         --set train.activation_checkpointing=true --set rollout.batch_size=256   # a 9B GRPO step, both engines
 """
 

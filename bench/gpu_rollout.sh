@@ -7,7 +7,8 @@
 #     uniform    bench_rollout.py, Nano-9B-v2, uniform 1024-token completions at batch 64 and 256
 #     longtail   bench_rollout.py, Nano-9B-v2, log-uniform 64..$LONGEST (default 2048) tokens, batch 256
 #     grpo       bench_grpo.py: a GRPO step of Nano-9B-v2 with LoRA, 64 prompts x 8, the same long-tailed lengths,
-#                static batch against continuous batching (bf16 SSM state on both); warm-up step of short samples
+#                the static batch's CUDA graph against continuous batching (bf16 SSM state on both); a warm-up
+#                step of short samples
 . bench/gpu_env.sh || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/test/*.whl 2>/dev/null
 parts=${*:-tests ssm uniform longtail}
