@@ -9,7 +9,8 @@ So the prompt is still prefilled by the model's own forward (the chunked scan, a
 copied into preallocated buffers: attention KV for `max_len` positions, Mamba conv and SSM states. Each decode step is
 written here against the model's modules: the same weights, and the same decode functions the Mamba-2 mixer calls
 (its modeling module's `causal_conv1d_update` and `mamba2_selective_state_update`: the causal-conv1d and mamba-ssm
-kernels for CUDA tensors when those are installed, the PyTorch reference otherwise, see alignment/mamba_kernels.py).
+kernels for CUDA tensors when those are installed, see alignment/mamba_kernels.py; on the CPU the SSM update is
+written in place, alignment/rollout/cpu_step.py).
 NemotronH attention has no positional encoding, so a step needs only each row's write position and the mask of
 valid key positions.
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.mamba_kernels import route_kernels_by_device
+from alignment.rollout import cpu_step
 from alignment.rollout.ssm_step import ssm_step, ssm_step_chosen
 
 log = logging.getLogger(__name__)
@@ -117,15 +119,21 @@ class StaticDecoder:
         mamba = next((b.mixer for b in self.blocks if b.block_type in MAMBA_BLOCKS), None)
         modeling = sys.modules[type(mamba).__module__] if mamba is not None else None
         route_kernels_by_device(model)  # before the look-up below: a CPU step must not reach a CUDA kernel
-        # The functions the mixer's own decode branch calls: kernel on CUDA when installed, PyTorch reference otherwise.
+        # The functions the mixer's own decode branch calls: kernel on CUDA when installed, PyTorch reference
+        # otherwise; on the CPU a float32 SSM state takes alignment/rollout/cpu_step.py (the same arithmetic, faster).
+        self.on_cpu = self.device.type == "cpu"
         self.conv_update = getattr(modeling, "causal_conv1d_update", None)
         self.state_update = getattr(modeling, "mamba2_selective_state_update", None)
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph
         if mamba is not None and (self.device, ssm_state_dtype) not in _LOGGED:
             _LOGGED.add((self.device, ssm_state_dtype))
-            mixers = f"{getattr(self.state_update, '__module__', '?')}.{getattr(self.state_update, '__name__', '?')}"
-            log.info("static decode on %s: %s SSM state, updated by %s", self.device, str(ssm_state_dtype)[6:],
-                     "alignment.rollout.ssm_step (Triton)" if ssm_step_chosen(self.device, ssm_state_dtype) else mixers)
+            if ssm_step_chosen(self.device, ssm_state_dtype):
+                updater = "alignment.rollout.ssm_step (Triton)"
+            elif self.on_cpu and ssm_state_dtype == torch.float32:
+                updater = "alignment.rollout.cpu_step (in place)"
+            else:
+                updater = f"{getattr(self.state_update, '__module__', '?')}.{getattr(self.state_update, '__name__', '?')}"
+            log.info("static decode on %s: %s SSM state, updated by %s", self.device, str(ssm_state_dtype)[6:], updater)
         self.ssm_state_dtype = ssm_state_dtype  # float32 as transformers' cache holds it, or the model's dtype
         self.states: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # per block, allocated on start
         self.input_ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B] token fed this step
@@ -327,6 +335,10 @@ class StaticDecoder:
         if ssm_step_chosen(ssm.device, ssm.dtype):  # a bf16 state: whole heads per program (rollout/ssm_step.py)
             y = ssm_step(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a, b.reshape(batch, groups, state_size),
                          c.reshape(batch, groups, state_size), mixer.D, mixer.dt_bias)
+        elif self.on_cpu and ssm.dtype == torch.float32:
+            y = cpu_step.ssm_update(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a,
+                                    b.reshape(batch, groups, state_size), c.reshape(batch, groups, state_size),
+                                    mixer.D, mixer.dt_bias)
         else:
             y = self.state_update(
                 ssm,
