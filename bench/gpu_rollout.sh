@@ -5,7 +5,9 @@
 #     ssm        the SSM-step kernel against mamba-ssm's, one Nano-9B layer
 #     breakdown  one batch-256 decode step: graph alone, sampler, host work, and its kernels by time
 #     uniform    bench_rollout.py, Nano-9B-v2, uniform 1024-token completions at batch 64 and 256
-#     longtail   bench_rollout.py, Nano-9B-v2, log-uniform 64..$LONGEST (default 2048) tokens, batch 256
+#     longtail   bench_rollout.py, Nano-9B-v2, log-uniform 64..$LONGEST (default 2048) tokens, batch 256, $PROMPTS
+#                prompts x 8 samples (default 64: two batches' worth), sides $LONGTAIL_SIDES (default
+#                static,continuous-fixed,continuous)
 #     grpo       bench_grpo.py: a GRPO step of Nano-9B-v2 with LoRA, 64 prompts x 8, the same long-tailed lengths,
 #                the static batch's CUDA graph against continuous batching (bf16 SSM state on both); a warm-up
 #                step of short samples
@@ -13,6 +15,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/test/*.whl 2>/dev/null
 parts=${*:-tests ssm uniform longtail}
 longest=${LONGEST:-2048}
+groups=${PROMPTS:-64}
 rollout() { python3 bench/bench_rollout.py --model nano9b --repeats 1 "$@" 2>&1 | grep -v -i warn | grep -v "^---\|^lengths"; }
 for part in $parts; do
   echo "== $part"
@@ -33,7 +36,7 @@ for part in $parts; do
         --out "$OUT/u256" ;;
     longtail)
       rollout --lengths longtail --min-new-tokens $((longest / 32)) --max-new-tokens "$longest" --batches 256 \
-        --groups 64 --sides static,continuous-fixed,continuous --out "$OUT/longtail" ;;
+        --groups "$groups" --sides "${LONGTAIL_SIDES:-static,continuous-fixed,continuous}" --out "$OUT/longtail" ;;
     grpo)
       python3 bench/bench_grpo.py --device cuda --model-json configs/nano9b/model_nano9b_v2.json --lengths longtail \
         --min-new-tokens $((longest / 32)) --max-new-tokens "$longest" --decodes cuda-graph,continuous --steps 2 \
