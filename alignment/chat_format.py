@@ -214,6 +214,45 @@ def strip_switch(messages: list[dict]) -> list[dict]:
     return out
 
 
+BUDGET_STATEMENT = "Think for at most {budget} tokens."
+STATED_BUDGET_KEY = "stated_budget"  # in tokenizer_config.json: the model was trained with stated budgets
+STATE_BUDGET_HELP = ("Write a budgeted prompt's thinking budget into it (`Think for at most N tokens.`): auto for a "
+                     "model trained so (SFT with truncation.state_budget marks its tokenizer), always, or never. The "
+                     "budget rule still closes the trace at the budget.")
+
+
+def state_budget(messages: list[dict], budget: int | None) -> list[dict]:
+    """The messages with the thinking budget written at the end of the last user message (L1-style: the model is
+    told its budget), unchanged for None. Training rows (`truncation.state_budget`), evaluation
+    (`eval.state_budget`) and rollouts (`rollout.state_budget`) all state it this way."""
+    if budget is None:
+        return messages
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("a stated thinking budget needs a user message to write it in")
+    message = messages[last_user]
+    content = f"{message['content'].rstrip()}\n{BUDGET_STATEMENT.format(budget=budget)}"
+    return messages[:last_user] + [dict(message, content=content)] + messages[last_user + 1:]
+
+
+def mark_stated_budget(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Record on the tokenizer (and in its saved config) that the model learns budgets stated in its prompts."""
+    tokenizer.init_kwargs[STATED_BUDGET_KEY] = True
+
+
+def check_state_budget(choice: str) -> None:
+    if choice not in ("auto", "always", "never"):
+        raise ValueError(f"state_budget must be auto, always or never, got {choice!r}")
+
+
+def budget_is_stated(tokenizer: PreTrainedTokenizerBase, choice: str) -> bool:
+    """Whether prompts state their budget: `choice` always / never, or auto (as the tokenizer's model was trained)."""
+    check_state_budget(choice)
+    if choice == "auto":
+        return bool((getattr(tokenizer, "init_kwargs", {}) or {}).get(STATED_BUDGET_KEY))
+    return choice == "always"
+
+
 def add_keyword(messages: list[dict], reasoning: bool) -> list[dict]:
     """Messages with the keyword at the end of the last user message (so it wins), else in a system message."""
     keyword = KEYWORD_ON if reasoning else KEYWORD_OFF

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
-from alignment.chat_format import (IGNORE_INDEX, completion_text, encode_for_training, encode_prompt, stop_token_ids,
+from alignment.chat_format import (IGNORE_INDEX, STATE_BUDGET_HELP, budget_is_stated, check_state_budget,
+                                   completion_text, encode_for_training, encode_prompt, state_budget, stop_token_ids,
                                    with_reasoning)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import check_paths, option, to_dict
@@ -136,6 +137,7 @@ class MiningConfig:
     batch_size: int = option(128, "Samples generated together (continuous: decode slots).")
     decode: str = option("auto", DECODE_HELP)
     ssm_state_dtype: str = option("float32", SSM_STATE_HELP)
+    state_budget: str = option("auto", STATE_BUDGET_HELP)
     mismatch_warn_kl: float = option(
         0.01, "Warn when the k3 KL between the sampler's and the reference pass's log-probs of the mined tokens exceeds "
               "this (measured at temperature 1, top_p 1).",
@@ -149,6 +151,7 @@ class MiningConfig:
             raise ValueError("samples_per_prompt must be at least 2 to form a pair")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0: greedy samples of one prompt are all the same")
+        check_state_budget(self.state_budget)
         check_decode_keys(self.decode, self.ssm_state_dtype)
         if self.prompts_per_round < 1 or self.max_pairs_per_prompt < 1:
             raise ValueError("prompts_per_round and max_pairs_per_prompt must be at least 1")
@@ -391,6 +394,8 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         reasoning = rng.random() >= config.reasoning_off_fraction
         budget = rng.choice(config.budgets) if reasoning else None
         prompt = with_reasoning(prompt_messages(row), reasoning)
+        if budget_is_stated(tokenizer, config.state_budget):
+            prompt = state_budget(prompt, budget)
         plans.append({"row": row, "reasoning": reasoning, "budget": budget, "prompt": prompt,
                       "ids": encode_prompt(tokenizer, prompt)})
     settings = GenerationSettings(

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from alignment.chat_format import completion_text, encode_prompt, stop_token_ids, strip_switch
+from alignment.chat_format import (
+    STATE_BUDGET_HELP, budget_is_stated, check_state_budget, completion_text, encode_prompt, state_budget,
+    stop_token_ids, strip_switch,
+)
 from alignment.config import check_paths, option, to_dict
 from alignment.eval_stats import (format_gain, majority_answer, mean_and_stderr, paired_gains, pass_at_k,
                                   sampling_stderr, with_stderr)
@@ -64,6 +67,7 @@ class EvalConfig:
     temperature_no_think: float = option(0.0, "Sampling temperature with reasoning off (the model card: greedy).")
     top_p_no_think: float = option(1.0, "Nucleus mass with reasoning off.")
     seed: int = option(0, "Seed of the samples (each sample draws from its own stream, whatever its batch).")
+    state_budget: str = option("auto", STATE_BUDGET_HELP)
 
     def validate(self) -> None:
         for b in self.budgets:
@@ -83,6 +87,7 @@ class EvalConfig:
             if not 0 < getattr(self, key) <= 1:
                 raise ValueError(f"{key} must be in (0, 1]")
         check_decode_keys(self.decode, self.ssm_state_dtype)
+        check_state_budget(self.state_budget)
 
     def sampling(self, reasoning: bool) -> tuple[float, float]:
         """(temperature, top_p) of a mode."""
@@ -164,8 +169,14 @@ def run_cells(model, tokenizer, rows: list[dict], cells: list[Cell], config: Eva
     batching either (the other paths are reproducible for the same batches).
     """
     k = config.samples_per_prompt
-    prompts = {reasoning: [encode_prompt(tokenizer, prompt_messages(row), reasoning) for row in rows]
-               for reasoning in {reasoning for reasoning, _ in cells}}
+    stated = budget_is_stated(tokenizer, config.state_budget)
+
+    def prompt_of(cell: Cell) -> Cell:  # the cells whose prompts are the same text
+        reasoning, budget = cell
+        return reasoning, budget if stated and reasoning else None
+
+    prompts = {key: [encode_prompt(tokenizer, state_budget(prompt_messages(row), key[1]), key[0]) for row in rows]
+               for key in dict.fromkeys(map(prompt_of, cells))}
     calls: dict[tuple[float, float], list[int]] = {}  # (temperature, top_p) -> the cells decoded that way
     for i, (reasoning, _) in enumerate(cells):
         calls.setdefault(config.sampling(reasoning), []).append(i)
@@ -174,7 +185,7 @@ def run_cells(model, tokenizer, rows: list[dict], cells: list[Cell], config: Eva
         settings = generation_settings(tokenizer, config, temperature, top_p)
         order = [(i, r, j) for i in members for r in range(len(rows)) for j in range(k)]  # cell, row, sample
         results = generate(
-            model, [prompts[cells[i][0]][r] for i, r, _ in order], settings=settings,
+            model, [prompts[prompt_of(cells[i])][r] for i, r, _ in order], settings=settings,
             budgets=[cells[i][1] for i, _, _ in order], reasoning=[cells[i][0] for i, _, _ in order],
             seed=config.seed, stream_ids=[(i * len(rows) + r) * k + j for i, r, j in order],
         )

@@ -55,7 +55,9 @@ from tqdm.auto import tqdm
 
 from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
 from alignment.advantages import IGNORE_INDEX, clipped_policy_loss, group_advantages
-from alignment.chat_format import completion_text, encode_prompt
+from alignment.chat_format import (
+    STATE_BUDGET_HELP, budget_is_stated, check_state_budget, completion_text, encode_prompt, state_budget,
+)
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
@@ -112,6 +114,7 @@ class RolloutConfig:
     budget_min: int = option(0, "Smallest sampled thinking budget (tokens).")
     budget_max: int = option(64, "Largest sampled thinking budget (tokens); budgets are uniform in [min, max].")
     grace_fraction: float = option(0.1, "Grace window after the budget to finish the line, as a fraction of it.")
+    state_budget: str = option("auto", STATE_BUDGET_HELP)
     batch_size: int = option(
         64, "Samples generated together; a batch's rewards are scored while the next one runs. With decode "
             "continuous: decode slots, refilled over the whole step's samples in one call (scored after it).",
@@ -130,6 +133,7 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0 <= self.budget_min <= self.budget_max:
             raise ValueError("rollout.budget_min must be >= 0 and <= budget_max")
+        check_state_budget(self.state_budget)
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 (GRPO needs different completions per prompt)")
         if self.top_p != 1.0:
@@ -433,7 +437,9 @@ def rollout(
         budget = None
         if reasoning and rng.random() < config.budget_fraction:
             budget = rng.randint(config.budget_min, config.budget_max)
-        groups.append(Group(index, row, encode_prompt(tokenizer, prompt_for(row), reasoning), reasoning, budget))
+        messages = state_budget(prompt_for(row), budget) if budget_is_stated(tokenizer, config.state_budget) \
+            else prompt_for(row)
+        groups.append(Group(index, row, encode_prompt(tokenizer, messages, reasoning), reasoning, budget))
     G = config.group_size
     # (place in the whole batch, group) of each sample this worker generates
     flat = [(k * G + s, group) for k, group in enumerate(groups) if k % world == rank for s in range(G)]

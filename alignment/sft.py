@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
-from alignment.chat_format import IGNORE_INDEX, encode_for_training
+from alignment.chat_format import IGNORE_INDEX, encode_for_training, mark_stated_budget
 from alignment.checkpoint import save_model_checkpoint
 from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
@@ -301,6 +301,8 @@ def run_sft(config: SFTConfig) -> dict:
     # Data: rows -> (truncated-thinking rows) -> tokens + loss mask.
     rows, report = read_rows(config.data.train_path, "train", config.data.max_bad_fraction)
     rows, truncation_stats = truncate_rows(rows, config.data.truncation, tokenizer)
+    if truncation_stats["budget_stated"]:  # the model's evaluations and rollouts state their budgets too (auto)
+        mark_stated_budget(tokenizer)
     samples = [encode_for_training(tokenizer, row["messages"]) for row in rows]
     if not config.data.truncation.train_close:
         close_ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]

@@ -3,6 +3,15 @@
 For a fraction of reasoning-on training rows, the trace is cut at a sampled budget, closed with a marker and
 `</think>`, and followed by the row's original final answer (Nemotron Nano 2, SFT stage 3). Deterministic under
 the seed; rows are marked `metadata.truncated_at` and counted.
+
+Two options teach the model to shorten its thinking rather than stop mid-work (for traces that carry skippable
+lines, e.g. `data_recipes/synthetic_math.py`'s redundancy):
+- `compress`: a trace over its budget first leaves out skippable lines, those not in `metadata.minimal_trace`
+  (checks, restatements, abandoned branches), each one that would leave too little room for the operations still
+  to come; only when the operations alone are over the budget is the trace cut.
+- `state_budget`: the budget is written into the row's last user message (L1-style), for every drawn row, also one
+  whose trace fits, so the model learns what a stated budget asks. A model trained so is evaluated and rolled out
+  with the budget stated too (`eval.state_budget`, `rollout.state_budget`).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from alignment.chat_format import IGNORE_INDEX
+from alignment.chat_format import IGNORE_INDEX, state_budget
 from alignment.config import option
 
 
@@ -33,6 +42,11 @@ class TruncationConfig:
         True, "Train the `</think>` that follows a cut. false: it carries no loss, since at inference the budget rule "
         "forces that token, and a trained label may teach the model to close early on its own.",
     )
+    compress: bool = option(
+        False, "A trace over its budget leaves out skippable lines (not in metadata.minimal_trace) before it is cut.")
+    state_budget: bool = option(
+        False, "Write each drawn budget into the row's last user message (`Think for at most N tokens.`); evaluate "
+        "and roll out with eval.state_budget / rollout.state_budget.")
     seed: int = option(0, "Seed: the same rows get the same cuts.")
 
     def validate(self) -> None:
@@ -47,11 +61,12 @@ class TruncationConfig:
 def truncate_rows(rows: list[dict], config: TruncationConfig, tokenizer) -> tuple[list[dict], dict]:
     """Rows with a `fraction` of the reasoning-on ones truncated, and counts for the manifest.
 
-    Only traces longer than their drawn cut are changed (a cut past the end would change nothing).
+    Only traces longer than their drawn cut are changed (a cut past the end would change nothing), unless the budget
+    is stated, which changes the prompt of every drawn row.
     """
     rng = random.Random(config.seed)
-    out, truncated, candidates = [], 0, 0
-    for row in rows:
+    out, truncated, compressed, stated, candidates = [], 0, 0, 0, 0
+    for index, row in enumerate(rows):
         assistant = row["messages"][-1]
         trace = assistant.get("reasoning_content") or ""
         if not trace or rng.random() >= config.fraction:
@@ -63,15 +78,64 @@ def truncate_rows(rows: list[dict], config: TruncationConfig, tokenizer) -> tupl
             cut = rng.randint(config.min_budget, config.max_budget)
         else:
             cut = int(len(ids) * rng.uniform(config.min_fraction, config.max_fraction))
-        if cut >= len(ids):
+        if cut >= len(ids) and not config.state_budget:
             out.append(row)
             continue
         new_row = copy.deepcopy(row)
-        new_row["messages"][-1]["reasoning_content"] = tokenizer.decode(ids[:cut]) + config.close_marker
-        new_row.setdefault("metadata", {})["truncated_at"] = cut
+        metadata = new_row.setdefault("metadata", {})
+        if config.state_budget:
+            new_row["messages"] = state_budget(new_row["messages"], cut)
+            metadata["stated_budget"] = cut
+            stated += 1
+        if cut < len(ids) and config.compress:
+            minimal = metadata.get("minimal_trace")
+            if not minimal:
+                raise ValueError(f"row {index} ({row.get('id')}): truncation.compress needs metadata.minimal_trace")
+            fitted = fit_trace(trace, minimal, cut, tokenizer)
+            if fitted != trace:
+                trace, ids = fitted, tokenizer(fitted, add_special_tokens=False)["input_ids"]
+                metadata["compressed_to"] = len(ids)
+                compressed += 1
+        if cut < len(ids):
+            trace = tokenizer.decode(ids[:cut]) + config.close_marker
+            metadata["truncated_at"] = cut
+            truncated += 1
+        new_row["messages"][-1]["reasoning_content"] = trace
         out.append(new_row)
-        truncated += 1
-    return out, {"truncated": truncated, "drawn": candidates, "rows": len(rows)}
+    return out, {"truncated": truncated, "compressed": compressed, "budget_stated": stated, "drawn": candidates,
+                 "rows": len(rows)}
+
+
+def fit_trace(trace: str, minimal: str, budget: int, tokenizer) -> str:
+    """`trace` with skippable lines left out so that it fits `budget` tokens where the operations allow.
+
+    The operations are the lines of `minimal`, matched in order; the other lines are skippable. Going through the
+    trace, a skippable line is kept only if the lines kept so far, it, and the operations still to come fit the
+    budget. The operations are always kept (the result may still be over the budget: the caller then cuts it).
+    """
+    lines = trace.splitlines(keepends=True)
+    steps = minimal.splitlines(keepends=True)
+    is_step, matched = [], 0
+    for line in lines:
+        hit = matched < len(steps) and line.strip() == steps[matched].strip()
+        matched += hit
+        is_step.append(hit)
+    if matched < len(steps):  # the operations are not all in the trace: nothing can be told apart
+        return trace
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    after = [0] * (len(lines) + 1)  # tokens of the operations from line i on
+    for i in range(len(lines) - 1, -1, -1):
+        after[i] = after[i + 1] + (length(lines[i]) if is_step[i] else 0)
+    kept, used = [], 0
+    for i, line in enumerate(lines):
+        size = length(line)
+        if is_step[i] or used + size + after[i + 1] <= budget:
+            kept.append(line)
+            used += size
+    return "".join(kept)
 
 
 def mask_forced_close(sample: dict, close_ids: list[int]) -> tuple[dict, bool]:

@@ -209,3 +209,38 @@ def test_the_efficiency_frontier_orders_the_budgets_by_what_they_cost():
              {"budget": 32, "accuracy": 0.4, "mean_thinking_tokens": 30.0, "mean_answer_tokens": 10.0}]
     assert efficiency_points({"budget_sweep": sweep}) == [(20.0, 0.1, 0.02, "8"), (40.0, 0.4, 0.0, "32"),
                                                            (50.0, 0.6, 0.03, "unlimited")]
+
+
+@pytest.mark.parametrize("choice, marked, stated", [("always", False, True), ("never", True, False),
+                                                    ("auto", False, False), ("auto", True, True)])
+def test_state_budget_writes_each_cells_budget_into_its_prompts(tokenizer, monkeypatch, choice, marked, stated):
+    """With stated budgets (always, or auto for a tokenizer SFT marked) a budgeted reasoning-on cell's prompts say
+    its budget; other cells' prompts do not."""
+    import copy
+
+    from alignment.chat_format import mark_stated_budget
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if marked:
+        mark_stated_budget(tokenizer)
+    import alignment.evaluate as evaluate
+    from alignment.chat_format import BUDGET_STATEMENT
+    from alignment.rollout.generation import GenerationResult
+
+    seen = []
+
+    def scripted_generate(model, prompts, *, settings, budgets, reasoning, **_):
+        seen.extend(zip(map(tokenizer.decode, prompts), budgets, reasoning))
+        ids = tokenizer("3\n</think>\\boxed{3}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return [GenerationResult(tokens=ids, forced_mask=[False] * len(ids), logprobs=[-1.0] * len(ids),
+                                 thinking_tokens=2, forced_close=False, finished=True) for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", scripted_generate)
+    rows = [{"messages": [{"role": "user", "content": "Start with 1. Add 2. What is the result?"}], "answer": "3"}] * 2
+    cells = [(True, None), (False, None), (True, 8), (True, 32)]
+    evaluate.run_cells(None, tokenizer, rows, cells, EvalConfig(state_budget=choice))
+    assert len(seen) == 8
+    for text, budget, reasoning in seen:
+        for other in (8, 32):
+            said = BUDGET_STATEMENT.format(budget=other) in text
+            assert said == (stated and reasoning and budget == other)

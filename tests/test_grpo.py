@@ -439,3 +439,21 @@ def test_approx_kl_old_estimates_kl_old_to_new_from_samples_of_old():
     _, stats = clipped_policy_loss(new.log()[tokens], old.log()[tokens], torch.zeros(len(tokens)), 0.2, 0.28)
     estimate, stderr = stats["approx_kl_old"].mean(), stats["approx_kl_old"].std() / len(tokens) ** 0.5
     assert abs(float(estimate) - exact) < 4 * float(stderr) and float(stats["approx_kl_old"].min()) >= 0
+
+
+@pytest.mark.parametrize("stated", [False, True])
+def test_rollout_states_the_budget_when_asked(tokenizer, stated):
+    from alignment.chat_format import BUDGET_STATEMENT
+    from alignment.evaluate import EvalConfig, generation_settings
+    from alignment.modeling import ModelConfig, load_model
+    import dataclasses
+
+    model = load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER)))
+    settings = dataclasses.replace(generation_settings(tokenizer, EvalConfig()), temperature=1.0, max_new_tokens=4)
+    config = RolloutConfig(group_size=2, budget_fraction=1.0, budget_min=7, budget_max=7,
+                           state_budget="always" if stated else "auto")  # the fixture tokenizer is not marked
+    scorer = RewardScorer(RewardsConfig(rewards=[RewardSpec("grpo_test_length")], mode="inprocess"))
+    rows = [(0, {"id": "m0", "task": "math", "messages": [{"role": "user", "content": "Start with 3."}], "answer": "3"})]
+    groups, _ = rollout(model, tokenizer, rows, config, settings, scorer, random.Random(0), seed=0)
+    assert groups[0].budget == 7
+    assert (BUDGET_STATEMENT.format(budget=7) in tokenizer.decode(groups[0].prompt_ids)) == stated

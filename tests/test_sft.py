@@ -137,6 +137,24 @@ def test_sft_can_leave_the_forced_close_of_truncated_rows_untrained(tiny_data, t
     assert stats["truncated"] > 0 and stats["close_masked"] == stats["truncated"]
 
 
+def test_sft_with_stated_budgets_marks_the_checkpoints_tokenizer(tiny_data, tmp_path):
+    """Later stages and align eval state budgets for this model on their own (state_budget: auto)."""
+    import json
+
+    from alignment.chat_format import STATED_BUDGET_KEY, budget_is_stated
+    from alignment.modeling import ModelConfig, load_tokenizer
+
+    config = tiny_sft_config(tiny_data, tmp_path / "run", "data.truncation.fraction=0.5",
+                             "data.truncation.state_budget=true", "train.max_steps=1")
+    run_sft(config)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    stats = verify_checkpoint(checkpoint)["data"]["truncation"]
+    assert stats["budget_stated"] == stats["drawn"] > 0
+    assert json.loads((checkpoint / "tokenizer_config.json").read_text())[STATED_BUDGET_KEY] is True
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(checkpoint)))
+    assert budget_is_stated(tokenizer, "auto") and not budget_is_stated(tokenizer, "never")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_progress_bar_shows_the_loss_between_log_steps_without_a_sync():
     from alignment.sft import LossOnTheBar
