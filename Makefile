@@ -10,7 +10,7 @@ CONFIG_DIR  ?= configs/tiny
 STAMP       := $(VENV)/.installed
 ARGS        ?=
 
-.PHONY: setup test test-slow demo data sft dpo grpo eval pipeline budget-ablation bench-sft bench-sandbox clean
+.PHONY: setup test test-slow demo data sft dpo grpo eval pipeline budget-ablation budget-study bench-sft bench-sandbox clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,27 @@ budget-ablation: $(TINY_DATA)
 	$(ALIGN) sft $(CONFIG_DIR)/sft.yaml output_dir=runs/ablation/without-truncation data.truncation.fraction=0 $(ARGS)
 	$(ALIGN) eval runs/ablation/with-truncation/checkpoint runs/ablation/without-truncation/checkpoint \
 	  --config $(CONFIG_DIR)/eval.yaml output_dir=runs/ablation
+
+# Budget control that pays (README): per seed, on the redundant task, plain SFT, budget-trained SFT (stated budgets,
+# compressed traces) and budget-aware GRPO after it, the three evaluated with the budget sweep; then the figures over
+# seeds in $(STUDY)/report.md and budget_curve.png.
+SEEDS       ?= 0 1
+STUDY       ?= runs/budget
+BUDGET_SFT  := data.truncation.fraction=0.5 data.truncation.compress=true data.truncation.state_budget=true
+
+budget-study: setup
+	$(ALIGN) data $(CONFIG_DIR)/data_redundant.yaml
+	@set -e; for seed in $(SEEDS); do \
+	  run=$(STUDY)/seed$$seed; \
+	  $(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$$seed model.init_seed=$$seed output_dir=$$run/sft-plain; \
+	  $(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$$seed model.init_seed=$$seed $(BUDGET_SFT) \
+	    data.truncation.seed=$$seed output_dir=$$run/sft-budget; \
+	  $(ALIGN) grpo $(CONFIG_DIR)/budget/grpo.yaml model.name_or_path=$$run/sft-budget/checkpoint train.seed=$$seed \
+	    output_dir=$$run/grpo-budget; \
+	  $(ALIGN) eval $$run/sft-plain/checkpoint $$run/sft-budget/checkpoint $$run/grpo-budget/checkpoint \
+	    --config $(CONFIG_DIR)/budget/eval.yaml output_dir=$$run/eval; \
+	done
+	$(ALIGN) budget-report $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval) --out $(STUDY)
 
 bench-sandbox: setup
 	$(PYTHON) bench/bench_sandbox.py

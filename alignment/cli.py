@@ -102,6 +102,20 @@ def _eval_command(subparsers, help_text: str) -> None:
     parser.set_defaults(func=handler)
 
 
+def _budget_report_command(subparsers, help_text: str) -> None:
+    parser = subparsers.add_parser("budget-report", help=help_text, description=help_text)
+    parser.add_argument("eval_dirs", nargs="+", help="Each seed's `align eval` output directory (its eval.json).")
+    parser.add_argument("--out", required=True, help="Where budget_study.json, report.md and budget_curve.png go.")
+
+    def handler(args) -> int:
+        from alignment.budget_study import write_budget_report
+
+        write_budget_report(args.eval_dirs, args.out)
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
 def _pipeline_command(subparsers, help_text: str) -> None:
     from alignment.pipeline import PipelineConfig, run_pipeline
 
@@ -314,6 +328,8 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "grpo": ("RL with verifiable rewards (GRPO), budget-aware rollouts.", _stage_command("grpo")),
     "pipeline": ("Run the stages in order on Ray (local instance, or a cluster via RAY_ADDRESS/--address).",
                  _pipeline_command),
+    "budget-report": ("The budget study over seeds: accuracy by budget, what each model keeps at half its thinking "
+                      "length (from each seed's align eval).", _budget_report_command),
     "template": ("Show the detected chat format, and what the stages feed and train with reasoning on, off and for a "
                  "truncated-thinking row.", _template_command),
     "rewards": ("List reward plugins, or score one completion by hand.", _rewards_command),
