@@ -83,8 +83,10 @@ def build_model_dir(args, out: Path) -> Path:
     from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "configs" / "tiny" / "tokenizer")
-    if args.model_json:
-        args.vocab = json.loads(Path(args.model_json).read_text())["vocab_size"]
+    if args.model_json:  # the architecture's own sizes, not the 24-block default's (results.json records them)
+        architecture = json.loads(Path(args.model_json).read_text())
+        args.vocab, args.hidden = architecture["vocab_size"], architecture["hidden_size"]
+        args.layers = len(architecture.get("hybrid_override_pattern", "")) or architecture.get("num_hidden_layers")
     # Filler tokens make every id the random model can sample decodable, so rewards see real text.
     tokenizer.add_tokens([f"<w{i}>" for i in range(args.vocab - len(tokenizer))])
     if args.model_json:
@@ -364,7 +366,9 @@ def main() -> None:
             print(f"ours, decode={decode}: {json.dumps(results['decodes'][decode])}", flush=True)
         results["ours"] = results["decodes"][args.decodes[0]]
         results["trl"] = None
-        if len(args.decodes) == 1 and not args.skip_trl:  # decode paths side by side: ours only
+        if args.model_json and not args.skip_trl:  # the architecture is built by our stage on the device
+            print("--model-json: no saved model for TRL's GRPOTrainer to load; skipping its side")
+        elif len(args.decodes) == 1 and not args.skip_trl:  # decode paths side by side: ours only
             try:
                 import trl  # noqa: F401
             except ImportError:
