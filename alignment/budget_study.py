@@ -156,10 +156,12 @@ def markdown(study: dict) -> str:
                   f"{half['unlimited_thinking_tokens']:.1f} thinking tokens is {half['half']:.1f}):", ""]
         for name in study["models"]:
             e = half[f"retention_{name}"]
-            lines.append(f"- {name} keeps {e['value']:.3f} ± {e['stderr']:.3f} of its unlimited accuracy")
+            lines.append(f"- {name} keeps {e['value']:.3f} ± {e['stderr']:.3f} of its unlimited accuracy"
+                         if math.isfinite(e["value"]) else f"- {name}: no correct answer without a budget, so no share")
         gain, unlimited = half["retention_gain_over_plain"], half["unlimited_accuracy_vs_plain"]
-        ratio = f" ({gain['value'] / gain['stderr']:.1f} standard errors)" if gain["stderr"] else ""
-        lines.append(f"- {TRAINED} keeps {gain['value']:+.3f} ± {gain['stderr']:.3f} more than {PLAIN}{ratio}")
+        if math.isfinite(gain["value"]):
+            ratio = f" ({gain['value'] / gain['stderr']:.1f} standard errors)" if gain["stderr"] > 0 else ""
+            lines.append(f"- {TRAINED} keeps {gain['value']:+.3f} ± {gain['stderr']:.3f} more than {PLAIN}{ratio}")
         lines.append(f"- {TRAINED}'s unlimited accuracy minus {PLAIN}'s: {unlimited['value']:+.3f} ± "
                      f"{unlimited['stderr']:.3f}")
         lines.append("- lowest well-formed rate over the budgets: " + ", ".join(

@@ -72,3 +72,13 @@ def test_seeds_must_match(tmp_path):
         read_seeds([str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(FileNotFoundError, match="no eval.json"):
         read_seeds([str(tmp_path / "missing")])
+
+
+def test_a_model_with_no_correct_unlimited_answer_has_no_share():
+    from alignment.budget_study import markdown
+
+    seed = seeds()[0]
+    seed["sft-plain"] = summary([0] * 10, [0] * 10, [0] * 10, 50.0)
+    report = markdown(combine([seed]))
+    assert "sft-plain: no correct answer without a budget, so no share" in report
+    assert "nan" not in report
