@@ -31,21 +31,27 @@ def inputs(shape, device, dtype=torch.float32, state_dtype=torch.float32, seed=0
     )
 
 
+def mixers_update(values: dict) -> torch.Tensor:
+    """transformers' mamba2_selective_state_update on `inputs(...)`, called as the static decoder called it before
+    it had its own updates (per-head scalars expanded over the head dimension); updates values["state"]."""
+    from transformers.models.nemotron_h import modeling_nemotron_h as modeling
+
+    head_dim, dstate = values["state"].shape[2:]
+    return modeling.mamba2_selective_state_update(
+        values["state"], values["x"], values["dt"][..., None].expand(-1, -1, head_dim),
+        values["a"][:, None, None].expand(-1, head_dim, dstate), values["b"], values["c"],
+        values["d"][:, None].expand(-1, head_dim), dt_bias=values["dt_bias"][:, None].expand(-1, head_dim),
+        dt_softplus=True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_the_reference_is_the_mixers_own_update(shape):
     """float32 on the CPU: ssm_step_reference equals transformers' mamba2_selective_state_update called as the
     static decoder called it (per-head scalars expanded over the head dimension)."""
-    from transformers.models.nemotron_h import modeling_nemotron_h as modeling
-
     ours, theirs = inputs(shape, "cpu"), inputs(shape, "cpu")
     y = ssm_step_reference(**ours)
-    head_dim, dstate = shape[3], shape[4]
-    expected = modeling.mamba2_selective_state_update(
-        theirs["state"], theirs["x"], theirs["dt"][..., None].expand(-1, -1, head_dim),
-        theirs["a"][:, None, None].expand(-1, head_dim, dstate), theirs["b"], theirs["c"],
-        theirs["d"][:, None].expand(-1, head_dim), dt_bias=theirs["dt_bias"][:, None].expand(-1, head_dim),
-        dt_softplus=True,
-    )  # fmt: skip
+    expected = mixers_update(theirs)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["state"], theirs["state"], rtol=1e-5, atol=1e-5)
 
