@@ -390,12 +390,11 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
     k = config.samples_per_prompt
     # One reasoning mode and budget per prompt: the two sides of a pair must share everything the model saw.
     plans = []
+    stated = budget_is_stated(tokenizer, config.state_budget)
     for row in rows:
         reasoning = rng.random() >= config.reasoning_off_fraction
         budget = rng.choice(config.budgets) if reasoning else None
-        prompt = with_reasoning(prompt_messages(row), reasoning)
-        if budget_is_stated(tokenizer, config.state_budget):
-            prompt = state_budget(prompt, budget)
+        prompt = state_budget(with_reasoning(prompt_messages(row), reasoning), budget if stated else None)
         plans.append({"row": row, "reasoning": reasoning, "budget": budget, "prompt": prompt,
                       "ids": encode_prompt(tokenizer, prompt)})
     settings = GenerationSettings(

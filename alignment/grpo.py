@@ -431,14 +431,14 @@ def rollout(
     rollouts do not depend on the number of workers.
     """
     groups = []
+    stated = budget_is_stated(tokenizer, config.state_budget)
     for index, row in rows:
         # Mode and budget are per prompt, shared by its G completions, so their rewards compare like with like.
         reasoning = rng.random() >= config.reasoning_off_fraction
         budget = None
         if reasoning and rng.random() < config.budget_fraction:
             budget = rng.randint(config.budget_min, config.budget_max)
-        messages = state_budget(prompt_for(row), budget) if budget_is_stated(tokenizer, config.state_budget) \
-            else prompt_for(row)
+        messages = state_budget(prompt_for(row), budget if stated else None)
         groups.append(Group(index, row, encode_prompt(tokenizer, messages, reasoning), reasoning, budget))
     G = config.group_size
     # (place in the whole batch, group) of each sample this worker generates

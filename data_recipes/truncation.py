@@ -123,18 +123,15 @@ def fit_trace(trace: str, minimal: str, budget: int, tokenizer) -> str:
     if matched < len(steps):  # the operations are not all in the trace: nothing can be told apart
         return trace
 
-    def length(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    sizes = [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]  # tokens per line
     after = [0] * (len(lines) + 1)  # tokens of the operations from line i on
     for i in range(len(lines) - 1, -1, -1):
-        after[i] = after[i + 1] + (length(lines[i]) if is_step[i] else 0)
+        after[i] = after[i + 1] + (sizes[i] if is_step[i] else 0)
     kept, used = [], 0
     for i, line in enumerate(lines):
-        size = length(line)
-        if is_step[i] or used + size + after[i + 1] <= budget:
+        if is_step[i] or used + sizes[i] + after[i + 1] <= budget:
             kept.append(line)
-            used += size
+            used += sizes[i]
     return "".join(kept)
 
 

@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
+def ssm_update_chosen(device: torch.device, state_dtype: torch.dtype) -> bool:
+    """Whether the static decoder takes `ssm_update` for a state on `device` in `state_dtype`: a float32 CPU state."""
+    return device.type == "cpu" and state_dtype == torch.float32
+
+
 def ssm_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                c: torch.Tensor, d: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """One token through the SSM, the float32 `state` [B, H, P, N] updated in place; returns y [B, H, P].

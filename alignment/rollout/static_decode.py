@@ -121,7 +121,6 @@ class StaticDecoder:
         route_kernels_by_device(model)  # before the look-up below: a CPU step must not reach a CUDA kernel
         # The functions the mixer's own decode branch calls: kernel on CUDA when installed, PyTorch reference
         # otherwise; on the CPU a float32 SSM state takes alignment/rollout/cpu_step.py (the same arithmetic, faster).
-        self.on_cpu = self.device.type == "cpu"
         self.conv_update = getattr(modeling, "causal_conv1d_update", None)
         self.state_update = getattr(modeling, "mamba2_selective_state_update", None)
         self.batch_size, self.max_len, self.use_graph = batch_size, max_len, use_graph
@@ -129,7 +128,7 @@ class StaticDecoder:
             _LOGGED.add((self.device, ssm_state_dtype))
             if ssm_step_chosen(self.device, ssm_state_dtype):
                 updater = "alignment.rollout.ssm_step (Triton)"
-            elif self.on_cpu and ssm_state_dtype == torch.float32:
+            elif cpu_step.ssm_update_chosen(self.device, ssm_state_dtype):
                 updater = "alignment.rollout.cpu_step (in place)"
             else:
                 updater = f"{getattr(self.state_update, '__module__', '?')}.{getattr(self.state_update, '__name__', '?')}"
@@ -335,7 +334,7 @@ class StaticDecoder:
         if ssm_step_chosen(ssm.device, ssm.dtype):  # a bf16 state: whole heads per program (rollout/ssm_step.py)
             y = ssm_step(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a, b.reshape(batch, groups, state_size),
                          c.reshape(batch, groups, state_size), mixer.D, mixer.dt_bias)
-        elif self.on_cpu and ssm.dtype == torch.float32:
+        elif cpu_step.ssm_update_chosen(ssm.device, ssm.dtype):  # a float32 CPU state, in place (rollout/cpu_step.py)
             y = cpu_step.ssm_update(ssm, xs.reshape(batch, heads, head_dim), dt[:, 0], a,
                                     b.reshape(batch, groups, state_size), c.reshape(batch, groups, state_size),
                                     mixer.D, mixer.dt_bias)
