@@ -78,19 +78,35 @@ SEEDS       ?= 0 1
 STUDY       ?= runs/budget
 BUDGET_SFT  := data.truncation.fraction=0.5 data.truncation.compress=true data.truncation.state_budget=true
 
-budget-study: setup
-	$(ALIGN) data $(CONFIG_DIR)/data_redundant.yaml
-	@set -e; for seed in $(SEEDS); do \
-	  run=$(STUDY)/seed$$seed; \
-	  $(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$$seed model.init_seed=$$seed output_dir=$$run/sft-plain; \
-	  $(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$$seed model.init_seed=$$seed $(BUDGET_SFT) \
-	    data.truncation.seed=$$seed output_dir=$$run/sft-budget; \
-	  $(ALIGN) grpo $(CONFIG_DIR)/budget/grpo.yaml model.name_or_path=$$run/sft-budget/checkpoint train.seed=$$seed \
-	    output_dir=$$run/grpo-budget; \
-	  $(ALIGN) eval $$run/sft-plain/checkpoint $$run/sft-budget/checkpoint $$run/grpo-budget/checkpoint \
-	    --config $(CONFIG_DIR)/budget/eval.yaml output_dir=$$run/eval; \
-	done
+REDUNDANT_DATA := runs/data/tiny_redundant/train.jsonl
+
+budget-study: $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval/eval.json)
 	$(ALIGN) budget-report $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval) --out $(STUDY)
+
+$(REDUNDANT_DATA): | setup
+	$(ALIGN) data $(CONFIG_DIR)/data_redundant.yaml
+
+# Each model of a seed is a target of its own: a finished one is not trained again, and `make -j4 budget-study` on a
+# GPU machine trains the two seeds' four SFT models at once (on 2 CPU cores, -j only shares them).
+SEED_RUN = $(STUDY)/seed$*
+.PRECIOUS: $(STUDY)/seed%/sft-plain/checkpoint/manifest.json $(STUDY)/seed%/sft-budget/checkpoint/manifest.json \
+          $(STUDY)/seed%/grpo-budget/checkpoint/manifest.json  # checkpoints, not intermediates to delete
+
+$(STUDY)/seed%/sft-plain/checkpoint/manifest.json: $(REDUNDANT_DATA)
+	$(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$* model.init_seed=$* output_dir=$(SEED_RUN)/sft-plain
+
+$(STUDY)/seed%/sft-budget/checkpoint/manifest.json: $(REDUNDANT_DATA)
+	$(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$* model.init_seed=$* $(BUDGET_SFT) data.truncation.seed=$* \
+	  output_dir=$(SEED_RUN)/sft-budget
+
+$(STUDY)/seed%/grpo-budget/checkpoint/manifest.json: $(STUDY)/seed%/sft-budget/checkpoint/manifest.json
+	$(ALIGN) grpo $(CONFIG_DIR)/budget/grpo.yaml model.name_or_path=$(SEED_RUN)/sft-budget/checkpoint train.seed=$* \
+	  output_dir=$(SEED_RUN)/grpo-budget
+
+$(STUDY)/seed%/eval/eval.json: $(STUDY)/seed%/sft-plain/checkpoint/manifest.json \
+                               $(STUDY)/seed%/grpo-budget/checkpoint/manifest.json
+	$(ALIGN) eval $(SEED_RUN)/sft-plain/checkpoint $(SEED_RUN)/sft-budget/checkpoint $(SEED_RUN)/grpo-budget/checkpoint \
+	  --config $(CONFIG_DIR)/budget/eval.yaml output_dir=$(SEED_RUN)/eval
 
 bench-sandbox: setup
 	$(PYTHON) bench/bench_sandbox.py
