@@ -80,30 +80,32 @@ BUDGET_SFT  := data.truncation.fraction=0.5 data.truncation.compress=true data.t
 
 REDUNDANT_DATA := runs/data/tiny_redundant/train.jsonl
 
-budget-study: $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval/eval.json)
+budget-study: $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval/eval.json) | setup
 	$(ALIGN) budget-report $(foreach seed,$(SEEDS),$(STUDY)/seed$(seed)/eval) --out $(STUDY)
 
-$(REDUNDANT_DATA): | setup
+$(REDUNDANT_DATA): $(CONFIG_DIR)/data_redundant.yaml | setup
 	$(ALIGN) data $(CONFIG_DIR)/data_redundant.yaml
 
-# Each model of a seed is a target of its own: a finished one is not trained again, and `make -j4 budget-study` on a
+# Each model of a seed is a target of its own: a finished one is not trained again (unless its config or the data
+# changed), and `make -j4 budget-study` on a
 # GPU machine trains the two seeds' four SFT models at once (on 2 CPU cores, -j only shares them).
 SEED_RUN = $(STUDY)/seed$*
 .PRECIOUS: $(STUDY)/seed%/sft-plain/checkpoint/manifest.json $(STUDY)/seed%/sft-budget/checkpoint/manifest.json \
           $(STUDY)/seed%/grpo-budget/checkpoint/manifest.json  # checkpoints, not intermediates to delete
 
-$(STUDY)/seed%/sft-plain/checkpoint/manifest.json: $(REDUNDANT_DATA)
+$(STUDY)/seed%/sft-plain/checkpoint/manifest.json: $(CONFIG_DIR)/budget/sft.yaml $(REDUNDANT_DATA)
 	$(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$* model.init_seed=$* output_dir=$(SEED_RUN)/sft-plain
 
-$(STUDY)/seed%/sft-budget/checkpoint/manifest.json: $(REDUNDANT_DATA)
+$(STUDY)/seed%/sft-budget/checkpoint/manifest.json: $(CONFIG_DIR)/budget/sft.yaml $(REDUNDANT_DATA)
 	$(ALIGN) sft $(CONFIG_DIR)/budget/sft.yaml train.seed=$* model.init_seed=$* $(BUDGET_SFT) data.truncation.seed=$* \
 	  output_dir=$(SEED_RUN)/sft-budget
 
-$(STUDY)/seed%/grpo-budget/checkpoint/manifest.json: $(STUDY)/seed%/sft-budget/checkpoint/manifest.json
+$(STUDY)/seed%/grpo-budget/checkpoint/manifest.json: $(CONFIG_DIR)/budget/grpo.yaml \
+                                                    $(STUDY)/seed%/sft-budget/checkpoint/manifest.json
 	$(ALIGN) grpo $(CONFIG_DIR)/budget/grpo.yaml model.name_or_path=$(SEED_RUN)/sft-budget/checkpoint train.seed=$* \
 	  output_dir=$(SEED_RUN)/grpo-budget
 
-$(STUDY)/seed%/eval/eval.json: $(STUDY)/seed%/sft-plain/checkpoint/manifest.json \
+$(STUDY)/seed%/eval/eval.json: $(CONFIG_DIR)/budget/eval.yaml $(STUDY)/seed%/sft-plain/checkpoint/manifest.json \
                                $(STUDY)/seed%/grpo-budget/checkpoint/manifest.json
 	$(ALIGN) eval $(SEED_RUN)/sft-plain/checkpoint $(SEED_RUN)/sft-budget/checkpoint $(SEED_RUN)/grpo-budget/checkpoint \
 	  --config $(CONFIG_DIR)/budget/eval.yaml output_dir=$(SEED_RUN)/eval
