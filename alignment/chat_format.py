@@ -31,6 +31,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from alignment.tool_calls import ToolSyntax, detect_tool_syntax, normalized_message
 from envs.answers import THINK_CLOSE, THINK_OPEN, split_thinking
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,14 @@ class ChatFormat:
 
     # -- template calls ----------------------------------------------------------------------------------------
 
-    def _drive(self, messages: list[dict], reasoning: bool) -> tuple[list[dict], dict]:
+    def _drive(self, messages: list[dict], reasoning: bool, tools: list[dict] | None = None) -> tuple[list[dict], dict]:
         """Switch-free messages as this template wants them for `reasoning`, and the template arguments."""
-        messages = strip_switch(messages)
+        messages = [normalized_message(m) for m in strip_switch(messages)]
+        tool_kwargs = {"tools": tools} if tools else {}
         if self.switch == "keyword":
-            return add_keyword(messages, reasoning), {}
+            return add_keyword(messages, reasoning), tool_kwargs
         if self.switch == "template-argument":
-            return messages, {"enable_thinking": reasoning}
+            return messages, {"enable_thinking": reasoning, **tool_kwargs}
         # A whole system message is the switch; other system text moves to the first user message.
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         rest = [dict(m) for m in messages if m["role"] != "system"]
@@ -114,11 +116,12 @@ class ChatFormat:
             else:
                 first_user["content"] = f"{system}\n\n{first_user['content']}"
         switch = SYSTEM_PROMPT_ON if reasoning else SYSTEM_PROMPT_OFF
-        return [{"role": "system", "content": switch}] + rest, {}
+        return [{"role": "system", "content": switch}] + rest, tool_kwargs
 
-    def template_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool) -> str:
+    def template_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool,
+                        tools: list[dict] | None = None) -> str:
         """The template's own generation prompt for `reasoning` (what the trained text follows)."""
-        driven, kwargs = self._drive(messages, reasoning)
+        driven, kwargs = self._drive(messages, reasoning, tools)
         return tokenizer.apply_chat_template(driven, tokenize=False, add_generation_prompt=True, **kwargs)
 
     def prefill(self, reasoning: bool) -> str:
@@ -127,25 +130,29 @@ class ChatFormat:
             return MODEL_THINK_OPENING if self.model_opens_think else ""
         return MODEL_EMPTY_BLOCK if self.model_closes_empty_block else ""
 
-    def generation_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool) -> str:
+    def generation_prompt(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool,
+                          tools: list[dict] | None = None) -> str:
         """What a rollout or an evaluation starts from: ends inside an open trace (on) or after the empty block."""
-        return self.template_prompt(tokenizer, messages, reasoning) + self.prefill(reasoning)
+        return self.template_prompt(tokenizer, messages, reasoning, tools) + self.prefill(reasoning)
 
-    def answer_message(self, trace: str, answer: str, reasoning: bool) -> dict:
-        """The final assistant message carrying `trace` and `answer` the way this template renders them."""
+    def answer_message(self, trace: str, answer: str, reasoning: bool, tool_calls: list | None = None) -> dict:
+        """The final assistant message carrying `trace`, `answer` and any calls the way this template renders them."""
+        calls = {"tool_calls": tool_calls} if tool_calls else {}
         if self.trace == "field":
-            return {"role": "assistant", "content": answer, "reasoning_content": trace if reasoning else ""}
+            return {"role": "assistant", "content": answer, "reasoning_content": trace if reasoning else "", **calls}
         if reasoning:
             content = f"{trace.strip()}\n{THINK_CLOSE}\n\n{answer.strip()}"
-            return {"role": "assistant", "content": (MODEL_THINK_OPENING if self.model_opens_think else "") + content}
-        return {"role": "assistant", "content": (MODEL_EMPTY_BLOCK if self.model_closes_empty_block else "") + answer}
+            return {"role": "assistant", "content": (MODEL_THINK_OPENING if self.model_opens_think else "") + content,
+                    **calls}
+        return {"role": "assistant", "content": (MODEL_EMPTY_BLOCK if self.model_closes_empty_block else "") + answer,
+                **calls}
 
     def training_texts(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                       reasoning: bool | None = None) -> tuple[str, str]:
+                       reasoning: bool | None = None, tools: list[dict] | None = None) -> tuple[str, str]:
         """(prompt, trained text) of a conversation whose last message is the assistant turn to learn.
 
-        The trace comes from `reasoning_content` or from an inline `<think>...</think>` in `content`. `reasoning`
-        None takes the row's own switch.
+        The trace comes from `reasoning_content` or from an inline `<think>...</think>` in `content`; the turn's
+        `tool_calls` are rendered by the template after its text. `reasoning` None takes the row's own switch.
         """
         if not messages or messages[-1]["role"] != "assistant":
             raise TemplateError("the last message must be the assistant turn to train on")
@@ -162,10 +169,10 @@ class ChatFormat:
         empty_trace = reasoning and not trace.strip()
         if empty_trace:
             trace = _EMPTY_TRACE_PLACEHOLDER
-        prompt = self.template_prompt(tokenizer, history, reasoning)
-        driven, kwargs = self._drive(history, reasoning)
-        full = tokenizer.apply_chat_template(driven + [self.answer_message(trace, answer, reasoning)],
-                                             tokenize=False, **kwargs)
+        prompt = self.template_prompt(tokenizer, history, reasoning, tools)
+        driven, kwargs = self._drive(history, reasoning, tools)
+        final_message = normalized_message(self.answer_message(trace, answer, reasoning, final.get("tool_calls")))
+        full = tokenizer.apply_chat_template(driven + [final_message], tokenize=False, **kwargs)
         if not full.startswith(prompt):
             raise TemplateError(
                 f"the chat template renders the reasoning-{'on' if reasoning else 'off'} answer turn differently from "
@@ -439,27 +446,62 @@ def chat_format_of(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
                                                              "the tokenizer")
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool | None = None) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool | None = None,
+                  tools: list[dict] | None = None) -> str:
     """The text a rollout starts from; `reasoning` None takes the messages' own switch."""
     reasoning = switch_of(messages) if reasoning is None else reasoning
-    return chat_format_of(tokenizer).generation_prompt(tokenizer, messages, reasoning)
+    return chat_format_of(tokenizer).generation_prompt(tokenizer, messages, reasoning, tools)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool | None = None) -> list[int]:
-    return tokenizer(render_prompt(tokenizer, messages, reasoning), add_special_tokens=False)["input_ids"]
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], reasoning: bool | None = None,
+                  tools: list[dict] | None = None) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, messages, reasoning, tools), add_special_tokens=False)["input_ids"]
 
 
 def encode_for_training(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                        reasoning: bool | None = None) -> dict[str, list[int]]:
+                        reasoning: bool | None = None, tools: list[dict] | None = None) -> dict[str, list[int]]:
     """Token ids and labels for a conversation whose last message is the assistant turn to learn.
 
     Labels are IGNORE_INDEX on the template's prompt (assistant header and any think prefill included). Tokenizing
     the two parts separately keeps the boundary exact: no prompt token carries loss.
     """
-    prompt, completion = chat_format_of(tokenizer).training_texts(tokenizer, messages, reasoning)
+    prompt, completion = chat_format_of(tokenizer).training_texts(tokenizer, messages, reasoning, tools)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return {"input_ids": prompt_ids + completion_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
+
+
+def is_tool_conversation(row: dict) -> bool:
+    return bool(row.get("tools")) or any(m.get("tool_calls") or m["role"] == "tool" for m in row["messages"])
+
+
+def encode_row_for_training(tokenizer: PreTrainedTokenizerBase, row: dict) -> list[dict[str, list[int]]]:
+    """The samples of a training row: its final assistant turn; for a tool conversation, every assistant turn.
+
+    Each turn of a tool conversation is one sample: the template's prompt for the history before it (as the model
+    sees it at that step of an episode, whatever the template keeps of earlier traces) and the turn, calls included.
+    """
+    if not is_tool_conversation(row):
+        return [encode_for_training(tokenizer, row["messages"])]
+    messages, reasoning = row["messages"], switch_of(row["messages"])
+    return [encode_for_training(tokenizer, messages[: i + 1], reasoning, row.get("tools"))
+            for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def tool_syntax_of(tokenizer: PreTrainedTokenizerBase) -> ToolSyntax:
+    """The syntax this tokenizer's template writes tool calls in (detected once, by rendering a probe call)."""
+    cached = getattr(tokenizer, "_tool_syntax", None)
+    if cached is None:
+        chat_format = chat_format_of(tokenizer)
+
+        def render_turn(tools: list[dict], message: dict) -> str:
+            user = {"role": "user", "content": _PROBE_USER}
+            return chat_format.training_texts(tokenizer, [user, message], False, tools)[1]
+
+        cached = detect_tool_syntax(tokenizer, render_turn, getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+        tokenizer._tool_syntax = cached  # noqa: SLF001 - a cache on the object that owns the template
+        log.info("tool calls: %s syntax", cached.name)
+    return cached
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

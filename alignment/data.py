@@ -54,16 +54,36 @@ def row_problem(row: object, use: RowUse) -> str | None:
             return f"message {i} has an unclosed <think>"
         if m.get("reasoning_content") and ("<think>" in m["reasoning_content"] or "</think>" in m["reasoning_content"]):
             return f"message {i}: `reasoning_content` must not contain think tags"
+    tool_problem = _tool_problem(row)
+    if tool_problem:
+        return tool_problem
     if use == "train":
         if messages[-1]["role"] != "assistant":
             return "last message is not an assistant turn"
-        if not messages[-1]["content"].strip():
+        if not messages[-1]["content"].strip() and not messages[-1].get("tool_calls"):
             return "assistant turn has an empty answer"
     needs_answer = use == "prompt" and row.get("task", "math") == "math"
     if needs_answer or "answer" in row:
         answer = row.get("answer")
         if not isinstance(answer, (str, int, float)) or str(answer).strip() == "":
             return "missing `answer`"
+    return None
+
+
+def _tool_problem(row: dict) -> str | None:
+    """What is wrong with a row's `tools` and `tool_calls` (the OpenAI layout, alignment/tool_calls.py)."""
+    from alignment.tool_calls import ToolSchemaError, calls_of_message, check_tools
+
+    try:
+        if "tools" in row:
+            check_tools(row["tools"])
+        for i, m in enumerate(row["messages"]):
+            if m.get("tool_calls"):
+                if m["role"] != "assistant":
+                    return f"message {i}: only assistant messages carry `tool_calls`"
+                calls_of_message(m)
+    except ToolSchemaError as exc:
+        return str(exc)
     return None
 
 

@@ -69,6 +69,7 @@ from alignment.runtime import distributed_rank_world, pick_device, seed_everythi
 from alignment.lora import LoraConfig, apply_lora
 from alignment.sft import learning_rate
 from alignment.split_guard import guard_splits
+from alignment.tool_mining import mine_tool_pairs
 from alignment.token_logprobs import MismatchMeter, describe_loss_path, disable_dropout, model_token_logps
 from alignment.trackers import TrackingConfig
 from alignment.tracking import MetricsLogger
@@ -145,6 +146,12 @@ class MiningConfig:
     rewards: RewardsConfig = option(
         RewardsConfig(mode="inprocess"), "Reward plugins that grade the samples (see rewards/config.py)."
     )
+    tool_prompts_path: str = option(
+        "", "Tool tasks (envs/tool_tasks.py rows) mined as K multi-turn episodes each in the tool environment: a "
+            "successful episode paired with a failed one at the first turn where they differ "
+            "(alignment/tool_mining.py). Empty: none.", path="file")
+    tool_prompts_per_round: int = option(0, "Tool tasks mined per round, beside prompts_per_round math prompts.")
+    tool_max_turns: int = option(4, "Most assistant turns of a mined tool episode.")
 
     def validate(self) -> None:
         if self.samples_per_prompt < 2:
@@ -614,6 +621,14 @@ def run_dpo(config: DPOConfig) -> dict:
             raise ValueError(f"{config.mining.prompts_path} has {len(prompt_rows)} prompt rows; "
                              f"{config.rounds} rounds x {config.mining.prompts_per_round} prompts need {needed}")
         mining_order = rng.sample(range(len(prompt_rows)), needed)
+        tool_rows: list[dict] = []
+        if config.mining.tool_prompts_path and config.mining.tool_prompts_per_round:
+            tool_rows, _ = read_rows(config.mining.tool_prompts_path, "prompt")
+            needed = config.mining.tool_prompts_per_round * config.rounds
+            if needed > len(tool_rows):
+                raise ValueError(f"mining.tool_prompts_path {config.mining.tool_prompts_path} has {len(tool_rows)} "
+                                 f"rows; {config.rounds} rounds x {config.mining.tool_prompts_per_round} need {needed}")
+            tool_rows = [tool_rows[i] for i in rng.sample(range(len(tool_rows)), needed)]
 
     # Under ZeRO one engine holds this worker's shard of the weights and AdamW for the whole stage (the optimizer
     # starts afresh each round); whatever reads the whole model (mining, reference log-probs, held-out metrics,
@@ -669,6 +684,13 @@ def run_dpo(config: DPOConfig) -> dict:
                 pairs, pair_stats = mine_pairs(model, tokenizer, [prompt_rows[i] for i in chunk], mining,
                                                seed=config.train.seed + round_index, tag=f"r{round_index}",
                                                rank=rank, world=world)
+                if tool_rows:  # every worker mines the same episodes (seeded): they need the same pairs
+                    per_round = config.mining.tool_prompts_per_round
+                    tool_pairs, tool_stats = mine_tool_pairs(
+                        model, tokenizer, tool_rows[(round_index - 1) * per_round:][:per_round], mining,
+                        seed=config.train.seed + round_index, tag=f"r{round_index}")
+                    pairs += tool_pairs
+                    pair_stats |= tool_stats
             if rank == 0:
                 write_rows(out / "pairs" / f"round{round_index}.jsonl", [pair_to_row(p) for p in pairs])
         if config.loss.score_until != "end":

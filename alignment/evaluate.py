@@ -68,6 +68,12 @@ class EvalConfig:
     top_p_no_think: float = option(1.0, "Nucleus mass with reasoning off.")
     seed: int = option(0, "Seed of the samples (each sample draws from its own stream, whatever its batch).")
     state_budget: str = option("auto", STATE_BUDGET_HELP)
+    tool_test_path: str = option(
+        "", "Tool tasks (rows with `tools` and a world in `metadata`, envs/tool_tasks.py) run as multi-turn episodes "
+            "in the tool environment, with reasoning on and off: final-state success, exact calls and the "
+            "hallucinated-tool rate go in eval.json under `tools`. Empty: none.", path="file")
+    tool_max_samples: int = option(200, "Evaluate on at most this many tool rows (the first ones); 0 means all.")
+    tool_max_turns: int = option(4, "Most assistant turns of a tool episode (calls and the answer).")
 
     def validate(self) -> None:
         for b in self.budgets:
@@ -88,6 +94,8 @@ class EvalConfig:
                 raise ValueError(f"{key} must be in (0, 1]")
         check_decode_keys(self.decode, self.ssm_state_dtype)
         check_state_budget(self.state_budget)
+        if self.tool_max_turns < 1 or self.tool_max_samples < 0:
+            raise ValueError("tool_max_turns must be at least 1 and tool_max_samples >= 0")
 
     def sampling(self, reasoning: bool) -> tuple[float, float]:
         """(temperature, top_p) of a mode."""
@@ -358,11 +366,67 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
         ],
         "examples": {"think": think["examples"], "no_think": no_think["examples"]},
     }
+    if config.tool_test_path:
+        summary["tools"] = evaluate_tools(model, tokenizer, config)
     log.info(
         "eval on %d rows: accuracy think %.3f / no-think %.3f, toggle compliance %.3f",
         len(rows), summary["accuracy_think"], summary["accuracy_no_think"], summary["toggle_compliance"],
     )
     return summary
+
+
+TOOL_KEYS = ("success", "exact_calls", "hallucinated", "malformed", "bad_arguments")
+
+
+@torch.no_grad()
+def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
+    """Tool episodes on `tool_test_path`, reasoning on and off: the rate of each outcome, with standard errors.
+
+    success: the final world is the target and the answer right, with no bad call; exact_calls: every turn's calls
+    are the reference's; hallucinated: some call named a tool the row does not offer (per episode).
+    """
+    from alignment.data import read_rows
+    from alignment.rollout.episodes import run_episodes
+
+    rows, _ = read_rows(config.tool_test_path, "prompt", config.max_bad_fraction)
+    rows = rows[: config.tool_max_samples or None]
+    was_training = model.training
+    model.eval()
+    summary: dict = {"rows": len(rows), "path": config.tool_test_path, "examples": {}}
+    for mode, reasoning in (("think", True), ("no_think", False)):
+        settings = generation_settings(tokenizer, config, *config.sampling(reasoning))
+        episodes = run_episodes(model, tokenizer, rows, [reasoning] * len(rows), settings, config.tool_max_turns,
+                                seed=config.seed)
+        outcomes = [episode.outcome() for episode in episodes]
+        for key in TOOL_KEYS:
+            summary[f"{key}_{mode}"], summary[f"{key}_{mode}_stderr"] = mean_and_stderr(
+                [float(getattr(o, key)) for o in outcomes])
+        summary[f"mean_turns_{mode}"] = sum(len(e.turns) for e in episodes) / len(episodes)
+        summary[f"row_success_{mode}"] = [int(o.success) for o in outcomes]  # for gains paired over the rows
+        summary["examples"][mode] = [{"id": e.row.get("id"), "turns": e.turn_texts, "ended": e.ended,
+                                      "success": o.success, "reason": o.reason} for e, o in zip(episodes[:4], outcomes)]
+    model.train(was_training)
+    log.info("tool episodes on %d rows: success think %.3f / no-think %.3f, hallucinated tools %.3f / %.3f",
+             len(rows), summary["success_think"], summary["success_no_think"], summary["hallucinated_think"],
+             summary["hallucinated_no_think"])
+    return summary
+
+
+def tools_report(results: dict[str, dict]) -> list[str]:
+    """The tool-episode table of the report (models evaluated with eval.tool_test_path only)."""
+    with_tools = {name: s["tools"] for name, s in results.items() if s.get("tools")}
+    if not with_tools:
+        return []
+    lines = ["", "## Tool calling (multi-turn episodes in the tool environment)", "",
+             "Rates per episode, one standard error after ±. Success: the final world is the target and the answer "
+             "right, with no bad call.", "",
+             "| model | rows | success think | success no-think | exact calls think | hallucinated tool think | "
+             "hallucinated tool no-think | malformed think |", "|---|---|---|---|---|---|---|---|"]
+    for name, t in with_tools.items():
+        lines.append(f"| {name} | {t['rows']} | {with_stderr(t, 'success_think')} | {with_stderr(t, 'success_no_think')} | "
+                     f"{with_stderr(t, 'exact_calls_think')} | {with_stderr(t, 'hallucinated_think')} | "
+                     f"{with_stderr(t, 'hallucinated_no_think')} | {with_stderr(t, 'malformed_think')} |")
+    return lines
 
 
 def budget_label(budget: int | None) -> str:
@@ -511,6 +575,7 @@ def markdown_report(results: dict[str, dict]) -> str:
                          f"({s['accuracy_think_sampling_stderr']:.3f}) | {with_stderr(s, 'maj_at_k_think')} | "
                          f"{with_stderr(s, 'pass_at_k_think')} | {with_stderr(s, 'accuracy_no_think')} | "
                          f"{'-' if per_correct is None else f'{per_correct:.1f}'} |")
+    lines += tools_report(results)
     lines += ["", "## Accuracy / well-formed rate across thinking budgets", "",
               "![accuracy vs budget](accuracy_vs_budget.png)", ""]
     for name, s in results.items():

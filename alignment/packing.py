@@ -45,7 +45,8 @@ MODEL_INPUT_KEYS = (
 )
 
 
-def first_fit_decreasing(lengths: Sequence[int], max_tokens_per_row: int) -> list[list[int]]:
+def first_fit_decreasing(lengths: Sequence[int], max_tokens_per_row: int,
+                         alone: Sequence[bool] | None = None) -> list[list[int]]:
     """Bin samples into rows of at most `max_tokens_per_row` tokens with first-fit-decreasing.
 
     Samples are placed longest first into the first row with room, a new row is opened when none has room. FFD
@@ -55,6 +56,8 @@ def first_fit_decreasing(lengths: Sequence[int], max_tokens_per_row: int) -> lis
     Args:
         lengths: token count of each sample; every length must be in [1, max_tokens_per_row].
         max_tokens_per_row: the token budget of one row.
+        alone: samples that get a row of their own, never packed with another (a data source marked `pack:
+            false`, as Nano 2 trained tool calling: packing had hurt it).
 
     Returns:
         One list of sample indices per row; every index appears exactly once, rows in order of creation, samples
@@ -67,6 +70,10 @@ def first_fit_decreasing(lengths: Sequence[int], max_tokens_per_row: int) -> lis
     rows: list[list[int]] = []
     room: list[int] = []  # free tokens left in each row
     for i in order:
+        if alone is not None and alone[i]:
+            rows.append([i])
+            room.append(0)
+            continue
         for r, free in enumerate(room):
             if lengths[i] <= free:
                 rows[r].append(i)
@@ -83,6 +90,7 @@ def plan_packed_batches(
     max_tokens_per_row: int,
     rows_per_batch: int,
     seed: int | None = 0,
+    alone: Sequence[bool] | None = None,
 ) -> list[list[int]]:
     """Group a whole dataset into batches that each fill about `rows_per_batch` packed rows.
 
@@ -97,14 +105,28 @@ def plan_packed_batches(
         max_tokens_per_row: the token budget of one row, as given to the collator.
         rows_per_batch: rows per optimizer micro-step.
         seed: shuffles the order of rows (None keeps FFD order, longest rows first).
+        alone: samples that get a row of their own (see `first_fit_decreasing`).
 
     Returns:
         A list of batches, each a list of dataset indices.
     """
-    rows = first_fit_decreasing([min(n, max_tokens_per_row) for n in lengths], max_tokens_per_row)
-    if seed is not None:
-        random.Random(seed).shuffle(rows)
-    return [sum(rows[i : i + rows_per_batch], []) for i in range(0, len(rows), rows_per_batch)]
+    lengths = [min(n, max_tokens_per_row) for n in lengths]
+    rows = first_fit_decreasing(lengths, max_tokens_per_row, alone)
+    rng = random.Random(seed)
+    # Rows of one sample go in batches of their own, as many rows as fill the same tokens: mixed with packed rows
+    # they would be padded to a packed row's length.
+    single = [row for row in rows if alone is not None and alone[row[0]]]
+    packed = [row for row in rows if not (alone is not None and alone[row[0]])]
+    batches = []
+    for group, per_batch in ((packed, rows_per_batch),
+                             (single, max(1, rows_per_batch * max_tokens_per_row //
+                                          max([lengths[row[0]] for row in single], default=1)))):
+        if seed is not None:
+            rng.shuffle(group)
+        batches += [sum(group[i : i + per_batch], []) for i in range(0, len(group), per_batch)]
+    if seed is not None and single:
+        rng.shuffle(batches)
+    return batches
 
 
 # Rows are padded to a multiple of this many tokens. Triton specialises integer arguments on divisibility by 16, so a
@@ -118,7 +140,8 @@ class SampleCollator:
     """Collate tokenized samples into a packed or a right-padded batch.
 
     Each sample is `{"input_ids": list[int], "labels": list[int]}` with labels -100 where no loss is taken (the
-    prompt). Labels are not shifted: labels[t] is the target of the token at t - 1, as in transformers.
+    prompt). Labels are not shifted: labels[t] is the target of the token at t - 1, as in transformers. A sample
+    with `"pack": False` gets a packed row of its own.
 
     Samples longer than `max_tokens_per_row` are truncated to their first `max_tokens_per_row` tokens, in both
     modes, and counted in `num_truncated`: the budget is then a hard bound on activation memory, so one outlier
@@ -162,7 +185,8 @@ class SampleCollator:
         """Collate `samples` into a batch dict (see the class docstring for the keys)."""
         ids, labels = self._truncated(samples)
         if self.mode == "packed":
-            rows = first_fit_decreasing([len(x) for x in ids], self.max_tokens_per_row)
+            rows = first_fit_decreasing([len(x) for x in ids], self.max_tokens_per_row,
+                                        [s.get("pack", True) is False for s in samples])
         else:
             rows = [[i] for i in range(len(ids))]
         batch = self._build(ids, labels, rows)

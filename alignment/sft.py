@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from alignment.activation_checkpointing import activation_checkpointing_status, enable_activation_checkpointing
-from alignment.chat_format import IGNORE_INDEX, encode_for_training, mark_stated_budget
+from alignment.chat_format import IGNORE_INDEX, encode_for_training, encode_row_for_training, mark_stated_budget
 from alignment.checkpoint import save_model_checkpoint
-from alignment.config import check_paths, option, to_dict
+from alignment.config import ConfigError, check_paths, option, relative_to_cwd, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.evaluate import EvalConfig, evaluate_model
 from alignment.graphed_step import GraphedTrainStep, capturable_adamw, set_learning_rate
@@ -59,6 +59,10 @@ class SFTDataConfig:
     test_path: str = option(
         "runs/data/tiny/test.jsonl", "Held-out rows for the evaluation after training.", path="file"
     )
+    unpacked_paths: list = option(
+        [], "More JSONL training rows, each sample in a row of its own (never packed with another), mixed into the "
+            "same run: Nano 2 trained tool calling so, packing had hurt it. A tool conversation trains every "
+            "assistant turn, calls included. No truncated-thinking rows are made from these.")
     max_seq_len: int = option(512, "Longer conversations are dropped (counted in the manifest).")
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
     truncation: TruncationConfig = option(TruncationConfig(), "Truncated-thinking rows that teach budget control.")
@@ -168,7 +172,8 @@ def micro_batches(samples: list[dict], config: TrainConfig, rng: random.Random, 
         rng.shuffle(order)
         return [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     lengths = [len(s["input_ids"]) for s in samples]
-    return plan_packed_batches(lengths, config.max_tokens_per_row, packed_rows(samples, config), seed=config.seed + epoch)
+    return plan_packed_batches(lengths, config.max_tokens_per_row, packed_rows(samples, config), seed=config.seed + epoch,
+                               alone=[s.get("pack", True) is False for s in samples])
 
 
 def packed_rows(samples: list[dict], config: TrainConfig) -> int:
@@ -273,6 +278,9 @@ def build_model(config: SFTConfig, device: torch.device):
 def run_sft(config: SFTConfig) -> dict:
     setup_logging()
     check_paths(config)  # a mistyped path fails here, naming its key, before the output folder exists
+    for i, path in enumerate(config.data.unpacked_paths):
+        if not Path(path).is_file():
+            raise ConfigError(f"`data.unpacked_paths[{i}]`: no such file: {path}{relative_to_cwd(Path(path))}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
@@ -310,6 +318,14 @@ def run_sft(config: SFTConfig) -> dict:
             if "truncated_at" in row.get("metadata", {}):
                 samples[i], found = mask_forced_close(samples[i], close_ids)
                 truncation_stats["close_masked"] = truncation_stats.get("close_masked", 0) + found
+    unpacked_reports = []
+    for path in config.data.unpacked_paths:
+        unpacked_rows, unpacked_report = read_rows(path, "train", config.data.max_bad_fraction)
+        unpacked_reports.append(unpacked_report.summary())
+        samples += [dict(sample, pack=False) for row in unpacked_rows
+                    for sample in encode_row_for_training(tokenizer, row)]
+    if unpacked_reports:
+        log.info("unpacked sources: %s", ", ".join(f"{r['path']} ({r['rows']} rows)" for r in unpacked_reports))
     too_long = sum(len(s["input_ids"]) > config.data.max_seq_len for s in samples)
     samples = [s for s in samples if len(s["input_ids"]) <= config.data.max_seq_len]
     log.info("%d training samples (%d too long dropped, %d bad rows, %d truncated-thinking)",
@@ -352,10 +368,11 @@ def run_sft(config: SFTConfig) -> dict:
         trained, optimizer = zero, zero.optimizer
     state = TrainState(rng=random.Random(config.train.seed))
     if zero is not None:  # a sharded state only loads on the same number of workers with the same DeepSpeed file
-        fingerprint = run_fingerprint(config, config.data.train_path, config.train.deepspeed, salt=f"world={world}")
+        fingerprint = run_fingerprint(config, config.data.train_path, *config.data.unpacked_paths, config.train.deepspeed,
+                                      salt=f"world={world}")
         resumed = resume_sharded_training(out / "last", fingerprint, zero, state)
     else:
-        fingerprint = run_fingerprint(config, config.data.train_path)
+        fingerprint = run_fingerprint(config, config.data.train_path, *config.data.unpacked_paths)
         resumed = resume_training(out / "last", fingerprint, model, optimizer, state)
     if resumed:
         log.info("resumed from step %d (%s)", state.step, out / "last")
@@ -433,8 +450,9 @@ def run_sft(config: SFTConfig) -> dict:
     manifest = {
         "stage": "sft",
         "config": to_dict(config),
-        "data_fingerprint": fingerprint_files(config.data.train_path),
-        "data": {"train": report.summary(), "dropped_too_long": too_long, "truncation": truncation_stats,
+        "data_fingerprint": fingerprint_files(config.data.train_path, *config.data.unpacked_paths),
+        "data": {"train": report.summary(), "unpacked": unpacked_reports, "dropped_too_long": too_long,
+                 "truncation": truncation_stats,
                  "splits": splits},
         "packing": packed_path,
         "train_seconds": round(train_seconds, 1),

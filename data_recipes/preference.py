@@ -126,6 +126,7 @@ def pair_to_row(pair: dict) -> dict:
         "prompt": pair["prompt"],
         "chosen": [pair["chosen"]],
         "rejected": [pair["rejected"]],
+        **({"tools": pair["tools"]} if pair.get("tools") else {}),
         **({"metadata": pair["metadata"]} if pair.get("metadata") else {}),
     }
 

@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 
 from alignment.split_guard import prompt_key
+from envs.tool_tasks import ToolTaskConfig, generate_tool_splits
 
 MAX_VALUE = 99  # every intermediate result stays in 0..MAX_VALUE so one step is two-digit arithmetic
 
@@ -237,6 +238,8 @@ class MathDataConfig:
     """The `align data` stage: write the synthetic splits as JSONL."""
 
     task: MathTaskConfig = field(default_factory=MathTaskConfig, metadata={"help": "Task generator settings."})
+    tools: ToolTaskConfig = field(default_factory=ToolTaskConfig, metadata={
+        "help": "Synthetic tool tasks (envs/tool_tasks.py) written as tools_<split>.jsonl; train_size 0: none."})
     output_dir: str = field(default="runs/data/tiny", metadata={"help": "Where train/validation/test(/rl).jsonl go."})
 
 
@@ -255,8 +258,15 @@ def write_splits(config: MathDataConfig) -> dict[str, str]:
         paths[name] = str(out / f"{name}.jsonl")
     counts = {name: len(rows) for name, rows in splits.items()}
     off = sum(r["metadata"]["reasoning"] == "off" for r in splits["train"])
-    manifest = {"recipe": "synthetic_math", "config": {"task": dataclasses.asdict(config.task)}, "rows": counts,
-                "train_reasoning_off": off}
+    if config.tools.train_size:
+        for name, rows in generate_tool_splits(config.tools).items():
+            if rows:
+                write_rows(out / f"tools_{name}.jsonl", rows)
+                paths[f"tools_{name}"] = str(out / f"tools_{name}.jsonl")
+                counts[f"tools_{name}"] = len(rows)
+    manifest = {"recipe": "synthetic_math", "config": {"task": dataclasses.asdict(config.task),
+                                                       "tools": dataclasses.asdict(config.tools)},
+                "rows": counts, "train_reasoning_off": off}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"data: {counts} rows in {out} ({off} reasoning-off training rows)")
     return paths

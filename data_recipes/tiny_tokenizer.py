@@ -17,6 +17,10 @@ from data_recipes.synthetic_math import MathTaskConfig, generate_splits
 
 SPECIAL_TOKENS = ["<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
 VOCAB_SIZE = 512
+# Added after training, so the ids above stay as they were (the model's vocabulary, 384, has room): the tool syntax
+# and its JSON keys, which a BPE trained on arithmetic splits into bytes (a call took 74 tokens, now about 20).
+TOOL_TOKENS = ["<TOOLCALL>", "</TOOLCALL>", "<TOOL_RESPONSE>", "</TOOL_RESPONSE>", '{"name": "', '", "arguments": {',
+               '"key": "', '"value": ', '"a": ', '"b": ', "get_value", "set_value", "subtract"]
 
 # The reasoning toggle of Nemotron Nano 2, in miniature:
 # - `/think` or `/no_think` in a system or user message switches reasoning; the last one seen wins; default on;
@@ -25,7 +29,20 @@ VOCAB_SIZE = 512
 # - Earlier assistant turns keep only the text after `</think>`.
 # - The final assistant message of a training conversation renders its `reasoning_content` (or the inline
 #   `<think>...</think>` part of its content) inside the think block, then `\n` and the answer.
+# Tools, compact for a small model: the system turn lists `Tools: name(param, ...); ...`; an assistant turn's calls
+# follow its answer as `<TOOLCALL>[{"name": ..., "arguments": {...}}]</TOOLCALL>` (the Nano 2 syntax); the results
+# of consecutive tool messages share one user turn as `<TOOL_RESPONSE>[...]</TOOL_RESPONSE>`.
 CHAT_TEMPLATE = r"""
+{%- macro calls_text(m) -%}
+  {%- if m.get('tool_calls') -%}
+    {{- '<TOOLCALL>[' -}}
+    {%- for c in m['tool_calls'] -%}
+      {{- '{"name": ' + c['function']['name'] | tojson + ', "arguments": ' + c['function']['arguments'] | tojson + '}' -}}
+      {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+    {%- endfor -%}
+    {{- ']</TOOLCALL>' -}}
+  {%- endif -%}
+{%- endmacro -%}
 {%- set ns = namespace(reasoning=true, system='') -%}
 {%- for m in messages -%}
   {%- if m['role'] in ['system', 'user'] -%}
@@ -37,11 +54,23 @@ CHAT_TEMPLATE = r"""
   {%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- endif -%}
 {%- endfor -%}
 {%- if enable_thinking is defined -%}{%- set ns.reasoning = enable_thinking -%}{%- endif -%}
-{{- '<|system|>' + ns.system.replace('/no_think', '').replace('/think', '').strip() + '<|end|>' -}}
+{{- '<|system|>' + ns.system.replace('/no_think', '').replace('/think', '').strip() -}}
+{%- if tools -%}
+  {{- '\nTools: ' -}}
+  {%- for t in tools -%}
+    {{- t['function']['name'] + '(' + (t['function'].get('parameters', {}).get('properties', {}) | list | join(', ')) + ')' -}}
+    {%- if not loop.last -%}{{- '; ' -}}{%- endif -%}
+  {%- endfor -%}
+{%- endif -%}
+{{- '<|end|>' -}}
 {%- for m in messages -%}
   {%- set text = m['content'].replace('/no_think', '').replace('/think', '').strip() -%}
   {%- if m['role'] == 'user' -%}
     {{- '<|user|>' + text + '<|end|>' -}}
+  {%- elif m['role'] == 'tool' -%}
+    {%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|user|><TOOL_RESPONSE>[' -}}{%- else -%}{{- ', ' -}}{%- endif -%}
+    {{- m['content'] -}}
+    {%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- ']</TOOL_RESPONSE><|end|>' -}}{%- endif -%}
   {%- elif m['role'] == 'assistant' -%}
     {%- set answer = m['content'].split('</think>')[-1].strip() -%}
     {%- if loop.last and not add_generation_prompt -%}
@@ -49,12 +78,12 @@ CHAT_TEMPLATE = r"""
         {%- if m.get('reasoning_content') -%}{%- set trace = m['reasoning_content'] -%}
         {%- elif '</think>' in m['content'] -%}{%- set trace = m['content'].split('</think>')[0].replace('<think>', '').lstrip('\n') -%}
         {%- else -%}{%- set trace = '' -%}{%- endif -%}
-        {{- '<|assistant|><think>\n' + trace + '</think>\n' + answer + '<|end|>' -}}
+        {{- '<|assistant|><think>\n' + trace + '</think>\n' + answer + calls_text(m) + '<|end|>' -}}
       {%- else -%}
-        {{- '<|assistant|><think></think>\n' + answer + '<|end|>' -}}
+        {{- '<|assistant|><think></think>\n' + answer + calls_text(m) + '<|end|>' -}}
       {%- endif -%}
     {%- else -%}
-      {{- '<|assistant|>' + answer + '<|end|>' -}}
+      {{- '<|assistant|>' + answer + calls_text(m) + '<|end|>' -}}
     {%- endif -%}
   {%- endif -%}
 {%- endfor -%}
@@ -90,7 +119,7 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
         eos_token="<|end|>",
@@ -99,6 +128,8 @@ def build_tokenizer(seed: int = 0) -> PreTrainedTokenizerFast:
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
+    fast.add_tokens(TOOL_TOKENS)
+    return fast
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ line can say `schema: gsm8k`:
     rows = load_dataset_rows("openai/gsm8k", "gsm8k", split="train", name="main")   # hub, through `datasets`
 
 Schemas: `llama_nemotron`, `nemotron_post_training` (conversation sets with a reasoning flag), `gsm8k`, `math`,
-`openmathreasoning`, `aime` (math), `gpqa` (multiple choice), `mbpp`, `humaneval`, `livecodebench` (code with tests), `rows` (already converted).
+`openmathreasoning`, `aime` (math), `gpqa` (multiple choice), `mbpp`, `humaneval`, `livecodebench` (code with tests),
+`openai_tools`, `xlam` (tool calling), `rows` (already converted).
 Preference sets (chosen/rejected) are in `data_recipes/preference.py`.
 """
 
@@ -26,6 +27,7 @@ from data_recipes.adapters.code_sets import rows_from_humaneval, rows_from_livec
 from data_recipes.adapters.conversation import rows_from_llama_nemotron, rows_from_nemotron_post_training
 from data_recipes.adapters.loading import load_dataset_rows, load_dataset_rows_with_report, load_records
 from data_recipes.adapters.math_sets import rows_from_aime, rows_from_gsm8k, rows_from_math, rows_from_openmathreasoning
+from data_recipes.adapters.tool_sets import rows_from_openai_tools, rows_from_xlam
 
 __all__ = [
     "AdapterReport",
@@ -45,6 +47,8 @@ __all__ = [
     "rows_from_math",
     "rows_from_mbpp",
     "rows_from_nemotron_post_training",
+    "rows_from_openai_tools",
     "rows_from_openmathreasoning",
+    "rows_from_xlam",
     "schema_names",
 ]
