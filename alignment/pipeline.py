@@ -116,12 +116,17 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     absolute(getattr(config, "train", None), "deepspeed")
     for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
                     getattr(config, "selection", None)):
-        for key in ("train_path", "test_path", "prompts_path", "validation_path"):
+        for key in ("train_path", "test_path", "prompts_path", "validation_path", "tool_test_path",
+                    "tool_prompts_path"):
             value = getattr(section, key, None) if section is not None else None
             if value and data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
                 setattr(section, key, str(data_dir / Path(value).name))
             else:
                 absolute(section, key)
+    data = getattr(config, "data", None)
+    if getattr(data, "unpacked_paths", None):
+        data.unpacked_paths = [str(data_dir / Path(p).name) if data_dir is not None else
+                               str(Path(p).resolve()) if Path(p).exists() else p for p in data.unpacked_paths]
     if name in ("dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""

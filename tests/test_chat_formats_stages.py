@@ -27,11 +27,13 @@ def align(*args) -> None:
 def test_every_stage_runs_with_the_format(name, tiny_data, tmp_path):
     tokenizer = HERE / "fixtures" / "chat_formats" / name
     test_rows = tiny_data / "test.jsonl"
-    evaluation = [f"eval.test_path={test_rows}", "eval.max_samples=2", "eval.max_new_tokens=12", "eval.budgets=[4]"]
+    evaluation = [f"eval.test_path={test_rows}", "eval.max_samples=2", "eval.max_new_tokens=12", "eval.budgets=[4]",
+                  "eval.tool_test_path="]
     align("sft", "configs/tiny/sft.yaml", f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={tokenizer}",
           f"data.train_path={tiny_data / 'train.jsonl'}", f"data.test_path={test_rows}", "data.max_seq_len=1024",
           "data.truncation.fraction=0.5", "data.truncation.max_budget=16", "train.max_steps=2", "train.batch_size=4",
-          "train.max_tokens_per_row=2048", "train.warmup_steps=1", *evaluation, f"output_dir={tmp_path / 'sft'}",
+          "train.max_tokens_per_row=2048", "train.warmup_steps=1", "data.unpacked_paths=[]", *evaluation,
+          f"output_dir={tmp_path / 'sft'}",
           "device=cpu")
     sft = tmp_path / "sft" / "checkpoint"
     saved = json.loads((sft / "tokenizer_config.json").read_text())
@@ -47,6 +49,7 @@ def test_every_stage_runs_with_the_format(name, tiny_data, tmp_path):
           "mining.prompts_per_round=2", "mining.samples_per_prompt=3", "mining.max_new_tokens=12",
           "mining.budgets=[null,4]", "mining.reasoning_off_fraction=0.5", "mining.batch_size=8",
           "mining.rewards={rewards: [{name: length}], mode: inprocess}", "pairs.heldout_fraction=0",
+          "mining.tool_prompts_path=",
           "rounds=1", "train.max_steps=1", "train.pairs_per_step=2", "selection.validation_path=",
           "evaluate_start=false", *evaluation, f"output_dir={tmp_path / 'dpo'}", "device=cpu")
     assert verify_checkpoint(tmp_path / "dpo" / "checkpoint")["stage"] == "dpo"

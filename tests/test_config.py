@@ -96,7 +96,8 @@ def test_a_failed_run_removes_the_empty_folder_it_made_and_keeps_an_existing_one
     bad, test = tmp_path / "bad.jsonl", tmp_path / "test.jsonl"
     bad.write_text("not json\n")
     test.write_text('{"prompt": "1+1?", "answer": "2"}\n')
-    args = ["sft", "configs/tiny/sft.yaml", f"data.train_path={bad}", f"data.test_path={test}", "data.max_bad_fraction=0"]
+    args = ["sft", "configs/tiny/sft.yaml", f"data.train_path={bad}", f"data.test_path={test}", "data.max_bad_fraction=0",
+            "data.unpacked_paths=[]", "eval.tool_test_path="]
     assert main(args + [f"output_dir={tmp_path / 'new' / 'sft'}"]) == 2
     assert "1 of 1 rows are bad" in capsys.readouterr().err and not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()

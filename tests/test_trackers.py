@@ -160,7 +160,8 @@ def test_a_tiny_sft_run_is_logged_to_wandb_mlflow_and_trackio_and_reads_back(tin
         f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={TINY_TOKENIZER}",
         f"data.train_path={tiny_data / 'train.jsonl'}", f"data.test_path={tiny_data / 'test.jsonl'}",
         "eval.max_samples=4", "eval.max_new_tokens=16", "eval.budgets=[8]", "train.max_steps=3",
-        "train.warmup_steps=1", "train.log_every=1", f"output_dir={out}", "device=cpu",
+        "train.warmup_steps=1", "train.log_every=1", f"output_dir={out}", "device=cpu", "data.unpacked_paths=[]",
+        "eval.tool_test_path=",
         "tracking.report_to=[tensorboard, wandb, mlflow, trackio]", "tracking.project=tiny-test",
         "tracking.group=g1", f"tracking.mlflow_tracking_uri=file:{store}",
     ]  # fmt: skip

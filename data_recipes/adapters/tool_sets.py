@@ -95,8 +95,8 @@ def xlam_row(record: dict[str, Any], index: int) -> dict[str, Any]:
         raise RecordError(f"`answers`: {exc}") from None
     reference = [{"name": c.name, "arguments": c.arguments} for c in calls]
     _checked_calls(reference, tools, "answers")
-    messages = [{"role": "user", "content": query},
-                {"role": "assistant", "content": "", "tool_calls": [c.message_entry() for c in calls]}]
+    messages = with_switch([{"role": "user", "content": query}], False) + [
+        {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [c.message_entry() for c in calls]}]
     return {"id": record_id("xlam", record, index, "id"), "task": "tool_call", "messages": messages, "tools": tools,
             "metadata": {"source": "xlam", "index": index, "reference_calls": [reference], "reasoning": "off"}}
 
@@ -138,6 +138,8 @@ def openai_tools_row(record: dict[str, Any], index: int) -> dict[str, Any]:
     flag = reasoning_flag(record.get("reasoning"))
     has_trace = any(m.get("reasoning_content") or "</think>" in m["content"] for m in out if m["role"] == "assistant")
     reasoning_on = has_trace if flag is None else flag
+    if not reasoning_on:
+        out = [dict(m, reasoning_content="") if m["role"] == "assistant" else m for m in out]
     return {"id": record_id("openai_tools", record, index, "id"), "task": "tool_call",
             "messages": with_switch(out, reasoning_on), "tools": tools,
             "metadata": {"source": "openai_tools", "index": index, "reference_calls": reference,
