@@ -8,12 +8,12 @@ nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log --oneline | 
 start=$(date +%s)
 align data configs/tiny/data.yaml > $OUT/r/data.log 2>&1 || { tail -20 $OUT/r/data.log; exit 1; }
 for s in 0 1; do
-  OMP_NUM_THREADS=4 align sft configs/tiny/sft.yaml train.max_steps=400 train.seed=$s model.init_seed=$s \
+  OMP_NUM_THREADS=4 align sft configs/tiny/tools/sft.yaml train.max_steps=400 train.seed=$s model.init_seed=$s \
     output_dir=runs/tools/seed$s/sft > $OUT/r/sft$s.log 2>&1 &
 done; wait
 echo "sft done after $(( $(date +%s) - start )) s"; grep -h "tool episodes on\|^accuracy" $OUT/r/sft*.log
 for s in 0 1; do
-  OMP_NUM_THREADS=4 align dpo configs/tiny/dpo.yaml model.name_or_path=runs/tools/seed$s/sft/checkpoint train.seed=$s \
+  OMP_NUM_THREADS=4 align dpo configs/tiny/tools/dpo.yaml model.name_or_path=runs/tools/seed$s/sft/checkpoint train.seed=$s \
     output_dir=runs/tools/seed$s/dpo > $OUT/r/dpo$s.log 2>&1 &
 done; wait
 echo "dpo done after $(( $(date +%s) - start )) s"; grep -h "tool episodes on\|round .: .* pairs\|keeping\|Error" $OUT/r/dpo*.log | cut -c1-400

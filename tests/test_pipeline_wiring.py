@@ -14,11 +14,13 @@ def test_stages_read_the_runs_data_files_by_name(tmp_path):
     _wire("dpo", dpo, tmp_path / "run", "/models/sft", data_dir)
     assert Path(dpo.mining.prompts_path) == data_dir / "rl.jsonl"  # fresh prompts stay fresh prompts
     assert Path(dpo.eval.test_path) == data_dir / "test.jsonl"
-    assert Path(dpo.mining.tool_prompts_path) == data_dir / "tools_rl.jsonl"
-    assert Path(dpo.eval.tool_test_path) == data_dir / "tools_test.jsonl"
+    tools = load_config(DPOConfig, "configs/tiny/tools/dpo.yaml", [])
+    _wire("dpo", tools, tmp_path / "run", "/models/sft", data_dir)
+    assert Path(tools.mining.tool_prompts_path) == data_dir / "tools_rl.jsonl"
+    assert Path(tools.eval.tool_test_path) == data_dir / "tools_test.jsonl"
     from alignment.sft import SFTConfig
 
-    sft = load_config(SFTConfig, "configs/tiny/sft.yaml", [])
+    sft = load_config(SFTConfig, "configs/tiny/tools/sft.yaml", [])
     _wire("sft", sft, tmp_path / "run", None, data_dir)
     assert sft.data.unpacked_paths == [str(data_dir / "tools_train.jsonl")]
     assert dpo.model.name_or_path == "/models/sft" and dpo.output_dir == str(tmp_path / "run" / "dpo")
