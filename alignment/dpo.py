@@ -385,6 +385,17 @@ def completion_message(text: str, reasoning: bool) -> dict:
     return {"role": "assistant", "content": text}
 
 
+def mining_settings(tokenizer, config: MiningConfig) -> GenerationSettings:
+    """How mining samples: the config's temperature, top-p, length and decode path, the format's stop tokens."""
+    return GenerationSettings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
+        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
+        ssm_state_dtype=config.ssm_state_dtype,
+    )
+
+
 def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: int, tag: str, rank: int = 0,
                world: int = 1) -> tuple[list[dict], dict]:
     """Sample K completions per prompt from `model`, grade them, keep the clearest pairs.
@@ -404,13 +415,7 @@ def mine_pairs(model, tokenizer, rows: list[dict], config: MiningConfig, seed: i
         prompt = state_budget(with_reasoning(prompt_messages(row), reasoning), budget if stated else None)
         plans.append({"row": row, "reasoning": reasoning, "budget": budget, "prompt": prompt,
                       "ids": encode_prompt(tokenizer, prompt)})
-    settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
-        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
-        ssm_state_dtype=config.ssm_state_dtype,
-    )
+    settings = mining_settings(tokenizer, config)
     mine = [i for i in range(len(plans)) if i % world == rank]
     results = generate(
         model, [plans[i]["ids"] for i in mine for _ in range(k)], settings=settings,

@@ -108,8 +108,6 @@ def normalized_message(message: dict) -> dict:
 # Syntaxes
 
 
-_JSON_LIST = re.compile(r"<TOOLCALL>(.*?)</TOOLCALL>", re.DOTALL)
-_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _XML_FUNCTION = re.compile(r"^\s*<function=([^>\n]+)>(.*?)</function>\s*$", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
@@ -125,20 +123,9 @@ def _call_from_json(value: Any, where: str) -> ToolCall:
     return ToolCall(value["name"], arguments)
 
 
-def _parse_json_list(text: str) -> ParsedTurn:
-    blocks = _JSON_LIST.findall(text)
-    content = _JSON_LIST.sub("", text).strip()
-    calls, malformed = [], None
-    if "<TOOLCALL>" in content or "</TOOLCALL>" in content:
-        malformed = "an unclosed <TOOLCALL> block"
-    for block in blocks:
-        try:
-            value = json.loads(block)
-            items = value if isinstance(value, list) else [value]
-            calls += [_call_from_json(item, "a call in <TOOLCALL>") for item in items]
-        except (ValueError, json.JSONDecodeError) as exc:
-            malformed = f"<TOOLCALL> holds no valid call list ({exc})"
-    return ParsedTurn(content, calls, malformed)
+def _read_json_list(block: str) -> list[ToolCall]:
+    value = json.loads(block)
+    return [_call_from_json(item, "a call in <TOOLCALL>") for item in (value if isinstance(value, list) else [value])]
 
 
 def _xml_value(raw: str, schema: dict | None) -> Any:
@@ -151,38 +138,39 @@ def _xml_value(raw: str, schema: dict | None) -> Any:
         return raw
 
 
-def _parse_tool_call_blocks(text: str, read: Callable[[str], ToolCall]) -> ParsedTurn:
-    blocks = _TOOL_CALL_BLOCK.findall(text)
-    content = _TOOL_CALL_BLOCK.sub("", text).strip()
+def _parse_blocks(text: str, opening: str, closing: str, read: Callable[[str], list[ToolCall]]) -> ParsedTurn:
+    """The text outside `opening`...`closing` blocks, and the calls `read` finds in each block."""
+    block = re.compile(re.escape(opening) + "(.*?)" + re.escape(closing), re.DOTALL)
+    content = block.sub("", text).strip()
     calls, malformed = [], None
-    if "<tool_call>" in content or "</tool_call>" in content:
-        malformed = "an unclosed <tool_call> block"
-    for block in blocks:
+    if opening in content or closing in content:
+        malformed = f"an unclosed {opening} block"
+    for inside in block.findall(text):
         try:
-            calls.append(read(block))
+            calls += read(inside)
         except (ValueError, json.JSONDecodeError) as exc:
-            malformed = f"a <tool_call> block could not be read ({exc})"
+            malformed = f"a {opening} block could not be read ({exc})"
     return ParsedTurn(content, calls, malformed)
 
 
-def _xml_reader(tools: list[dict] | None) -> Callable[[str], ToolCall]:
+def _xml_reader(tools: list[dict] | None) -> Callable[[str], list[ToolCall]]:
     properties = {tool_name(t): (t.get("function") or {}).get("parameters", {}).get("properties", {})
                   for t in tools or []}
 
-    def read(block: str) -> ToolCall:
+    def read(block: str) -> list[ToolCall]:
         match = _XML_FUNCTION.match(block)
         if match is None:
             raise ValueError("no <function=NAME>...</function> inside")
         name = match.group(1).strip()
         schema = properties.get(name, {})
         arguments = {p.strip(): _xml_value(v, schema.get(p.strip())) for p, v in _XML_PARAMETER.findall(match.group(2))}
-        return ToolCall(name, arguments)
+        return [ToolCall(name, arguments)]
 
     return read
 
 
-def _hermes_reader(block: str) -> ToolCall:
-    return _call_from_json(json.loads(block), "a <tool_call> block")
+def _read_hermes(block: str) -> list[ToolCall]:
+    return [_call_from_json(json.loads(block), "a <tool_call> block")]
 
 
 @dataclass(frozen=True)
@@ -194,10 +182,9 @@ class ToolSyntax:
 
     def parse(self, text: str, tools: list[dict] | None = None) -> ParsedTurn:
         if self.name == "json-list":
-            return _parse_json_list(text)
-        if self.name == "xml-function":
-            return _parse_tool_call_blocks(text, _xml_reader(tools))
-        return _parse_tool_call_blocks(text, _hermes_reader)
+            return _parse_blocks(text, "<TOOLCALL>", "</TOOLCALL>", _read_json_list)
+        read = _xml_reader(tools) if self.name == "xml-function" else _read_hermes
+        return _parse_blocks(text, "<tool_call>", "</tool_call>", read)
 
 
 SYNTAXES = {s.name: s for s in (ToolSyntax("json-list", "<TOOLCALL>"), ToolSyntax("xml-function", "<tool_call>"),

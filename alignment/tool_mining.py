@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import random
 
-from alignment.chat_format import THINK_CLOSE, stop_token_ids
 from alignment.rollout.episodes import Episode, run_episodes
-from alignment.rollout.generation import GenerationSettings, line_end_token_ids
 
 
 def divergence_turn(first: Episode, second: Episode) -> int | None:
@@ -27,18 +25,12 @@ def divergence_turn(first: Episode, second: Episode) -> int | None:
 
 def mine_tool_pairs(model, tokenizer, rows: list[dict], config, seed: int, tag: str) -> tuple[list[dict], dict]:
     """Pairs from K episodes per tool row (`config`: the DPO `MiningConfig`), and counts of what was mined."""
-    from alignment.dpo import completion_message, sampled_sample
+    from alignment.dpo import completion_message, mining_settings, sampled_sample
 
     rng = random.Random(seed)
     k = config.samples_per_prompt
     reasoning = [rng.random() >= config.reasoning_off_fraction for _ in rows]
-    settings = GenerationSettings(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        eos_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        think_end_ids=tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"],
-        line_end_ids=line_end_token_ids(tokenizer), batch_size=config.batch_size, decode=config.decode,
-        ssm_state_dtype=config.ssm_state_dtype,
-    )
+    settings = mining_settings(tokenizer, config)
     episodes = run_episodes(model, tokenizer, [row for row in rows for _ in range(k)],
                             [on for on in reasoning for _ in range(k)], settings, config.tool_max_turns, seed=seed)
     outcomes = [episode.outcome() for episode in episodes]
