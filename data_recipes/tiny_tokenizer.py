@@ -20,7 +20,7 @@ VOCAB_SIZE = 512
 # Added after training, so the ids above stay as they were (the model's vocabulary, 384, has room): the tool syntax
 # and its JSON keys, which a BPE trained on arithmetic splits into bytes (a call took 74 tokens, now about 20).
 TOOL_TOKENS = ["<TOOLCALL>", "</TOOLCALL>", "<TOOL_RESPONSE>", "</TOOL_RESPONSE>", '{"name": "', '", "arguments": {',
-               '"key": "', '"value": ', '"a": ', '"b": ', "get_value", "set_value", "subtract"]
+               '"key": "', '"value": ', '"a": ', '"b": ', "get_value", "set_value"]
 
 # The reasoning toggle of Nemotron Nano 2, in miniature:
 # - `/think` or `/no_think` in a system or user message switches reasoning; the last one seen wins; default on;
