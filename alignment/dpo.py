@@ -605,7 +605,9 @@ def run_dpo(config: DPOConfig) -> dict:
         file_pairs, file_report = read_pairs(config.pairs.dataset_path, config.pairs.schema,
                                              config.pairs.max_bad_fraction)
     splits = guard_splits("dpo", rl=config.mining.prompts_path if mined else None, pairs=None if mined else file_pairs,
-                          validation=config.selection.validation_path, test=config.eval.test_path)
+                          validation=config.selection.validation_path, test=config.eval.test_path,
+                          tool_rl=config.mining.tool_prompts_path if mined else None,
+                          tool_test=config.eval.tool_test_path)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     if config.train.activation_checkpointing:

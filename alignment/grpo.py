@@ -6,7 +6,9 @@ One step of `run_grpo`, top to bottom:
    and, optionally, a thinking budget (`rollout.budget_fraction`); generate G completions per prompt with
    `alignment.rollout.generation.generate` (batched, with the hybrid cache, applying the budget rule). Every completion is
    scored by the reward plugins (`rewards`), routed by its row's `task`, on the Ray reward pool or in process; the
-   completions of one generation batch are scored while the next batch is generated.
+   completions of one generation batch are scored while the next batch is generated. A tool task (`task: tool`)
+   rolls out as a multi-turn episode instead (`alignment.rollout.episodes`): its calls run in the tool world, the
+   results go back as tool turns, and `tool_state` scores the whole episode.
 2. Filter. A group whose completions all got the same reward has advantage 0 everywhere and teaches nothing:
    dynamic sampling drops it and refills from more prompts (a bounded number of rounds). Completions cut by
    `max_new_tokens` before they finished leave their group (`loss.overlong=exclude`): their reward says nothing
@@ -15,7 +17,9 @@ One step of `run_grpo`, top to bottom:
 3. Learn. Group-relative advantages (`alignment.advantages`); log-probs of the sampling policy (and of the reference
    when KL is on) computed once; then `loss.epochs * loss.minibatches` optimizer steps of the token-level clipped
    loss over packed rows (`SampleCollator(mode="packed")`, exact for the Mamba layers through `seq_idx`). Tokens the
-   budget rule forced (the `</think>` of a cut trace) are not in the loss: the policy did not sample them.
+   budget rule forced (the `</think>` of a cut trace) are not in the loss: the policy did not sample them. Each turn
+   of an episode is a sample of its own (its prompt the conversation before it, tool results included and not in
+   the loss), and every turn carries its episode's advantage: the reward is the episode's.
 
 Every step logs rewards, filter counts, loss statistics and the time of each phase (generate, reward, learn).
 The run directory gets `metrics.jsonl`, `tensorboard/`, `samples.jsonl` (sample completions), `reward_curve.png`,
@@ -63,6 +67,7 @@ from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows
 from alignment.distributed import all_reduce_max, all_reduce_sum, gather_objects, sum_gradients
 from alignment.evaluate import DEFAULT_SWEEP, EvalConfig, evaluate_model, generation_settings, prompt_messages
+from alignment.rollout.episodes import EpisodeTurn, episode_prompt, run_episodes
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationResult, GenerationSettings,
                                   check_decode_keys, decode_for_workers, generate)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
@@ -97,6 +102,11 @@ class GRPODataConfig:
     )
     max_prompts: int = option(0, "Use at most this many rows of train_path (the first ones); 0 means all.")
     code_tasks: int = option(0, "Synthetic code tasks (envs.code_tasks) mixed into the pool; `task: code` rows.")
+    tool_prompts_path: str = option(
+        "", "Tool task rows (`align data` writes runs/data/tiny/tools_rl.jsonl) mixed into the pool; each rolls out "
+            "as a multi-turn episode in the tool world. Empty: none (tool rows of train_path still run as episodes).",
+        path="file",
+    )
     max_bad_fraction: float = option(0.01, "Stop when more than this fraction of rows is malformed.")
 
 
@@ -121,9 +131,13 @@ class RolloutConfig:
     )
     decode: str = option("auto", DECODE_HELP)
     ssm_state_dtype: str = option("float32", SSM_STATE_HELP)
+    max_turns: int = option(4, "Most assistant turns of a tool episode; one still calling tools then ends unscored "
+                               "as such (`tool_state` grades the world it left). max_new_tokens applies per turn.")
 
     def validate(self) -> None:
         check_decode_keys(self.decode, self.ssm_state_dtype)
+        if self.max_turns < 1:
+            raise ValueError("rollout.max_turns must be at least 1")
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be at least 2 (advantages are relative to the group)")
         if self.prompts_per_step < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
@@ -260,7 +274,8 @@ class GRPOConfig:
     train: GRPOTrainConfig = option(GRPOTrainConfig(), "Optimisation.")
     lora: LoraConfig = option(LoraConfig(), "LoRA (the KL reference is then the adapters-disabled base).")
     rewards: RewardsConfig = option(
-        RewardsConfig(rewards=[RewardSpec("math")], routes={"code": [RewardSpec("code_tests")]}),
+        RewardsConfig(rewards=[RewardSpec("math")],
+                      routes={"code": [RewardSpec("code_tests")], "tool": [RewardSpec("tool_state")]}),
         "Reward plugins per task, failure score, timeout, Ray pool or in-process.",
     )
     eval: EvalConfig = option(EvalConfig(budgets=list(DEFAULT_SWEEP)), "Held-out evaluation (with budget sweep).")
@@ -346,11 +361,23 @@ class PromptPool:
 
 @dataclass
 class Completion:
+    """One sample of a group: a single completion, or a tool episode whose last turn is `result` / `text`."""
+
     result: GenerationResult
     text: str
     reward: float = 0.0
     scores: dict = field(default_factory=dict)
     reward_failed: bool = False
+    turns: list[EpisodeTurn] = field(default_factory=list)  # every turn of a tool episode; empty otherwise
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t.result.tokens) for t in self.turns) if self.turns else len(self.result.tokens)
+
+
+def is_episode_row(row: dict) -> bool:
+    """A tool task, rolled out as a multi-turn episode in the tool world rather than as one completion."""
+    return row.get("task") == "tool" and bool(row.get("tools"))
 
 
 @dataclass
@@ -383,12 +410,15 @@ class Group:
 
 def reward_row(group: Group, completion: Completion) -> dict:
     """The row as the rewards see it: its own fields plus what the rollout decided and measured."""
-    return {
+    row = {
         **group.row,
         "reasoning": "on" if group.reasoning else "off",
         "thinking_budget": group.budget,
         "thinking_tokens": completion.result.thinking_tokens,
     }
+    if completion.turns:
+        row["episode_turns"] = [turn.text for turn in completion.turns]
+    return row
 
 
 def overlong_penalty(result: GenerationResult, max_new_tokens: int, window: int) -> float:
@@ -438,11 +468,17 @@ def rollout(
         budget = None
         if reasoning and rng.random() < config.budget_fraction:
             budget = rng.randint(config.budget_min, config.budget_max)
-        messages = state_budget(prompt_for(row), budget if stated else None)
-        groups.append(Group(index, row, encode_prompt(tokenizer, messages, reasoning), reasoning, budget))
+        if is_episode_row(row):  # an episode's turns are not budgeted; its prompt_ids are the first turn's
+            budget = None
+            prompt_ids = encode_prompt(tokenizer, episode_prompt(row), reasoning, row["tools"])
+        else:
+            prompt_ids = encode_prompt(tokenizer, state_budget(prompt_for(row), budget if stated else None), reasoning)
+        groups.append(Group(index, row, prompt_ids, reasoning, budget))
     G = config.group_size
     # (place in the whole batch, group) of each sample this worker generates
-    flat = [(k * G + s, group) for k, group in enumerate(groups) if k % world == rank for s in range(G)]
+    mine = [(k * G + s, group) for k, group in enumerate(groups) if k % world == rank for s in range(G)]
+    flat = [(place, group) for place, group in mine if not is_episode_row(group.row)]
+    episodic = [(place, group) for place, group in mine if is_episode_row(group.row)]
 
     timings = {"generate": 0.0, "reward_wait": 0.0, "reward_busy": 0.0}
     # One worker thread: scoring batch k (Ray actors or reward threads) runs while batch k+1 is generated here. The
@@ -462,6 +498,19 @@ def rollout(
             for group, result in zip(chunk, results):
                 text = completion_text(tokenizer, result.tokens)
                 group.completions.append(Completion(result, text))
+                items.append((group, group.completions[-1]))
+            pending.append(executor.submit(score_completions, scorer, items))
+        if episodic:  # all episodes advance together: turn t of every live one is one generate call
+            places, chunk = zip(*episodic)
+            t0 = time.perf_counter()
+            episodes = run_episodes(model, tokenizer, [g.row for g in chunk], [g.reasoning for g in chunk], settings,
+                                    config.max_turns, seed=seed, stream_offset=len(groups) * G,  # after every
+                                    places=list(places))  # single completion's stream, the same on any worker
+            timings["generate"] += time.perf_counter() - t0
+            items = []
+            for group, episode in zip(chunk, episodes):
+                group.completions.append(Completion(episode.turns[-1].result, episode.turns[-1].text,
+                                                    turns=episode.turns))
                 items.append((group, group.completions[-1]))
             pending.append(executor.submit(score_completions, scorer, items))
         t0 = time.perf_counter()
@@ -523,24 +572,27 @@ def learner_samples(
         rewards = torch.tensor([[group.completions[k].reward for k in members]])  # [1, G']
         advantages = group_advantages(rewards, config.std_normalize, config.leave_one_out)[0]  # [G']
         for k, advantage in zip(members, advantages):
-            result = group.completions[k].result
-            if config.overlong == "mask" and not result.finished:
+            completion = group.completions[k]
+            if config.overlong == "mask" and not completion.result.finished:
                 continue
-            if max_tokens_per_row is not None and len(group.prompt_ids) + len(result.tokens) > max_tokens_per_row:
-                counts["too_long_dropped"] += 1
-                continue
-            labels = [IGNORE_INDEX if forced else t for t, forced in zip(result.tokens, result.forced_mask)]
-            counts["forced_tokens_masked"] += sum(result.forced_mask)
-            n_loss = sum(label != IGNORE_INDEX for label in labels)
-            if n_loss == 0:
-                continue
-            counts["loss_tokens"] += n_loss
-            samples.append({
-                "input_ids": group.prompt_ids + result.tokens,
-                "labels": [IGNORE_INDEX] * len(group.prompt_ids) + labels,
-                "sampler_logps": [math.nan] * len(group.prompt_ids) + list(result.logprobs),
-            })
-            sample_adv.append(advantage)
+            # An episode trains each of its turns on the prompt it was sampled from, all with the episode's advantage.
+            turns = [(t.prompt_ids, t.result) for t in completion.turns] or [(group.prompt_ids, completion.result)]
+            for prompt_ids, result in turns:
+                if max_tokens_per_row is not None and len(prompt_ids) + len(result.tokens) > max_tokens_per_row:
+                    counts["too_long_dropped"] += 1
+                    continue
+                labels = [IGNORE_INDEX if forced else t for t, forced in zip(result.tokens, result.forced_mask)]
+                counts["forced_tokens_masked"] += sum(result.forced_mask)
+                n_loss = sum(label != IGNORE_INDEX for label in labels)
+                if n_loss == 0:
+                    continue
+                counts["loss_tokens"] += n_loss
+                samples.append({
+                    "input_ids": prompt_ids + result.tokens,
+                    "labels": [IGNORE_INDEX] * len(prompt_ids) + labels,
+                    "sampler_logps": [math.nan] * len(prompt_ids) + list(result.logprobs),
+                })
+                sample_adv.append(advantage)
     return samples, torch.stack(sample_adv) if sample_adv else torch.zeros(0), counts
 
 
@@ -718,6 +770,7 @@ def sample_records(groups: list[Group], tokenizer, n: int, step: int) -> list[di
             "step": step, "id": group.row.get("id"), "task": group.row.get("task", "math"),
             "reasoning": group.reasoning, "budget": group.budget,
             "prompt": tokenizer.decode(group.prompt_ids[-48:]), "completion": c.text, "reward": c.reward,
+            **({"episode_turns": [t.text for t in c.turns]} if c.turns else {}),
             "scores": c.scores, "group_rewards": group.rewards, "finished": c.result.finished,
             "forced_close": c.result.forced_close, "thinking_tokens": c.result.thinking_tokens,
         })
@@ -765,7 +818,7 @@ def step_metrics(kept: list[Group], seen: list[Group], threshold: float, overlon
         "groups_kept": len(kept),
         "groups_zero_variance": sum(not g.has_signal(overlong) for g in seen),
         "reward_failures": sum(c.reward_failed for c in completions),
-        "completion_tokens_mean": sum(len(c.result.tokens) for c in completions) / len(completions),
+        "completion_tokens_mean": sum(c.generated_tokens for c in completions) / len(completions),
         "thinking_tokens_mean": sum(c.result.thinking_tokens for c in completions) / len(completions),
         "finished_rate": sum(c.result.finished for c in completions) / len(completions),
         "forced_close_rate": sum(c.result.forced_close for c in completions) / len(completions),
@@ -798,7 +851,9 @@ def run_grpo(config: GRPOConfig) -> dict:
     # Model and tokenizer: from an SFT/DPO checkpoint (its manifest is recorded), or anything load_model takes.
     start = Path(config.model.name_or_path)
     parent = read_manifest(start) if (start / "manifest.json").is_file() else {}
-    splits = guard_splits("grpo", rl=config.data.train_path, test=config.eval.test_path)  # before anything loads
+    splits = guard_splits("grpo", rl=config.data.train_path, test=config.eval.test_path,  # before anything loads
+                          tool_rl=config.data.tool_prompts_path, tool_test=config.eval.tool_test_path)
+    prompt_files = [path for path in (config.data.train_path, config.data.tool_prompts_path) if path]
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     if config.lora.enabled:
@@ -813,10 +868,15 @@ def run_grpo(config: GRPOConfig) -> dict:
     log.info("learner loss: %s; activation checkpointing: %s", describe_loss_path(config.train.loss_chunk_tokens),
              activation_checkpointing_status(model))
 
-    # Prompts: the training rows (any task), plus synthetic code tasks when asked.
+    # Prompts: the training rows (any task), plus tool tasks and synthetic code tasks when asked.
     rows, report = read_rows(config.data.train_path, "prompt", config.data.max_bad_fraction)
     if config.data.max_prompts:
         rows = rows[: config.data.max_prompts]
+    if config.data.tool_prompts_path:
+        rows += read_rows(config.data.tool_prompts_path, "prompt", config.data.max_bad_fraction)[0]
+    if episodes := sum(is_episode_row(row) for row in rows):
+        log.info("%d tool tasks roll out as episodes of up to %d turns (reward: the `tool` route)", episodes,
+                 config.rollout.max_turns)
     if config.data.code_tasks:
         rows += generate_code_tasks(config.data.code_tasks, seed=config.train.seed)
     pool = PromptPool(rows, seed=config.train.seed)
@@ -846,7 +906,7 @@ def run_grpo(config: GRPOConfig) -> dict:
 
     # Resume: the saved state belongs to this config, these prompts and this start checkpoint (its creation time).
     # A sharded state loads only on as many workers as wrote it.
-    fingerprint = run_fingerprint(config, config.data.train_path, salt=str(parent.get("created", "")) +
+    fingerprint = run_fingerprint(config, *prompt_files, salt=str(parent.get("created", "")) +
                                   (f" world={world}" if zero is not None else ""))
     state = TrainState(rng=rng)
     if zero is not None:
@@ -915,7 +975,7 @@ def run_grpo(config: GRPOConfig) -> dict:
             time_learn = time.perf_counter() - t_learn
             time_step = time.perf_counter() - t_step
 
-            tokens_generated = sum(len(c.result.tokens) for g in seen for c in g.completions)
+            tokens_generated = sum(c.generated_tokens for g in seen for c in g.completions)
             record = {
                 **step_metrics(kept, seen, config.sampling.pass_threshold, config.loss.overlong),
                 "refill_rounds": refills, "samples_trained": len(samples), **counts, **learn,
@@ -981,7 +1041,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         "stage": "grpo",
         "config": to_dict(config),
         "parent": {"path": str(start), "stage": parent.get("stage"), "created": parent.get("created")},
-        "data_fingerprint": fingerprint_files(config.data.train_path),
+        "data_fingerprint": fingerprint_files(*prompt_files),
         "data": {"train": report.summary(), "prompts": len(rows), "retired_by_curriculum": len(pool.retired)},
         "packing": str(packed_path),
         "splits": splits,

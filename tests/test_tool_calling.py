@@ -1,6 +1,7 @@
 """Tool calling: rendering through each format's template and back through its parser, loss masks, the world and its
 refusals, the rewards, the adapters, unpacked SFT sources, and episodes with a scripted model."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -227,3 +228,54 @@ def test_episodes_run_calls_against_the_world_with_a_scripted_model(tasks, monke
     first_value = row["metadata"]["initial_state"][row["metadata"]["reference_calls"][0][0]["arguments"]["key"]]
     assert f"<TOOL_RESPONSE>[{first_value}]</TOOL_RESPONSE>" in seen_prompts[1]  # the world's answer, fed back
     assert episode.outcome().success and episode.outcome().exact_calls
+
+
+def test_grpo_rolls_out_tool_tasks_as_episodes_and_trains_every_turn(tasks, monkeypatch):
+    """A tool task in GRPO is an episode in the world: `tool_state` scores it, and each of its turns becomes a sample
+    with the episode's advantage, prompted by the conversation before it (tool results in the prompt, not the loss)."""
+    import random
+
+    from alignment import grpo
+    from alignment.rollout import episodes as episodes_module
+    from alignment.rollout.episodes import episode_prompt
+    from alignment.rollout.generation import GenerationResult, GenerationSettings
+    from rewards import RewardScorer
+
+    tokenizer = load("tiny")
+    rows = [next(r for r in tasks["rl"] + tasks["test"] if r["metadata"]["kind"] == kind)
+            for kind in ("update", "compute")]
+    config = grpo.RolloutConfig(group_size=4, max_turns=5)
+
+    def fake_generate(model, prompts, settings, reasoning, seed, stream_ids):
+        results = []
+        for prompt, stream in zip(prompts, stream_ids):
+            text = tokenizer.decode(prompt, skip_special_tokens=False)
+            row = next(r for r in rows if episode_prompt(r)[-1]["content"] in text)
+            turn = text.count("<TOOL_RESPONSE>")
+            succeeds = (stream // config.max_turns) % 2 == 0  # the G samples of a group alternate
+            script = _turns_text(row, row["metadata"]["reference_calls"], row["answer"] if succeeds else "-1")
+            tokens = tokenizer(script[turn] + "<|end|>", add_special_tokens=False)["input_ids"]
+            results.append(GenerationResult(tokens, [False] * len(tokens), [-0.5] * len(tokens), 2, False, True))
+        return results
+
+    monkeypatch.setattr(episodes_module, "generate", fake_generate)
+    scorer = RewardScorer(dataclasses.replace(grpo.GRPOConfig().rewards, mode="inprocess"))
+    try:
+        groups, _ = grpo.rollout(None, tokenizer, list(enumerate(rows)), config, GenerationSettings(), scorer,
+                                 random.Random(0), seed=0)
+    finally:
+        scorer.close()
+    calls = [len(r["metadata"]["reference_calls"]) for r in rows]  # 3 and 1 call turns, then the answer
+    for group, n_calls in zip(groups, calls):
+        assert group.budget is None and all(len(c.turns) == n_calls + 1 for c in group.completions)
+        assert sorted(group.rewards) == [0.0, 0.0, 1.0, 1.0], [c.scores for c in group.completions]
+        assert group.completions[0].generated_tokens == sum(len(t.result.tokens) for t in group.completions[0].turns)
+
+    samples, advantages, counts = grpo.learner_samples(groups, grpo.PolicyLossConfig())
+    assert len(samples) == sum(4 * (n + 1) for n in calls) == len(advantages)
+    first = groups[0].completions[0]
+    for t, (turn, sample) in enumerate(zip(first.turns, samples)):
+        assert sample["input_ids"] == turn.prompt_ids + turn.result.tokens
+        assert trained_text(tokenizer, sample) == first.turns[t].text + "<|end|>"  # only the sampled turn is trained
+        assert float(advantages[t]) == float(advantages[0]) != 0  # every turn carries the episode's advantage
+    assert "<TOOL_RESPONSE>" in tokenizer.decode(samples[1]["input_ids"]) and counts["too_long_dropped"] == 0

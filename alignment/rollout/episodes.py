@@ -57,11 +57,14 @@ def episode_prompt(row: dict) -> list[dict]:
 
 
 def run_episodes(model, tokenizer, rows: list[dict], reasoning: list[bool], settings: GenerationSettings,
-                 max_turns: int = 4, seed: int | None = None, stream_offset: int = 0) -> list[Episode]:
-    """One episode per (row, reasoning) pair, all run to their end. Sample i's turn t draws from random stream
-    `stream_offset + i * max_turns + t`, so an episode does not depend on which others run beside it."""
+                 max_turns: int = 4, seed: int | None = None, stream_offset: int = 0,
+                 places: list[int] | None = None) -> list[Episode]:
+    """One episode per (row, reasoning) pair, all run to their end. Episode i's turn t draws from random stream
+    `stream_offset + places[i] * max_turns + t` (`places` defaults to 0, 1, ...), so an episode does not depend on
+    which others run beside it: GRPO passes each sample's place in the whole batch, the same on any worker count."""
     if len(rows) != len(reasoning):
         raise ValueError(f"{len(rows)} rows but {len(reasoning)} reasoning flags")
+    places = list(range(len(rows))) if places is None else places
     episodes = [Episode(row, on, episode_prompt(row), copy.deepcopy((row.get("metadata") or {}).get("initial_state")
                                                                        or {}))
                 for row, on in zip(rows, reasoning)]
@@ -72,7 +75,7 @@ def run_episodes(model, tokenizer, rows: list[dict], reasoning: list[bool], sett
         prompts = [encode_prompt(tokenizer, episodes[i].messages, episodes[i].reasoning, episodes[i].row.get("tools"))
                    for i in live]
         results = generate(model, prompts, settings=settings, reasoning=[episodes[i].reasoning for i in live],
-                           seed=seed, stream_ids=[stream_offset + i * max_turns + turn for i in live])
+                           seed=seed, stream_ids=[stream_offset + places[i] * max_turns + turn for i in live])
         still_live = []
         for i, prompt, result in zip(live, prompts, results):
             episode = episodes[i]
