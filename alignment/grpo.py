@@ -1062,7 +1062,9 @@ def run_grpo(config: GRPOConfig) -> dict:
 def _summary_line(results: dict[str, dict], train_seconds: float, phases: dict[str, float]) -> str:
     def cells(s: dict) -> str:
         sweep = " ".join(f"{'inf' if c['budget'] is None else c['budget']}:{c['accuracy']:.3f}" for c in s["budget_sweep"])
-        return f"think {s['accuracy_think']:.3f} | no-think {s['accuracy_no_think']:.3f} | budgets {sweep}"
+        tools = (f" | tool success think {s['tools']['success_think']:.3f} / no-think "
+                 f"{s['tools']['success_no_think']:.3f}" if s.get("tools") else "")
+        return f"think {s['accuracy_think']:.3f} | no-think {s['accuracy_no_think']:.3f} | budgets {sweep}{tools}"
 
     lines = [f"{name:>6}: {cells(s)}" for name, s in results.items()]
     lines.append(f"train {train_seconds:.0f}s (generate {phases['generate_s']:.0f}s, reward wait {phases['reward_s']:.0f}s, "

@@ -1,19 +1,53 @@
-# Tool calling on the tiny model (README "Tool calling"): data with tool tasks, SFT (math + unpacked tool rows, 400
-# steps as in the demo) and DPO with mined tool pairs, two seeds side by side; results in $OUT/results.tgz.
-# Carry .gpu (bench/gpu_env.sh).
-mkdir -p $OUT/r
-trap 'for s in 0 1; do for st in sft dpo; do mkdir -p $OUT/r/seed$s/$st; cp runs/tools/seed$s/$st/eval.json runs/tools/seed$s/$st/metrics.jsonl $OUT/r/seed$s/$st/ 2>/dev/null; done; cp -r runs/tools/seed$s/dpo/pairs $OUT/r/seed$s/dpo/ 2>/dev/null; done; tar czf $OUT/results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
+# Tool calling on the tiny model (README "Tool calling"), two seeds side by side on one GPU machine; carry .gpu
+# (bench/gpu_env.sh). Two phases, one device call each:
+#   PHASE=sft bash bench/gpu_tools_study.sh  SFT recipes, judged on the validation splits:
+#       math  configs/tiny/sft.yaml (math only, the demo's SFT)
+#       mixed configs/tiny/tools/sft.yaml (math and unpacked tool rows from the start)
+#       staged configs/tiny/tools/sft_after_math.yaml (a tool stage from the math checkpoint, math replayed)
+#     -> $OUT/sft_results.tgz (eval.json, metrics, logs), $OUT/ckpt_{mixed,staged}.tgz (both seeds' checkpoints)
+#   PHASE=rl SFT=.gpu_ckpt bash bench/gpu_tools_study.sh  DPO with mined tool pairs and GRPO with tool episodes
+#     from $SFT/seed{0,1}/checkpoint (carry that folder too), each evaluated on the test splits
+#     (GRPO's `before` is the SFT model on the same rows) -> $OUT/rl_results.tgz
+set -u
 . bench/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log --oneline | head -1
 start=$(date +%s)
+mkdir -p $OUT/r
 align data configs/tiny/data.yaml > $OUT/r/data.log 2>&1 || { tail -20 $OUT/r/data.log; exit 1; }
-for s in 0 1; do
-  OMP_NUM_THREADS=4 align sft configs/tiny/tools/sft.yaml train.max_steps=400 train.seed=$s model.init_seed=$s \
-    output_dir=runs/tools/seed$s/sft > $OUT/r/sft$s.log 2>&1 &
-done; wait
-echo "sft done after $(( $(date +%s) - start )) s"; grep -h "tool episodes on\|^accuracy" $OUT/r/sft*.log
-for s in 0 1; do
-  OMP_NUM_THREADS=4 align dpo configs/tiny/tools/dpo.yaml model.name_or_path=runs/tools/seed$s/sft/checkpoint train.seed=$s \
-    output_dir=runs/tools/seed$s/dpo > $OUT/r/dpo$s.log 2>&1 &
-done; wait
-echo "dpo done after $(( $(date +%s) - start )) s"; grep -h "tool episodes on\|round .: .* pairs\|keeping\|Error" $OUT/r/dpo*.log | cut -c1-400
+VALIDATION="eval.test_path=runs/data/tiny/validation.jsonl eval.tool_test_path=runs/data/tiny/tools_validation.jsonl eval.max_samples=200"
+keep() {  # keep(run dir, name): what comes back of a run
+  mkdir -p $OUT/r/$2; cp $1/eval.json $1/metrics.jsonl $OUT/r/$2/ 2>/dev/null; cp -r $1/pairs $OUT/r/$2/ 2>/dev/null; true
+}
+if [ "${PHASE:-sft}" = sft ]; then
+  trap 'tar czf $OUT/sft_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
+  for s in 0 1; do
+    seed="train.seed=$s model.init_seed=$s"
+    OMP_NUM_THREADS=2 align sft configs/tiny/sft.yaml $seed $VALIDATION output_dir=runs/tools/seed$s/math \
+      > $OUT/r/math$s.log 2>&1 &
+    OMP_NUM_THREADS=2 align sft configs/tiny/tools/sft.yaml $seed $VALIDATION output_dir=runs/tools/seed$s/mixed \
+      > $OUT/r/mixed$s.log 2>&1 &
+  done; wait
+  echo "math and mixed SFT done after $(( $(date +%s) - start )) s"
+  for s in 0 1; do
+    OMP_NUM_THREADS=2 align sft configs/tiny/tools/sft_after_math.yaml train.seed=$s $VALIDATION \
+      model.name_or_path=runs/tools/seed$s/math/checkpoint output_dir=runs/tools/seed$s/staged > $OUT/r/staged$s.log 2>&1 &
+  done; wait
+  echo "staged SFT done after $(( $(date +%s) - start )) s"
+  for s in 0 1; do for r in math mixed staged; do keep runs/tools/seed$s/$r seed$s-$r; done; done
+  for r in mixed staged; do
+    tar czf $OUT/ckpt_$r.tgz -C runs/tools seed0/$r/checkpoint seed1/$r/checkpoint
+  done
+  grep -h "tool episodes on\|^accuracy" $OUT/r/*.log
+else
+  trap 'tar czf $OUT/rl_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
+  for s in 0 1; do
+    start_model=model.name_or_path=$SFT/seed$s/checkpoint
+    OMP_NUM_THREADS=3 align dpo configs/tiny/tools/dpo.yaml $start_model train.seed=$s \
+      output_dir=runs/tools/seed$s/dpo > $OUT/r/dpo$s.log 2>&1 &
+    OMP_NUM_THREADS=3 align grpo configs/tiny/tools/grpo.yaml $start_model train.seed=$s \
+      output_dir=runs/tools/seed$s/grpo > $OUT/r/grpo$s.log 2>&1 &
+  done; wait
+  echo "dpo and grpo done after $(( $(date +%s) - start )) s"
+  for s in 0 1; do for r in dpo grpo; do keep runs/tools/seed$s/$r seed$s-$r; done; done
+  grep -h "tool episodes on\|^accuracy\|round .: .* pairs\|keeping\|Error\|before:\|after:" $OUT/r/*.log | cut -c1-300
+fi
