@@ -215,6 +215,48 @@ def _template_cases(tokenizer, messages: list[dict], cut_fraction: float = 0.5) 
     return {"format": chat_format_of(tokenizer).name, "cases": cases}
 
 
+def _example_tool_row() -> dict:
+    """A synthetic tool task of three call turns (read, add, write back), reasoning on."""
+    import random
+
+    from envs.tool_tasks import make_task, task_to_row
+
+    rng = random.Random(0)
+    return task_to_row(make_task(rng, "update") | {"kind": "update"}, "example", "example", True, rng)
+
+
+def _read_tool_row(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--messages {path}: {exc}") from exc
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row.get("tools"):
+        raise ConfigError(f"--messages {path}: with --tools, expected a row object with `messages` and `tools`")
+    return row
+
+
+def _tool_cases(tokenizer, row: dict) -> dict:
+    """Each assistant turn of a tool conversation as training sees it (the prompt before it, the trained text) and
+    the calls the format's parser reads back from the trained text."""
+    from alignment.chat_format import IGNORE_INDEX, chat_format_of, encode_row_for_training, tool_syntax_of
+    from envs.tool_env import parse_turn
+
+    turns = []
+    for sample in encode_row_for_training(tokenizer, row):
+        first = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
+        trained = tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"])
+                                    if label != IGNORE_INDEX], skip_special_tokens=False)
+        _, parsed = parse_turn(trained, row["tools"])
+        turns.append({"training_prompt": tokenizer.decode(sample["input_ids"][:first], skip_special_tokens=False),
+                      "trained": trained, "parsed_calls": [{"name": c.name, "arguments": c.arguments}
+                                                           for c in parsed.calls],
+                      "malformed": parsed.malformed})
+    return {"format": chat_format_of(tokenizer).name, "tool_syntax": tool_syntax_of(tokenizer).name, "turns": turns}
+
+
 def _template_command(subparsers, help_text: str) -> None:
     parser = subparsers.add_parser(
         "template", help=help_text,
@@ -226,6 +268,10 @@ def _template_command(subparsers, help_text: str) -> None:
     parser.add_argument("--messages", help="JSON list of chat messages; the last is the assistant turn with `content` "
                         "(the answer) and `reasoning_content` (the trace). Default: a short arithmetic example.")
     parser.add_argument("--chat-format", default="auto", help="Force a format (model.chat_format), e.g. keyword+inline.")
+    parser.add_argument("--tools", action="store_true", help="Show a tool conversation instead: every assistant turn's "
+                        "training row (calls included; tool results carry no loss) and the calls the format's parser "
+                        "reads back from it. --messages is then a row object with `messages` and `tools` (default: "
+                        "a synthetic three-call task).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object as the last line of stdout.")
 
     def handler(args) -> int:
@@ -234,17 +280,33 @@ def _template_command(subparsers, help_text: str) -> None:
         from alignment.chat_format import TemplateError, chat_format_of
         from alignment.modeling import ModelConfig, load_tokenizer
 
-        messages = _read_messages(args.messages) if args.messages else _EXAMPLE_MESSAGES
+        if args.tools:
+            row = _read_tool_row(args.messages) if args.messages else _example_tool_row()
+        else:
+            messages = _read_messages(args.messages) if args.messages else _EXAMPLE_MESSAGES
         try:
             tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer, chat_format=args.chat_format))
-            shown = _template_cases(tokenizer, messages)
+            shown = _tool_cases(tokenizer, row) if args.tools else _template_cases(tokenizer, messages)
         except (TemplateError, ValueError) as exc:
             raise ConfigError(f"{args.tokenizer}: {exc}") from exc
+        visible = lambda text: text.replace("\n", "\u23ce\n")  # noqa: E731 - newlines shown as a return sign
+        if args.tools:
+            if args.json:
+                print(json.dumps(shown, ensure_ascii=False))
+                return 0
+            print(f"chat format: {chat_format_of(tokenizer).describe()}\ntool calls: {shown['tool_syntax']} syntax")
+            print("(newlines are shown as \u23ce; the trained part of a training row is between \u27e6 and \u27e7)")
+            for n, turn in enumerate(shown["turns"], 1):
+                print(f"\n=== assistant turn {n} of {len(shown['turns'])} ===\n--- training row ---\n"
+                      f"{visible(turn['training_prompt'])}\u27e6{visible(turn['trained'])}\u27e7")
+                calls = ", ".join(f"{c['name']}({json.dumps(c['arguments'])})" for c in turn["parsed_calls"])
+                print(f"--- parsed back --- {calls or 'no call (the answer)'}"
+                      + (f"; malformed: {turn['malformed']}" if turn["malformed"] else ""))
+            return 0
         if args.json:
             cases = {case: {k: shown["cases"][case][k] for k in ("prompt", "trained")} for case in shown["cases"]}
             print(json.dumps({"format": shown["format"], "cases": cases}, ensure_ascii=False))
             return 0
-        visible = lambda text: text.replace("\n", "\u23ce\n")  # noqa: E731 - newlines shown as a return sign
         print(f"chat format: {chat_format_of(tokenizer).describe()}")
         print("(newlines are shown as \u23ce; the trained part of a training row is between \u27e6 and \u27e7)")
         for case, title in (("on", "reasoning on"), ("off", "reasoning off"), ("truncated", "truncated thinking")):

@@ -279,3 +279,18 @@ def test_grpo_rolls_out_tool_tasks_as_episodes_and_trains_every_turn(tasks, monk
         assert trained_text(tokenizer, sample) == first.turns[t].text + "<|end|>"  # only the sampled turn is trained
         assert float(advantages[t]) == float(advantages[0]) != 0  # every turn carries the episode's advantage
     assert "<TOOL_RESPONSE>" in tokenizer.decode(samples[1]["input_ids"]) and counts["too_long_dropped"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_align_template_shows_each_tool_turn_and_parses_its_calls_back(name, capsys):
+    from alignment.cli import _example_tool_row, main
+
+    assert main(["template", str(FORMATS[name][0]), "--tools", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    reference = _example_tool_row()["metadata"]["reference_calls"]
+    assert shown["tool_syntax"] == FORMATS[name][1] and len(shown["turns"]) == len(reference) + 1
+    assert [t["parsed_calls"] for t in shown["turns"]] == reference + [[]]
+    results = [m["content"] for m in _example_tool_row()["messages"] if m["role"] == "tool"]
+    assert not any(t["malformed"] for t in shown["turns"])
+    for turn, result in zip(shown["turns"][1:], results):  # each turn is prompted with the result before it
+        assert result in turn["training_prompt"][-200:], (result, turn["training_prompt"][-200:])
