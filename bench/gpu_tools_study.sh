@@ -42,9 +42,10 @@ else
   trap 'tar czf $OUT/rl_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
   for s in 0 1; do
     start_model=model.name_or_path=$SFT/seed$s/checkpoint
-    OMP_NUM_THREADS=3 align dpo configs/tiny/tools/dpo.yaml $start_model train.seed=$s \
+    # Each run stops itself before the device call's limit, so what the others wrote still comes back.
+    OMP_NUM_THREADS=3 timeout ${RUN_LIMIT:-500} align dpo configs/tiny/tools/dpo.yaml $start_model train.seed=$s \
       output_dir=runs/tools/seed$s/dpo > $OUT/r/dpo$s.log 2>&1 &
-    OMP_NUM_THREADS=3 align grpo configs/tiny/tools/grpo.yaml $start_model train.seed=$s \
+    OMP_NUM_THREADS=3 timeout ${RUN_LIMIT:-500} align grpo configs/tiny/tools/grpo.yaml $start_model train.seed=$s \
       output_dir=runs/tools/seed$s/grpo > $OUT/r/grpo$s.log 2>&1 &
   done; wait
   echo "dpo and grpo done after $(( $(date +%s) - start )) s"
