@@ -8,6 +8,8 @@
 #   PHASE=rl SFT=.gpu_ckpt bash bench/gpu_tools_study.sh  DPO with mined tool pairs and GRPO with tool episodes
 #     from $SFT/seed{0,1}/checkpoint (carry that folder too), each evaluated on the test splits
 #     (GRPO's `before` is the SFT model on the same rows) -> $OUT/rl_results.tgz
+#   PHASE=dpo_lr SFT=.gpu_ckpt bash bench/gpu_tools_study.sh  DPO's learning rate (LRS) chosen on the validation
+#     splits, the chosen one evaluated on the test splits -> $OUT/dpo_lr_results.tgz
 set -u
 . bench/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log --oneline | head -1
@@ -38,6 +40,30 @@ if [ "${PHASE:-sft}" = sft ]; then
     tar czf $OUT/ckpt_$r.tgz -C runs/tools seed0/$r/checkpoint seed1/$r/checkpoint
   done
   grep -h "tool episodes on\|^accuracy" $OUT/r/*.log
+elif [ "$PHASE" = dpo_lr ]; then
+  # DPO's learning rate for the tool pairs, chosen on the validation splits (mean tool success, reasoning on, over
+  # both seeds); the chosen rate's checkpoints are then evaluated once on the test splits.
+  trap 'tar czf $OUT/dpo_lr_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
+  for lr in ${LRS:-5e-5 2e-4}; do for s in 0 1; do
+    OMP_NUM_THREADS=3 timeout ${RUN_LIMIT:-300} align dpo configs/tiny/tools/dpo.yaml model.name_or_path=$SFT/seed$s/checkpoint \
+      train.seed=$s train.lr=$lr $VALIDATION output_dir=runs/tools/seed$s/dpo-lr$lr > $OUT/r/dpo$s-lr$lr.log 2>&1 &
+  done; done; wait
+  echo "dpo variants done after $(( $(date +%s) - start )) s"
+  for d in runs/tools/seed*/dpo-lr*; do keep $d $(basename $(dirname $d))-$(basename $d); done
+  best=$(python3 -c "
+import json, sys
+lrs = sys.argv[1].split()
+mean = {lr: sum(json.load(open(f'runs/tools/seed{s}/dpo-lr{lr}/eval.json'))['tools']['success_think'] for s in (0, 1)) / 2
+        for lr in lrs}
+print(mean, file=sys.stderr); print(max(lrs, key=lambda lr: mean[lr]))" "${LRS:-5e-5 2e-4}")
+  echo "chosen on validation: lr $best"
+  for s in 0 1; do
+    OMP_NUM_THREADS=3 timeout 120 align eval runs/tools/seed$s/dpo-lr$best/checkpoint --config configs/tiny/eval.yaml \
+      eval.tool_test_path=runs/data/tiny/tools_test.jsonl eval.budgets=[null] eval.max_new_tokens=160 output_dir=runs/tools/seed$s/dpo-test \
+      > $OUT/r/dpo-test$s.log 2>&1 &
+  done; wait
+  for s in 0 1; do keep runs/tools/seed$s/dpo-test seed$s-dpo-test-lr$best; done
+  grep -h "tool episodes on" $OUT/r/*.log | cut -c1-300
 else
   trap 'tar czf $OUT/rl_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
   for s in 0 1; do
