@@ -58,7 +58,7 @@ mean = {lr: sum(json.load(open(f'runs/tools/seed{s}/dpo-lr{lr}/eval.json'))['too
 print(mean, file=sys.stderr); print(max(lrs, key=lambda lr: mean[lr]))" "${LRS:-5e-5 2e-4}")
   echo "chosen on validation: lr $best"
   for s in 0 1; do
-    OMP_NUM_THREADS=3 timeout 120 align eval runs/tools/seed$s/dpo-lr$best/checkpoint --config configs/tiny/eval.yaml \
+    OMP_NUM_THREADS=3 timeout ${EVAL_LIMIT:-120} align eval runs/tools/seed$s/dpo-lr$best/checkpoint --config configs/tiny/eval.yaml \
       eval.tool_test_path=runs/data/tiny/tools_test.jsonl eval.budgets=[null] eval.max_new_tokens=160 output_dir=runs/tools/seed$s/dpo-test \
       > $OUT/r/dpo-test$s.log 2>&1 &
   done; wait
