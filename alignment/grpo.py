@@ -503,9 +503,9 @@ def rollout(
         if episodic:  # all episodes advance together: turn t of every live one is one generate call
             places, chunk = zip(*episodic)
             t0 = time.perf_counter()
+            # Random streams after every single completion's, by place in the whole batch: the same on any worker.
             episodes = run_episodes(model, tokenizer, [g.row for g in chunk], [g.reasoning for g in chunk], settings,
-                                    config.max_turns, seed=seed, stream_offset=len(groups) * G,  # after every
-                                    places=list(places))  # single completion's stream, the same on any worker
+                                    config.max_turns, seed=seed, stream_offset=len(groups) * G, places=list(places))
             timings["generate"] += time.perf_counter() - t0
             items = []
             for group, episode in zip(chunk, episodes):
