@@ -4,7 +4,7 @@ Reads top to bottom: build model and tokenizer, then for each of `rounds` rounds
 or sample K completions per training prompt from the current policy, grade them with the reward plugins and keep
 the clearest contrasts), score them under the reference, train on the DPO loss plus an SFT term on the chosen side,
 measure preference accuracy on held-out pairs and task accuracy on the test split. Then keep the best round by
-validation accuracy (the start included; `selection`), and write the checkpoint.
+validation score (the start included; `selection`), and write the checkpoint.
 
     align dpo configs/tiny/dpo.yaml rounds=3 loss.beta=0.1 lora.enabled=true
 
@@ -56,7 +56,7 @@ from alignment.chat_format import (IGNORE_INDEX, STATE_BUDGET_HELP, budget_is_st
 from alignment.checkpoint import read_manifest, save_model_checkpoint
 from alignment.config import check_paths, option, to_dict
 from alignment.data import fingerprint_files, read_rows, write_rows
-from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell
+from alignment.evaluate import EvalConfig, evaluate_model, judge, prompt_messages, run_cell, tool_episodes
 from alignment.rollout.generation import (DECODE_HELP, SSM_STATE_HELP, GenerationSettings, check_decode_keys,
                                   decode_for_workers, generate, line_end_token_ids)
 from alignment.modeling import ModelConfig, load_model, load_tokenizer
@@ -248,7 +248,13 @@ class SelectionConfig:
         path="file",
     )
     max_samples: int = option(200, "Score on at most this many validation rows.")
-    min_gain: float = option(0.0, "A round replaces the best so far only when its accuracy is higher by more than this.")
+    tool_validation_path: str = option(
+        "", "Tool tasks of the validation split (tools_validation.jsonl), run as episodes with reasoning on: a "
+            "policy's score is then the mean of its accuracy and its final-state success (the success alone when "
+            "validation_path is empty), so a round that trades the tools for math, or math for the tools, can lose.",
+        path="file",
+    )
+    min_gain: float = option(0.0, "A round replaces the best so far only when its score is higher by more than this.")
 
 
 @dataclass
@@ -269,7 +275,7 @@ class DPOConfig:
         True, "Save a resumable state after every round but the last (the policy, round selection, RNG, records): "
               "a rerun of the same config continues with the next round.",
     )
-    selection: SelectionConfig = option(SelectionConfig(), "Keep the best round (or the start) by validation accuracy.")
+    selection: SelectionConfig = option(SelectionConfig(), "Keep the best round (or the start) by its validation score.")
     evaluate_start: bool = option(True, "Evaluate the starting checkpoint too, so one run reports before and after.")
     output_dir: str = option("runs/tiny/dpo", "Run directory: checkpoint/, pairs/, metrics.jsonl, eval.json.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
@@ -285,6 +291,9 @@ class DPOConfig:
             raise ValueError("mining.prompts_path is the evaluation's test split; mine from the train split")
         if self.selection.validation_path and Path(self.selection.validation_path).resolve() == test:
             raise ValueError("selection.validation_path is the evaluation's test split; select on the validation split")
+        tool_test = self.eval.tool_test_path and Path(self.eval.tool_test_path).resolve()
+        if self.selection.tool_validation_path and Path(self.selection.tool_validation_path).resolve() == tool_test:
+            raise ValueError("selection.tool_validation_path is eval.tool_test_path; select on the validation split")
         if self.train.deepspeed and self.lora.enabled:
             raise ValueError("train.deepspeed shards full weights; with lora.enabled the adapters train data "
                              "parallel (leave train.deepspeed empty)")
@@ -607,7 +616,7 @@ def run_dpo(config: DPOConfig) -> dict:
     splits = guard_splits("dpo", rl=config.mining.prompts_path if mined else None, pairs=None if mined else file_pairs,
                           validation=config.selection.validation_path, test=config.eval.test_path,
                           tool_rl=config.mining.tool_prompts_path if mined else None,
-                          tool_test=config.eval.tool_test_path)
+                          tool_validation=config.selection.tool_validation_path, tool_test=config.eval.tool_test_path)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, device)
     if config.train.activation_checkpointing:
@@ -667,7 +676,7 @@ def run_dpo(config: DPOConfig) -> dict:
                             keep=lambda record: record.get("round", 0) <= done, tracking=config.tracking,
                             run_config=to_dict(config)) if rank == 0 else None
     selection = RoundSelection(config if rank == 0 else dataclasses.replace(
-        config, selection=dataclasses.replace(config.selection, validation_path="")), tokenizer)
+        config, selection=dataclasses.replace(config.selection, validation_path="", tool_validation_path="")), tokenizer)
     if resumed:
         history, start_eval, selection.best = state.extra["history"], state.extra["start_eval"], state.extra["best"]
         step, packed_path = state.extra["step"], state.extra["packed_path"]
@@ -778,7 +787,7 @@ def run_dpo(config: DPOConfig) -> dict:
             record = {"round": round_index, "pairs": pair_stats, "train": train_log,
                       "heldout_before": heldout_before, "heldout_after": heldout_after,
                       "eval": {k: v for k, v in results.items() if k != "examples"},
-                      "validation_accuracy": validation, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+                      "validation_score": validation, "seconds": {k: round(v, 1) for k, v in timings.items()}}
             history.append(record)
             metrics.log(step, round=round_index, **_scalars(results),
                         **{f"heldout_{k}": v for k, v in heldout_after.items()}, pairs=len(pairs))
@@ -838,38 +847,49 @@ def run_dpo(config: DPOConfig) -> dict:
 
 
 class RoundSelection:
-    """Keeps the policy (start or a round's result) with the best validation accuracy, as a CPU copy of its weights.
+    """Keeps the policy (start or a round's result) with the best validation score, as a CPU copy of its weights.
 
     A DPO round can make a small model worse (a learning rate or a pair set too aggressive for it); scoring each
     round on the validation split and keeping the best means the stage never hands on a model worse than its start,
-    by that measure. Off (the last round is kept, nothing is copied) when `selection.validation_path` is empty.
+    by that measure. The score is the accuracy on `selection.validation_path`, or with
+    `selection.tool_validation_path` too the mean of it and the tool episodes' final-state success. Off (the last
+    round is kept, nothing is copied) when both are empty.
     """
 
     def __init__(self, config: DPOConfig, tokenizer):
         self.config, self.tokenizer = config, tokenizer
-        self.rows = []
+        self.rows, self.tool_rows = [], []
+        limit = config.selection.max_samples or None
         if config.selection.validation_path:
-            rows, _ = read_rows(config.selection.validation_path, "prompt")
-            self.rows = rows[: config.selection.max_samples or None]
+            self.rows = read_rows(config.selection.validation_path, "prompt")[0][:limit]
+        if config.selection.tool_validation_path:
+            self.tool_rows = read_rows(config.selection.tool_validation_path, "prompt")[0][:limit]
         self.best: dict | None = None
 
     def offer(self, model, round_index: int, test_results: dict | None) -> float | None:
-        """Score the current policy; remember it when it beats the best so far. Returns its validation accuracy."""
-        if not self.rows:
+        """Score the current policy; remember it when it beats the best so far. Returns its validation score."""
+        scores = {}
+        if self.rows:
+            scores["accuracy"] = run_cell(model, self.tokenizer, self.rows, True, None, self.config.eval)["accuracy"]
+        if self.tool_rows:
+            episodes = tool_episodes(model, self.tokenizer, self.tool_rows, self.config.eval, reasoning=True)
+            scores["tool_success"] = sum(e.outcome().success for e in episodes) / len(episodes)
+        if not scores:
             return None
-        accuracy = run_cell(model, self.tokenizer, self.rows, True, None, self.config.eval)["accuracy"]
-        log.info("round %d: validation accuracy %.3f (%d rows)", round_index, accuracy, len(self.rows))
-        if self.best is None or accuracy > self.best["accuracy"] + self.config.selection.min_gain:
+        score = sum(scores.values()) / len(scores)
+        log.info("round %d: validation score %.3f (%s)", round_index, score,
+                 ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
+        if self.best is None or score > self.best["score"] + self.config.selection.min_gain:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best = {"round": round_index, "accuracy": accuracy, "state": state, "results": test_results}
-        return accuracy
+            self.best = {"round": round_index, "score": score, "state": state, "results": test_results}
+        return score
 
     def restore_best(self, model, last_round: int, last_results: dict) -> tuple[int, dict | None]:
         """Load the best policy into `model` if it is not the last one. Returns (its round, its test results)."""
         if self.best is None or self.best["round"] == last_round:
             return last_round, last_results
-        log.warning("keeping round %d (validation accuracy %.3f): no later round beat it", self.best["round"],
-                    self.best["accuracy"])
+        log.warning("keeping round %d (validation score %.3f): no later round beat it", self.best["round"],
+                    self.best["score"])
         model.load_state_dict(self.best["state"])
         return self.best["round"], self.best["results"]
 

@@ -386,7 +386,6 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
     are the reference's; hallucinated: some call named a tool the row does not offer (per episode).
     """
     from alignment.data import read_rows
-    from alignment.rollout.episodes import run_episodes
 
     rows, _ = read_rows(config.tool_test_path, "prompt", config.max_bad_fraction)
     rows = rows[: config.tool_max_samples or None]
@@ -394,9 +393,7 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
     model.eval()
     summary: dict = {"rows": len(rows), "path": config.tool_test_path, "examples": {}}
     for mode, reasoning in (("think", True), ("no_think", False)):
-        settings = generation_settings(tokenizer, config, *config.sampling(reasoning))
-        episodes = run_episodes(model, tokenizer, rows, [reasoning] * len(rows), settings, config.tool_max_turns,
-                                seed=config.seed)
+        episodes = tool_episodes(model, tokenizer, rows, config, reasoning)
         outcomes = [episode.outcome() for episode in episodes]
         for key in TOOL_KEYS:
             summary[f"{key}_{mode}"], summary[f"{key}_{mode}_stderr"] = mean_and_stderr(
@@ -410,6 +407,15 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
              len(rows), summary["success_think"], summary["success_no_think"], summary["hallucinated_think"],
              summary["hallucinated_no_think"])
     return summary
+
+
+def tool_episodes(model, tokenizer, rows: list[dict], config: EvalConfig, reasoning: bool) -> list:
+    """The evaluation's episodes of tool tasks `rows` in one reasoning mode (its decoding settings and seed)."""
+    from alignment.rollout.episodes import run_episodes
+
+    settings = generation_settings(tokenizer, config, *config.sampling(reasoning))
+    return run_episodes(model, tokenizer, rows, [reasoning] * len(rows), settings, config.tool_max_turns,
+                        seed=config.seed)
 
 
 def tools_report(results: dict[str, dict]) -> list[str]:

@@ -117,7 +117,7 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
                     getattr(config, "selection", None)):
         for key in ("train_path", "test_path", "prompts_path", "validation_path", "tool_test_path",
-                    "tool_prompts_path"):
+                    "tool_prompts_path", "tool_validation_path"):
             value = getattr(section, key, None) if section is not None else None
             if value and data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
                 setattr(section, key, str(data_dir / Path(value).name))

@@ -214,7 +214,7 @@ def test_run_dpo_mines_pairs_on_policy_for_two_rounds_with_lora(tiny_data, tmp_p
     )
     summary = run_dpo(config)
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert all(r["validation_accuracy"] is not None for r in summary["rounds"]) and summary["selected_round"] in (0, 1, 2)
+    assert all(r["validation_score"] is not None for r in summary["rounds"]) and summary["selected_round"] in (0, 1, 2)
     assert verify_checkpoint(tmp_path / "run" / "checkpoint")["packing"].startswith("packed")
     for n in (1, 2):
         pairs, report = read_pairs(tmp_path / "run" / "pairs" / f"round{n}.jsonl", max_bad_fraction=1.0)
@@ -263,6 +263,40 @@ def test_round_selection_keeps_the_best_validation_accuracy_and_restores_its_wei
     selection.offer(model, 1, {"round": 1})
     assert selection.restore_best(model, 1, {"round": 1}) == (0, None)
     assert torch.equal(model.weight, start_weights)
+
+
+def test_round_selection_with_tool_tasks_keeps_the_best_mean_of_accuracy_and_tool_success(tiny_data, tmp_path,
+                                                                                           monkeypatch):
+    from types import SimpleNamespace
+
+    from envs.tool_tasks import ToolTaskConfig, generate_tool_splits
+    from tests.conftest import write_jsonl
+
+    tools = write_jsonl(tmp_path / "tools_validation.jsonl",
+                        generate_tool_splits(ToolTaskConfig(train_size=0, validation_size=4, test_size=0))["validation"])
+    config = load_config(DPOConfig, None, [f"selection.validation_path={tiny_data / 'validation.jsonl'}",
+                                           f"selection.tool_validation_path={tools}",
+                                           f"eval.test_path={tiny_data / 'test.jsonl'}"])
+    # (math accuracy, tool successes of 4 episodes): scores 0.3, 0.35, then 0.3 (tools up, math down further).
+    scripted = iter([(0.6, [0, 0, 0, 0]), (0.7, [0, 0, 0, 0]), (0.1, [1, 1, 0, 0])])
+    current = {}
+
+    def scripted_cell(model, tokenizer, rows, reasoning, budget, eval_config):
+        current["math"], current["tools"] = next(scripted)
+        return {"accuracy": current["math"]}
+
+    def scripted_episodes(model, tokenizer, rows, eval_config, reasoning):
+        assert reasoning and len(rows) == 4
+        return [SimpleNamespace(outcome=lambda ok=ok: SimpleNamespace(success=bool(ok))) for ok in current["tools"]]
+
+    monkeypatch.setattr("alignment.dpo.run_cell", scripted_cell)
+    monkeypatch.setattr("alignment.dpo.tool_episodes", scripted_episodes)
+    selection = RoundSelection(config, tokenizer=None)
+    model = torch.nn.Linear(2, 2)
+    assert [selection.offer(model, r, {"round": r}) for r in range(3)] == pytest.approx([0.3, 0.35, 0.3])
+    assert selection.restore_best(model, 2, {"round": 2}) == (1, {"round": 1})
+    with pytest.raises((ValueError, ConfigError), match="tool_validation_path"):  # never select on the test split
+        load_config(DPOConfig, None, [f"selection.tool_validation_path={tools}", f"eval.tool_test_path={tools}"])
 
 
 def test_round_selection_is_off_without_a_validation_split(monkeypatch):
