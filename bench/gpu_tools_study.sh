@@ -46,7 +46,8 @@ elif [ "$PHASE" = dpo_lr ]; then
   trap 'tar czf $OUT/dpo_lr_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
   for lr in ${LRS:-5e-5 2e-4}; do for s in 0 1; do
     OMP_NUM_THREADS=3 timeout ${RUN_LIMIT:-300} align dpo configs/tiny/tools/dpo.yaml model.name_or_path=$SFT/seed$s/checkpoint \
-      train.seed=$s train.lr=$lr $VALIDATION output_dir=runs/tools/seed$s/dpo-lr$lr > $OUT/r/dpo$s-lr$lr.log 2>&1 &
+      train.seed=$s train.lr=$lr $VALIDATION \
+      selection.validation_path= selection.tool_validation_path= output_dir=runs/tools/seed$s/dpo-lr$lr > $OUT/r/dpo$s-lr$lr.log 2>&1 &
   done; done; wait
   echo "dpo variants done after $(( $(date +%s) - start )) s"
   for d in runs/tools/seed*/dpo-lr*; do keep $d $(basename $(dirname $d))-$(basename $d); done
