@@ -166,14 +166,19 @@ _EXAMPLE_MESSAGES = [
 ]
 
 
-def _read_messages(path: str) -> list[dict]:
+def _read_messages_file(path: str):
+    """The JSON value in the `--messages` file."""
     import json
     from pathlib import Path
 
     try:
-        messages = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--messages {path}: {exc}") from exc
+
+
+def _read_messages(path: str) -> list[dict]:
+    messages = _read_messages_file(path)
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         raise ConfigError(f"--messages {path}: expected a JSON list of chat messages with `role` and `content`")
@@ -183,13 +188,23 @@ def _read_messages(path: str) -> list[dict]:
     return messages
 
 
+def _trained_parts(tokenizer, sample: dict[str, list[int]]) -> tuple[str, str]:
+    """(the text before the first token with loss, the decoded tokens with loss) of an encoded training sample."""
+    from alignment.chat_format import IGNORE_INDEX
+
+    first = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
+    trained = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
+    return (tokenizer.decode(sample["input_ids"][:first], skip_special_tokens=False),
+            tokenizer.decode(trained, skip_special_tokens=False))
+
+
 def _template_cases(tokenizer, messages: list[dict], cut_fraction: float = 0.5) -> dict:
     """For reasoning on, off and a truncated-thinking row: the generation prompt and the trained text.
 
     `messages` ends with the assistant turn: `content` is the answer, `reasoning_content` the trace. The trained
     text is the decoded tokens that carry loss.
     """
-    from alignment.chat_format import IGNORE_INDEX, chat_format_of, encode_for_training, render_prompt, with_reasoning
+    from alignment.chat_format import chat_format_of, encode_for_training, render_prompt, with_reasoning
     from data_recipes.truncation import TruncationConfig, truncate_rows
 
     *history, final = messages
@@ -204,14 +219,9 @@ def _template_cases(tokenizer, messages: list[dict], cut_fraction: float = 0.5) 
     rows["truncated"] = truncated["messages"]
     cases = {}
     for case, row in rows.items():
-        encoded = encode_for_training(tokenizer, row)
-        trained = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
-        first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
-        cases[case] = {
-            "prompt": render_prompt(tokenizer, row[:-1]),
-            "trained": tokenizer.decode(trained, skip_special_tokens=False),
-            "training_prompt": tokenizer.decode(encoded["input_ids"][:first], skip_special_tokens=False),
-        }
+        training_prompt, trained = _trained_parts(tokenizer, encode_for_training(tokenizer, row))
+        cases[case] = {"prompt": render_prompt(tokenizer, row[:-1]), "trained": trained,
+                       "training_prompt": training_prompt}
     return {"format": chat_format_of(tokenizer).name, "cases": cases}
 
 
@@ -226,13 +236,7 @@ def _example_tool_row() -> dict:
 
 
 def _read_tool_row(path: str) -> dict:
-    import json
-    from pathlib import Path
-
-    try:
-        row = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--messages {path}: {exc}") from exc
+    row = _read_messages_file(path)
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row.get("tools"):
         raise ConfigError(f"--messages {path}: with --tools, expected a row object with `messages` and `tools`")
     return row
@@ -241,19 +245,15 @@ def _read_tool_row(path: str) -> dict:
 def _tool_cases(tokenizer, row: dict) -> dict:
     """Each assistant turn of a tool conversation as training sees it (the prompt before it, the trained text) and
     the calls the format's parser reads back from the trained text."""
-    from alignment.chat_format import IGNORE_INDEX, chat_format_of, encode_row_for_training, tool_syntax_of
+    from alignment.chat_format import chat_format_of, encode_row_for_training, tool_syntax_of
     from envs.tool_env import parse_turn
 
     turns = []
     for sample in encode_row_for_training(tokenizer, row):
-        first = next(i for i, label in enumerate(sample["labels"]) if label != IGNORE_INDEX)
-        trained = tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"])
-                                    if label != IGNORE_INDEX], skip_special_tokens=False)
+        training_prompt, trained = _trained_parts(tokenizer, sample)
         _, parsed = parse_turn(trained, row["tools"])
-        turns.append({"training_prompt": tokenizer.decode(sample["input_ids"][:first], skip_special_tokens=False),
-                      "trained": trained, "parsed_calls": [{"name": c.name, "arguments": c.arguments}
-                                                           for c in parsed.calls],
-                      "malformed": parsed.malformed})
+        turns.append({"training_prompt": training_prompt, "trained": trained, "malformed": parsed.malformed,
+                      "parsed_calls": [{"name": c.name, "arguments": c.arguments} for c in parsed.calls]})
     return {"format": chat_format_of(tokenizer).name, "tool_syntax": tool_syntax_of(tokenizer).name, "turns": turns}
 
 
