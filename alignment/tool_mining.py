@@ -1,11 +1,14 @@
 """On-policy DPO pairs for multi-step tool calling (Nano 2's iterative tool DPO): K episodes per task in the tool
 environment, a successful one paired with a failed one.
 
-Two episodes of one task share every turn up to the first one whose text differs (the world answers the same calls
-the same way), so the pair is that turn: the same prompt (the conversation so far, the template's rendering of it),
-the successful episode's turn chosen, the failed one's rejected, each as the exact tokens sampled. Failures that
-called a tool the task does not offer, or wrote a call that cannot be read, are paired first: those are what the
-pairs should teach away from.
+Two episodes of one task see the same conversation up to the first turn where they act differently (the world answers
+the same calls the same way; a template that keeps earlier traces in the prompt makes the prompts differ, and then
+no pair is cut), so the pair is that turn: the same prompt, the successful episode's turn chosen, the failed one's
+rejected, each as the exact tokens sampled.
+Turns are compared by what they do (their calls by value, or their answer), not by their text: two turns that make
+the same call in differently worded traces teach nothing about calling, and the episode that failed went wrong
+later. A prompt's first pairs take one failure of each kind: a tool the task does not offer or a call that cannot be
+read, and a wrong call or answer; a success may be paired with several failures.
 """
 
 from __future__ import annotations
@@ -13,13 +16,26 @@ from __future__ import annotations
 import random
 
 from alignment.rollout.episodes import Episode, run_episodes
+from envs.tool_env import parse_turn
+
+
+def turn_action(text: str, tools: list[dict] | None) -> tuple:
+    """What a turn does, its trace left out: its calls by value, or its answer, or that its calls could not be read."""
+    _, turn = parse_turn(text, tools)
+    if turn.malformed:
+        return ("malformed", turn.malformed)
+    if turn.calls:
+        return ("calls", tuple(call.key() for call in turn.calls))
+    return ("answer", turn.content.strip())
 
 
 def divergence_turn(first: Episode, second: Episode) -> int | None:
-    """The first turn whose text differs between two episodes of one task (None when one's turns start the other's)."""
-    for t, (a, b) in enumerate(zip(first.turn_texts, second.turn_texts)):
-        if a != b:
-            return t
+    """The first turn where two episodes of one task act differently, when both were prompted alike there (None
+    otherwise: one's actions start the other's, or the prompts differ because a template kept an earlier trace)."""
+    tools = first.row.get("tools")
+    for t, (a, b) in enumerate(zip(first.turns, second.turns)):
+        if turn_action(a.text, tools) != turn_action(b.text, tools):
+            return t if a.prompt_ids == b.prompt_ids else None
     return None
 
 
@@ -40,14 +56,15 @@ def mine_tool_pairs(model, tokenizer, rows: list[dict], config, seed: int, tag: 
              "tool_hallucinated": sum(o.hallucinated for o in outcomes) / max(1, len(outcomes))}
     for i, row in enumerate(rows):
         group = list(range(i * k, (i + 1) * k))
-        wins = sorted((j for j in group if outcomes[j].success),
-                      key=lambda j: (not outcomes[j].exact_calls, len(episodes[j].turns), j))
-        losses = sorted((j for j in group if not outcomes[j].success),
-                        key=lambda j: (not (outcomes[j].hallucinated or outcomes[j].malformed), j))
+        # A success that made other calls than the reference's guessed its answer: not a turn to teach.
+        has_reference = bool((row.get("metadata") or {}).get("reference_calls"))
+        wins = sorted((j for j in group if outcomes[j].success and (outcomes[j].exact_calls or not has_reference)),
+                      key=lambda j: (len(episodes[j].turns), j))
         made = 0
-        for win, loss in zip(wins, losses):
+        for n, loss in enumerate(_failures_in_pairing_order(group, outcomes) if wins else []):
             if made == config.max_pairs_per_prompt:
                 break
+            win = wins[n % len(wins)]  # a success may be the chosen side of several pairs
             turn = divergence_turn(episodes[win], episodes[loss])
             if turn is None:
                 continue
@@ -73,6 +90,16 @@ def mine_tool_pairs(model, tokenizer, rows: list[dict], config, seed: int, tag: 
         stats["tool_no_contrast"] += made == 0
     stats["tool_pairs"] = len(pairs)
     return pairs, stats
+
+
+def _failures_in_pairing_order(group: list[int], outcomes: list) -> list[int]:
+    """The failed episodes of a group, one of each kind first (a hallucinated tool or an unreadable call, then a
+    wrong call or answer), so that a prompt's pairs teach away from both when it has both."""
+    failed = [j for j in group if not outcomes[j].success]
+    bad_call = [j for j in failed if outcomes[j].hallucinated or outcomes[j].malformed]
+    wrong = [j for j in failed if j not in bad_call]
+    firsts = [kind[0] for kind in (bad_call, wrong) if kind]
+    return firsts + [j for j in bad_call + wrong if j not in firsts]
 
 
 def _messages_before_turn(messages: list[dict], turn: int) -> list[dict]:

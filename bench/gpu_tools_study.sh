@@ -4,12 +4,14 @@
 #       math  configs/tiny/sft.yaml (math only, the demo's SFT)
 #       mixed configs/tiny/tools/sft.yaml (math and unpacked tool rows from the start)
 #       staged configs/tiny/tools/sft_after_math.yaml (a tool stage from the math checkpoint, math replayed)
-#     -> $OUT/sft_results.tgz (eval.json, metrics, logs), $OUT/ckpt_{mixed,staged}.tgz (both seeds' checkpoints)
+#     -> $OUT/sft_results.tgz (eval.json, metrics, logs), $OUT/ckpt_{mixed,staged}.tgz (both seeds' checkpoints);
+#     MIXED=0 leaves the mixed recipe out
 #   PHASE=rl SFT=.gpu_ckpt bash bench/gpu_tools_study.sh  DPO with mined tool pairs and GRPO with tool episodes
 #     from $SFT/seed{0,1}/checkpoint (carry that folder too), each evaluated on the test splits
 #     (GRPO's `before` is the SFT model on the same rows) -> $OUT/rl_results.tgz
 #   PHASE=dpo_lr SFT=.gpu_ckpt bash bench/gpu_tools_study.sh  DPO's learning rate (LRS) chosen on the validation
-#     splits, the chosen one evaluated on the test splits -> $OUT/dpo_lr_results.tgz
+#     splits, the chosen one evaluated on the test splits -> $OUT/dpo_lr_results.tgz; DPO_ARGS: more overrides
+#     (e.g. DPO_ARGS=mining.temperature=0.7)
 set -u
 . bench/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log --oneline | head -1
@@ -26,8 +28,8 @@ if [ "${PHASE:-sft}" = sft ]; then
     seed="train.seed=$s model.init_seed=$s"
     OMP_NUM_THREADS=2 align sft configs/tiny/sft.yaml $seed $VALIDATION output_dir=runs/tools/seed$s/math \
       > $OUT/r/math$s.log 2>&1 &
-    OMP_NUM_THREADS=2 align sft configs/tiny/tools/sft.yaml $seed $VALIDATION output_dir=runs/tools/seed$s/mixed \
-      > $OUT/r/mixed$s.log 2>&1 &
+    [ "${MIXED:-1}" = 1 ] && OMP_NUM_THREADS=2 align sft configs/tiny/tools/sft.yaml $seed $VALIDATION \
+      output_dir=runs/tools/seed$s/mixed > $OUT/r/mixed$s.log 2>&1 &
   done; wait
   echo "math and mixed SFT done after $(( $(date +%s) - start )) s"
   for s in 0 1; do
@@ -37,6 +39,7 @@ if [ "${PHASE:-sft}" = sft ]; then
   echo "staged SFT done after $(( $(date +%s) - start )) s"
   for s in 0 1; do for r in math mixed staged; do keep runs/tools/seed$s/$r seed$s-$r; done; done
   for r in mixed staged; do
+    [ -d runs/tools/seed0/$r/checkpoint ] || continue
     tar czf $OUT/ckpt_$r.tgz -C runs/tools seed0/$r/checkpoint seed1/$r/checkpoint
   done
   grep -h "tool episodes on\|^accuracy" $OUT/r/*.log
@@ -46,7 +49,7 @@ elif [ "$PHASE" = dpo_lr ]; then
   trap 'tar czf $OUT/dpo_lr_results.tgz -C $OUT r; rm -rf $OUT/r' EXIT
   for lr in ${LRS:-5e-5 2e-4}; do for s in 0 1; do
     OMP_NUM_THREADS=3 timeout ${RUN_LIMIT:-300} align dpo configs/tiny/tools/dpo.yaml model.name_or_path=$SFT/seed$s/checkpoint \
-      train.seed=$s train.lr=$lr $VALIDATION \
+      train.seed=$s train.lr=$lr ${DPO_ARGS:-} $VALIDATION \
       selection.validation_path= selection.tool_validation_path= output_dir=runs/tools/seed$s/dpo-lr$lr > $OUT/r/dpo$s-lr$lr.log 2>&1 &
   done; done; wait
   echo "dpo variants done after $(( $(date +%s) - start )) s"

@@ -294,3 +294,67 @@ def test_align_template_shows_each_tool_turn_and_parses_its_calls_back(name, cap
     assert not any(t["malformed"] for t in shown["turns"])
     for turn, result in zip(shown["turns"][1:], results):  # each turn is prompted with the result before it
         assert result in turn["training_prompt"][-200:], (result, turn["training_prompt"][-200:])
+
+
+def test_tool_pairs_are_mined_at_the_first_turn_the_episodes_act_differently(tasks, monkeypatch):
+    """Mining pairs a success with a failure at the turn where their calls (or answers) first differ: a turn that
+    made the same call in other words is not the pair, a success by other calls than the reference's is never
+    chosen, and a prompt's pairs take a hallucinated tool and a wrong answer before a second of either."""
+    from alignment.dpo import MiningConfig
+    from alignment.rollout import episodes as episodes_module
+    from alignment.rollout.generation import GenerationResult
+    from alignment.tool_mining import mine_tool_pairs
+
+    tokenizer = load("tiny")
+    update, compute, sum_two = (next(r for r in tasks["rl"] + tasks["test"] if r["metadata"]["kind"] == kind)
+                                for kind in ("update", "compute", "sum_two"))
+    config = MiningConfig(samples_per_prompt=3, reasoning_off_fraction=0.0, max_pairs_per_prompt=2, tool_max_turns=5)
+
+    def calls(row, add_arguments=None):  # the reference's calls, the addition's arguments replaced
+        turns = row["metadata"]["reference_calls"]
+        return [[{"name": "add", "arguments": add_arguments(c["arguments"])} if add_arguments and c["name"] == "add"
+                 else c for c in turn] for turn in turns]
+
+    def swap(arguments):
+        return {"a": arguments["b"], "b": arguments["a"]}
+
+    def off_by_one(arguments):
+        return {"a": arguments["a"], "b": arguments["b"] + 1}
+
+    wrong_update = _turns_text(update, calls(update, off_by_one), int(update["answer"]) + 1)
+    scripts = {  # place (row * K + sample) -> its turns' texts
+        0: _turns_text(update, calls(update), update["answer"]),  # success, the reference's calls
+        1: ["other words" + wrong_update[0][1:]] + wrong_update[1:],  # the same first call in another trace, then
+        2: wrong_update,  # a wrong addition
+        3: _turns_text(compute, calls(compute), compute["answer"]),
+        4: _turns_text(compute, calls(compute), int(compute["answer"]) + 1),
+        5: _turns_text(compute, [[{"name": "teleport", "arguments": {}}]], compute["answer"]),
+        6: _turns_text(sum_two, calls(sum_two, swap), sum_two["answer"]),  # right, by other calls: not chosen
+        7: _turns_text(sum_two, calls(sum_two), int(sum_two["answer"]) + 1),
+        8: _turns_text(sum_two, calls(sum_two), int(sum_two["answer"]) + 2),
+    }
+
+    def fake_generate(model, prompts, settings, reasoning, seed, stream_ids):
+        results = []
+        for stream in stream_ids:
+            text = scripts[stream // config.tool_max_turns][stream % config.tool_max_turns]
+            tokens = tokenizer(text + "<|end|>", add_special_tokens=False)["input_ids"]
+            results.append(GenerationResult(tokens, [False] * len(tokens), [-0.5] * len(tokens), 2, False, True))
+        return results
+
+    monkeypatch.setattr(episodes_module, "generate", fake_generate)
+    pairs, stats = mine_tool_pairs(None, tokenizer, [update, compute, sum_two], config, seed=0, tag="r1")
+    assert stats["tool_pairs"] == 4 and stats["tool_no_contrast"] == 1  # sum_two: no success by the reference
+    first, _, hallucinated, wrong_answer = pairs  # one success is the chosen side of two pairs
+    assert [p["metadata"]["prompt_id"] for p in pairs] == [update["id"]] * 2 + [compute["id"]] * 2
+    assert first["metadata"]["turn"] == 1  # not turn 0, which differs in its trace only
+    assert first["metadata"]["chosen_text"] == scripts[0][1] and first["metadata"]["rejected_text"] == scripts[1][1]
+    assert first["prompt"][-1]["role"] == "tool" and first["prompt"][-2]["tool_calls"]  # the conversation so far
+    assert hallucinated["metadata"]["turn"] == 0 and hallucinated["metadata"]["rejected_hallucinated"]
+    assert hallucinated["metadata"]["rejected_text"] == scripts[5][0]
+    assert wrong_answer["metadata"]["turn"] == 1 and wrong_answer["metadata"]["rejected_text"] == scripts[4][1]
+    for pair, chosen_text in ((first, scripts[0][1]), (hallucinated, scripts[3][0])):
+        chosen = pair["encoded"]["chosen"]
+        assert trained_text(tokenizer, chosen) == chosen_text + "<|end|>"  # the sampled turn alone is trained
+        prompt_length = sum(label == IGNORE_INDEX for label in chosen["labels"])
+        assert pair["encoded"]["rejected"]["input_ids"][:prompt_length] == chosen["input_ids"][:prompt_length]
