@@ -1,4 +1,5 @@
-"""The whole pipeline on Ray: data -> SFT -> DPO -> GRPO -> evaluation, one command locally or on a cluster.
+"""The whole pipeline on Ray: data -> SFT -> tool SFT -> DPO -> GRPO -> evaluation, one command locally or on a
+cluster.
 
 Each stage runs as Ray work (a task; SFT, DPO and GRPO through Ray Train when they have workers) and hands the next stage a
 checkpoint directory with a manifest. Every stage records a fingerprint of its resolved config and its inputs (the
@@ -36,8 +37,10 @@ from alignment.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("data", "sft", "dpo", "grpo", "eval")
-MODEL_STAGES = ("sft", "dpo", "grpo")
+STAGE_ORDER = ("data", "sft", "tool_sft", "dpo", "grpo", "eval")
+MODEL_STAGES = ("sft", "tool_sft", "dpo", "grpo")
+# tool_sft is a second SFT stage (Nano 2's SFT stage 2: tool calling), from the SFT checkpoint.
+STAGE_KIND = {"tool_sft": "sft"}
 
 
 @dataclass
@@ -59,6 +62,8 @@ class PipelineConfig:
     run_dir: str = option("runs/pipeline", "Output directory; on a cluster, a path every node can reach.")
     data: StageSettings = option(StageSettings(config="configs/tiny/data.yaml"), "Data recipe stage.")
     sft: StageSettings = option(StageSettings(config="configs/tiny/sft.yaml"), "SFT stage.")
+    tool_sft: StageSettings = option(StageSettings(config="configs/tiny/tools/sft_after_math.yaml"),
+                                     "A second SFT stage from the SFT checkpoint (tool conversations, math replayed).")
     dpo: StageSettings = option(StageSettings(config="configs/tiny/dpo.yaml"), "DPO stage.")
     grpo: StageSettings = option(StageSettings(config="configs/tiny/grpo.yaml"), "GRPO stage.")
     eval: StageSettings = option(StageSettings(config="configs/tiny/eval.yaml"), "Final evaluation of every model.")
@@ -76,7 +81,7 @@ class PipelineConfig:
         if [s for s in STAGE_ORDER if s in self.stages] != list(self.stages):
             raise ValueError(f"stages must be in pipeline order {list(STAGE_ORDER)}")
         for name in STAGE_ORDER:
-            if getattr(self, name).num_workers and name not in DATA_PARALLEL_STAGES:
+            if getattr(self, name).num_workers and STAGE_KIND.get(name, name) not in DATA_PARALLEL_STAGES:
                 raise ValueError(f"{name}.num_workers: only {', '.join(DATA_PARALLEL_STAGES)} run on several workers")
 
 
@@ -95,7 +100,7 @@ STAGES = {
 
 
 def stage_entry(name: str) -> tuple[type, Callable]:
-    module_name, config_name, run_name = STAGES[name]
+    module_name, config_name, run_name = STAGES[STAGE_KIND.get(name, name)]
     module = importlib.import_module(module_name)
     return getattr(module, config_name), getattr(module, run_name)
 
@@ -127,7 +132,7 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     if getattr(data, "unpacked_paths", None):
         data.unpacked_paths = [str(data_dir / Path(p).name) if data_dir is not None else
                                str(Path(p).resolve()) if Path(p).exists() else p for p in data.unpacked_paths]
-    if name in ("dpo", "grpo") and upstream_model is not None:
+    if name in ("tool_sft", "dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""
 

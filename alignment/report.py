@@ -9,9 +9,13 @@ import json
 from pathlib import Path
 
 from alignment.eval_stats import format_gain, paired_gains, with_stderr
+from alignment.evaluate import tools_report
 from alignment.tracking import read_metrics
 
-CURVES = {"sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
+CURVES = {"sft": "loss", "tool_sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
+TOOL_KEYS = ("rows", "success_think", "success_think_stderr", "success_no_think", "success_no_think_stderr",
+             "exact_calls_think", "hallucinated_think", "hallucinated_think_stderr", "hallucinated_no_think",
+             "malformed_think")
 
 
 def _plot_curves(run_dir: Path, stages: list[str]) -> Path | None:
@@ -52,7 +56,8 @@ def stage_metrics(eval_results: dict[str, dict]) -> dict:
                                  "mean_thinking_tokens": c["mean_thinking_tokens"],
                                  "mean_answer_tokens": c["mean_answer_tokens"],
                                  "reference_fits": c.get("reference_fits"),
-                                 "minimal_fits": c.get("minimal_fits")} for c in summary["budget_sweep"]]}
+                                 "minimal_fits": c.get("minimal_fits")} for c in summary["budget_sweep"]],
+               **({"tools": {k: summary["tools"].get(k) for k in TOOL_KEYS}} if summary.get("tools") else {})}
         for name, summary in eval_results.items()
     }
 
@@ -97,6 +102,7 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
             lines.append("| reference trace fits | " + " | ".join(f"{r:.2f}" for r in reference) + " |")
         if all(r is not None for r in minimal) and minimal != reference:  # with the skippable lines left out
             lines.append("| minimal trace fits | " + " | ".join(f"{r:.2f}" for r in minimal) + " |")
+    lines += tools_report(evaluated)
     if curves:
         lines += ["", "## Training curves", "", f"![curves]({curves.name})"]
     if budget_plot.is_file():

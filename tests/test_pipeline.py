@@ -42,24 +42,32 @@ def pipeline(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return result
 
 
+TOOL_SFT = "tool_sft.overrides=[train.max_steps=2,eval.max_samples=4,eval.max_new_tokens=16,eval.tool_max_samples=4]"
+
+
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(tmp_path):
-    stages = "stages=[data,sft,eval]"
-    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    stages = "stages=[data,sft,tool_sft,eval]"
+    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["stages"]) == {"sft"}
+    assert set(metrics["stages"]) == {"sft", "tool_sft"}
     sweep = metrics["stages"]["sft"]["budget_sweep"]
     assert [c["budget"] for c in sweep] == [0, None] and all(0 <= c["accuracy"] <= 1 for c in sweep)
+    assert metrics["stages"]["tool_sft"]["tools"]["rows"] == 4  # the tool episodes of every model
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").stat().st_size > 1000
+    assert "## Tool calling" in (tmp_path / "report.md").read_text()
+    manifest = json.loads((tmp_path / "tool_sft" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["config"]["model"]["name_or_path"] == str(tmp_path / "sft" / "checkpoint")  # trained on from SFT
 
-    again = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"))
+    again = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT)
     log = again.stdout + again.stderr
-    for stage in ("data", "sft", "eval"):
+    for stage in ("data", "sft", "tool_sft", "eval"):
         assert f"{stage}: finished earlier with the same config and inputs; skipped" in log
 
-    changed = pipeline(tmp_path, stages, sft_overrides("train.max_steps=3"))
+    changed = pipeline(tmp_path, stages, sft_overrides("train.max_steps=3"), TOOL_SFT)
     log = changed.stdout + changed.stderr
     assert "data: finished earlier" in log
-    assert "sft: running" in log and "eval: running" in log  # a changed stage reruns, and so does what follows
+    for stage in ("sft", "tool_sft", "eval"):  # a changed stage reruns, and so does what follows
+        assert f"{stage}: running" in log
 
 
 def test_corrupted_checkpoint_is_not_reused(tmp_path):

@@ -40,3 +40,17 @@ def test_without_a_data_stage_local_paths_travel_as_absolute_paths(tmp_path):
     assert sft.train.deepspeed == str(Path("configs/deepspeed/zero3.json").resolve())
     assert sft.data.train_path == str(Path("configs/tiny/data.yaml").resolve())  # any existing file will do
     assert sft.model.name_or_path == str(Path("configs/tiny/model.json").resolve())
+
+
+def test_tool_sft_stage_starts_from_the_sft_checkpoint_and_reads_the_runs_tool_rows(tmp_path):
+    from alignment.pipeline import PipelineConfig, stage_entry
+    from alignment.sft import SFTConfig
+
+    data_dir = tmp_path / "run" / "data"
+    assert stage_entry("tool_sft")[0] is SFTConfig
+    tool_sft = load_config(SFTConfig, "configs/tiny/tools/sft_after_math.yaml", [])
+    _wire("tool_sft", tool_sft, tmp_path / "run", "/models/sft", data_dir)
+    assert tool_sft.model.name_or_path == "/models/sft" and tool_sft.output_dir == str(tmp_path / "run" / "tool_sft")
+    assert tool_sft.data.unpacked_paths == [str(data_dir / "tools_train.jsonl")]
+    assert Path(tool_sft.data.train_path) == data_dir / "train.jsonl"  # math replayed beside the tool rows
+    load_config(PipelineConfig, None, ["stages=[data,sft,tool_sft,dpo]", "tool_sft.num_workers=2"])  # an SFT stage
