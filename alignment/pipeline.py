@@ -37,7 +37,7 @@ from alignment.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("data", "sft", "tool_sft", "dpo", "grpo", "eval")
+STAGE_ORDER = ("data", "sft", "tool_sft", "dpo", "grpo", "merge", "eval")
 MODEL_STAGES = ("sft", "tool_sft", "dpo", "grpo")
 # tool_sft is a second SFT stage (Nano 2's SFT stage 2: tool calling), from the SFT checkpoint.
 STAGE_KIND = {"tool_sft": "sft"}
@@ -58,7 +58,8 @@ class StageSettings:
 class PipelineConfig:
     """Which stages run, where outputs go, and how to reach Ray."""
 
-    stages: list = option(list(STAGE_ORDER), "Stages to run, in pipeline order (any subset, e.g. [data, sft, grpo, eval]).")
+    stages: list = option([s for s in STAGE_ORDER if s != "merge"],
+                          "Stages to run, in pipeline order (any subset, e.g. [data, sft, grpo, eval]).")
     run_dir: str = option("runs/pipeline", "Output directory; on a cluster, a path every node can reach.")
     data: StageSettings = option(StageSettings(config="configs/tiny/data.yaml"), "Data recipe stage.")
     sft: StageSettings = option(StageSettings(config="configs/tiny/sft.yaml"), "SFT stage.")
@@ -66,6 +67,8 @@ class PipelineConfig:
                                      "A second SFT stage from the SFT checkpoint (tool conversations, math replayed).")
     dpo: StageSettings = option(StageSettings(config="configs/tiny/dpo.yaml"), "DPO stage.")
     grpo: StageSettings = option(StageSettings(config="configs/tiny/grpo.yaml"), "GRPO stage.")
+    merge: StageSettings = option(StageSettings(), "Merges of two earlier stages' checkpoints (merge.a, merge.b) at "
+                                  "each of merge.alphas, evaluated beside them and plotted in the report.")
     eval: StageSettings = option(StageSettings(config="configs/tiny/eval.yaml"), "Final evaluation of every model.")
     address: str = option("", "Ray cluster address; empty uses RAY_ADDRESS or starts a local instance.")
     max_retries: int = option(1, "Times a failed stage task (a dead worker) is retried before the pipeline stops.")
@@ -95,6 +98,7 @@ STAGES = {
     "sft": ("alignment.sft", "SFTConfig", "run_sft"),
     "dpo": ("alignment.dpo", "DPOConfig", "run_dpo"),
     "grpo": ("alignment.grpo", "GRPOConfig", "run_grpo"),
+    "merge": ("alignment.merge", "MergeConfig", "run_merge"),
     "eval": ("alignment.evaluate", "EvalRunConfig", "run_eval"),
 }
 
@@ -119,7 +123,7 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     absolute(getattr(config, "model", None), "name_or_path")
     absolute(getattr(config, "model", None), "tokenizer")
     absolute(getattr(config, "train", None), "deepspeed")
-    for section in (getattr(config, "data", None), getattr(config, "mining", None), config.eval,
+    for section in (getattr(config, "data", None), getattr(config, "mining", None), getattr(config, "eval", None),
                     getattr(config, "selection", None)):
         for key in ("train_path", "test_path", "prompts_path", "validation_path", "tool_test_path",
                     "tool_prompts_path", "tool_validation_path"):
@@ -135,6 +139,21 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     if name in ("tool_sft", "dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""
+
+
+def _wire_merge_inputs(config: Any, produced: dict[str, str]) -> None:
+    """merge.a / merge.b name an earlier stage of this run (its checkpoint) or a checkpoint folder."""
+    from alignment.config import ConfigError
+
+    for key in ("a", "b"):
+        value = getattr(config, key)
+        if value in produced:
+            setattr(config, key, produced[value])
+        elif Path(value).is_dir():
+            setattr(config, key, str(Path(value).resolve()))
+        else:
+            raise ConfigError(f"merge.{key}: {value!r} is neither a stage this pipeline ran before the merge "
+                              f"({', '.join(produced) or 'none'}) nor a checkpoint folder")
 
 
 def _track(config: Any, pipeline: TrackingConfig, run_dir: Path) -> None:
@@ -208,6 +227,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         settings: StageSettings = getattr(config, name)
         stage_config = load_config(stage_entry(name)[0], settings.config or None, list(settings.overrides))
         _wire(name, stage_config, run_dir, upstream_model, data_dir)
+        if name == "merge":
+            _wire_merge_inputs(stage_config, produced)
         _track(stage_config, config.tracking, run_dir)
         checkpoints = list(produced.values()) if name == "eval" else []
         if name == "eval":
@@ -240,6 +261,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         if name in MODEL_STAGES:
             upstream_model = str(stage_dir / "checkpoint")
             produced[name] = upstream_model
+        if name == "merge":  # evaluated beside the stages' models; later stages train on from grpo, not a merge
+            produced |= {label: m["checkpoint"] for label, m in record["result"]["merges"].items()}
     from alignment.report import write_report
 
     metrics = write_report(run_dir, selected, timings)

@@ -103,6 +103,7 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
         if all(r is not None for r in minimal) and minimal != reference:  # with the skippable lines left out
             lines.append("| minimal trace fits | " + " | ".join(f"{r:.2f}" for r in minimal) + " |")
     lines += tools_report(evaluated)
+    lines += _merge_sweep(run_dir, stages, evaluated)
     if curves:
         lines += ["", "## Training curves", "", f"![curves]({curves.name})"]
     if budget_plot.is_file():
@@ -112,6 +113,31 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
     (run_dir / "report.html").write_text(_html(markdown, run_dir))
     print(f"report:  {run_dir / 'report.md'} (and report.html)\nmetrics: {run_dir / 'metrics.json'}")
     return metrics
+
+
+def _merge_sweep(run_dir: Path, stages: list[str], evaluated: dict[str, dict]) -> list[str]:
+    """The merge stage's models against alpha: a table and `merge_sweep.png` (A at 0, the merges, B at 1)."""
+    record_path = run_dir / "merge" / "stage.json"
+    if "merge" not in stages or not record_path.is_file():
+        return []
+    from alignment.evaluate import model_label
+    from alignment.merge import plot_sweep, sweep_points
+
+    result = json.loads(record_path.read_text())["result"]
+    a, b = model_label(result["a"], {}), model_label(result["b"], {})
+    sweep = sweep_points(evaluated, a, b, {name: m["alpha"] for name, m in result["merges"].items()})
+    if not sweep:
+        return []
+    keys = [k for k in sweep[0] if k not in ("alpha", "model")]
+    lines = ["", f"## Merges: (1 - alpha) * {a} + alpha * {b}", "",
+             "| alpha | model | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {p['alpha']:g} | {p['model']} | " + " | ".join(f"{p[k]:.3f}" for k in keys) + " |" for p in sweep]
+    plot = plot_sweep(sweep, run_dir / "merge_sweep.png")
+    if plot:
+        lines += ["", f"![merge sweep]({plot.name})"]
+    (run_dir / "merge_sweep.json").write_text(json.dumps(sweep, indent=2))
+    return lines
 
 
 def _html(markdown: str, run_dir: Path) -> str:

@@ -43,13 +43,16 @@ def pipeline(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 TOOL_SFT = "tool_sft.overrides=[train.max_steps=2,eval.max_samples=4,eval.max_new_tokens=16,eval.tool_max_samples=4]"
+MERGE = "merge.overrides=[b=tool_sft,'alphas=[0.5]']"
 
 
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(tmp_path):
-    stages = "stages=[data,sft,tool_sft,eval]"
-    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT)
+    stages = "stages=[data,sft,tool_sft,merge,eval]"
+    pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT, MERGE)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["stages"]) == {"sft", "tool_sft"}
+    assert set(metrics["stages"]) == {"sft", "tool_sft", "alpha-0.5"}  # the merge is evaluated beside the stages
+    report = (tmp_path / "report.md").read_text()
+    assert "## Merges: (1 - alpha) * sft + alpha * tool_sft" in report and (tmp_path / "merge_sweep.png").is_file()
     sweep = metrics["stages"]["sft"]["budget_sweep"]
     assert [c["budget"] for c in sweep] == [0, None] and all(0 <= c["accuracy"] <= 1 for c in sweep)
     assert metrics["stages"]["tool_sft"]["tools"]["rows"] == 4  # the tool episodes of every model
@@ -58,15 +61,15 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(tmp_path):
     manifest = json.loads((tmp_path / "tool_sft" / "checkpoint" / "manifest.json").read_text())
     assert manifest["config"]["model"]["name_or_path"] == str(tmp_path / "sft" / "checkpoint")  # trained on from SFT
 
-    again = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT)
+    again = pipeline(tmp_path, stages, sft_overrides("train.max_steps=2"), TOOL_SFT, MERGE)
     log = again.stdout + again.stderr
-    for stage in ("data", "sft", "tool_sft", "eval"):
+    for stage in ("data", "sft", "tool_sft", "merge", "eval"):
         assert f"{stage}: finished earlier with the same config and inputs; skipped" in log
 
-    changed = pipeline(tmp_path, stages, sft_overrides("train.max_steps=3"), TOOL_SFT)
+    changed = pipeline(tmp_path, stages, sft_overrides("train.max_steps=3"), TOOL_SFT, MERGE)
     log = changed.stdout + changed.stderr
     assert "data: finished earlier" in log
-    for stage in ("sft", "tool_sft", "eval"):  # a changed stage reruns, and so does what follows
+    for stage in ("sft", "tool_sft", "merge", "eval"):  # a changed stage reruns, and so does what follows
         assert f"{stage}: running" in log
 
 
