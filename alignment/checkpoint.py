@@ -117,13 +117,19 @@ def verify_checkpoint(directory: str | Path, check_hashes: bool = True) -> dict:
     return manifest
 
 
+ADAPTER_DIR = "adapter"
+
+
 def save_model_checkpoint(directory: str | Path, model, tokenizer, manifest: dict) -> Path:
-    """Save an HF model (merged when it carries LoRA adapters) and its tokenizer as a checkpoint."""
+    """Save an HF model (merged when it carries LoRA adapters) and its tokenizer as a checkpoint; a LoRA model's
+    adapter alone goes to `adapter/` as well (PEFT's layout, for `align export --adapter`)."""
 
     def write(tmp: Path) -> None:
         # Merging LoRA into a copy keeps the live model trainable; later stages get a plain full model.
         to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / ADAPTER_DIR)
 
     return write_checkpoint(directory, write, manifest)

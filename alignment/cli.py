@@ -116,6 +116,61 @@ def _budget_report_command(subparsers, help_text: str) -> None:
     parser.set_defaults(func=handler)
 
 
+def _merge_command(subparsers, help_text: str) -> None:
+    parser = subparsers.add_parser("merge", help=help_text, description=help_text)
+    parser.add_argument("checkpoint_a", help="Checkpoint A (alpha 0 gives it back).")
+    parser.add_argument("checkpoint_b", help="Checkpoint B, the same architecture (alpha 1 gives it back).")
+    parser.add_argument("--out", required=True, help="Output checkpoint (with --alphas: a folder of merges).")
+    parser.add_argument("--alpha", type=float, default=0.5, help="The weight of B (default 0.5).")
+    parser.add_argument("--alphas", help="A sweep, e.g. 0.25,0.5,0.75: a merge at each, then A, the merges and B "
+                                         "evaluated with --eval-config and plotted against alpha.")
+    parser.add_argument("--eval-config", default="configs/tiny/eval.yaml", help="align eval config of the sweep.")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep's eval config.")
+
+    def handler(args) -> int:
+        from alignment.merge import MergeError, merge_checkpoints, merge_sweep
+        from alignment.runtime import setup_logging
+
+        setup_logging()
+        if not args.alphas:
+            if args.overrides:
+                raise MergeError(f"{' '.join(args.overrides)}: eval overrides need --alphas")
+            print(merge_checkpoints(args.checkpoint_a, args.checkpoint_b, args.alpha, args.out))
+            return 0
+        try:
+            alphas = [float(x) for x in args.alphas.split(",")]
+        except ValueError as exc:
+            raise MergeError(f"--alphas {args.alphas}: comma-separated numbers in [0, 1] ({exc})") from exc
+        result = merge_sweep(args.checkpoint_a, args.checkpoint_b, alphas, args.out, args.eval_config, args.overrides)
+        print(f"sweep: {Path(args.out) / 'merge_sweep.json'}, plot: {result['plot']}")
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
+def _export_command(subparsers, help_text: str) -> None:
+    parser = subparsers.add_parser("export", help=help_text, description=help_text)
+    parser.add_argument("checkpoint", help="A stage's checkpoint folder.")
+    parser.add_argument("--out", required=True, help="Output folder.")
+    parser.add_argument("--adapter", action="store_true", help="The LoRA adapter alone (a stage run with "
+                                                               "lora.enabled=true), instead of the full weights.")
+    parser.add_argument("--base", help="With --adapter: the base model's name to record (e.g. its hub id), instead "
+                                       "of the local path the stage trained from.")
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard of the full weights.")
+    parser.add_argument("--eval", help="eval.json for the model card (default: the one beside the checkpoint).")
+
+    def handler(args) -> int:
+        from alignment.export import export_checkpoint
+        from alignment.runtime import setup_logging
+
+        setup_logging()
+        print(export_checkpoint(args.checkpoint, args.out, adapter=args.adapter, base=args.base,
+                                max_shard_size=args.max_shard_size, eval_path=args.eval))
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
 def _pipeline_command(subparsers, help_text: str) -> None:
     from alignment.pipeline import PipelineConfig, run_pipeline
 
@@ -339,6 +394,8 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from alignment.chat_format import TemplateError
     from alignment.checkpoint import CorruptCheckpointError
     from alignment.data import BadDataError
+    from alignment.export import ExportError
+    from alignment.merge import MergeError
     from alignment.packed_model import PackingNotSupportedError
     from alignment.split_guard import SplitOverlapError
     from data_recipes.adapters.base import RecordError
@@ -347,9 +404,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from rewards.config import RewardsConfigError
     from rewards.scoring import RewardFailingError
 
-    return (ConfigError, BadDataError, TemplateError, CorruptCheckpointError, PackingNotSupportedError,
-            SplitOverlapError, RecordError, PairError, SandboxUnavailable, RewardsConfigError, RewardFailingError,
-            FileNotFoundError)
+    return (ConfigError, BadDataError, TemplateError, CorruptCheckpointError, ExportError, MergeError,
+            PackingNotSupportedError, SplitOverlapError, RecordError, PairError, SandboxUnavailable,
+            RewardsConfigError, RewardFailingError, FileNotFoundError)
 
 
 def bad_input(exc: BaseException) -> BaseException | None:
@@ -392,6 +449,10 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
                  _pipeline_command),
     "budget-report": ("The budget study over seeds: accuracy by budget, what each model keeps at half its thinking "
                       "length (from each seed's align eval).", _budget_report_command),
+    "merge": ("Merge two checkpoints of one architecture, (1 - alpha) * A + alpha * B, shard by shard; or sweep "
+              "alphas, each merge evaluated.", _merge_command),
+    "export": ("Export a checkpoint for serving: full weights in shards, or the LoRA adapter with its base named; "
+               "with the chat template and a model card.", _export_command),
     "template": ("Show the detected chat format, and what the stages feed and train with reasoning on, off and for a "
                  "truncated-thinking row.", _template_command),
     "rewards": ("List reward plugins, or score one completion by hand.", _rewards_command),
@@ -415,9 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
-    # `align eval CKPT --config X key=value`: positionals after an option arrive as extras; they belong to the list.
-    if extra and args.command == "eval" and not any(e.startswith("-") for e in extra):
-        args.checkpoints += extra
+    # `align eval CKPT --config X key=value`: positionals after an option arrive as extras; they belong to the list
+    # (for `align merge A B --alphas ... key=value`, to the overrides).
+    if extra and args.command in ("eval", "merge") and not any(e.startswith("-") for e in extra):
+        if args.command == "eval":
+            args.checkpoints += extra
+        else:
+            args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
