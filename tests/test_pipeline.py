@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "data.overrides=[task.train_size=96,task.test_size=8,task.validation_size=4,tools.train_size=24,tools.test_size=4,"
     "tools.validation_size=2,tools.rl_size=4]",
-    "eval.overrides=[eval.max_samples=4,eval.max_new_tokens=24,'eval.budgets=[0,null]',eval.tool_max_samples=4]",
+    "eval.overrides=[eval.max_samples=4,eval.max_new_tokens=24,'eval.budgets=[0,null]',eval.tool_max_samples=4,"
+    "eval.tool_test_path=runs/data/tiny/tools_test.jsonl]",
 ]
 
 
