@@ -445,6 +445,7 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
              _eval_command),
     "dpo": ("Preference optimisation (DPO), on a preference file or pairs mined on-policy.", _stage_command("dpo")),
     "grpo": ("RL with verifiable rewards (GRPO), budget-aware rollouts.", _stage_command("grpo")),
+    "rm": ("Train a Bradley-Terry reward model on preference pairs, from a policy checkpoint.", _stage_command("rm")),
     "pipeline": ("Run the stages in order on Ray (local instance, or a cluster via RAY_ADDRESS/--address).",
                  _pipeline_command),
     "budget-report": ("The budget study over seeds: accuracy by budget, what each model keeps at half its thinking "

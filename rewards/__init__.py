@@ -6,7 +6,8 @@
     def exact_answer(completion: str, answer: str) -> float:
         return float(completion.strip() == answer.strip())
 
-Built-ins: math, code_tests, think_format, think_budget, length, instruction, json_schema, tool_call, tool_state.
+Built-ins: math, code_tests, think_format, think_budget, length, instruction, json_schema, tool_call, tool_state,
+reward_model.
 """
 
 from rewards.config import RewardsConfig, RewardsConfigError, RewardSpec

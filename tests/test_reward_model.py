@@ -1,0 +1,91 @@
+"""`align rm`: the Bradley-Terry loss against a hand computation, rewards of packed rows equal to one sequence at a
+time (seq_idx on the hybrid), and the stage end to end: a checkpoint HF loads and `load_reward_model` scores alike."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignment.config import load_config
+from alignment.modeling import ModelConfig, load_model, load_tokenizer
+from alignment.packed_model import enable_packed_sequences
+from alignment.packing import SampleCollator
+from alignment.reward_model import (RMConfig, RewardModel, bradley_terry_loss, load_reward_model, pair_samples,
+                                    run_rm)
+from data_recipes.preference import to_pair
+from data_recipes.synthetic_preferences import preference_pairs
+from tests.conftest import TINY_MODEL, TINY_TOKENIZER
+
+
+def test_bradley_terry_loss_matches_a_hand_computation():
+    chosen, rejected = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 1.5, 1.0])  # margins 1, -1, 0
+    loss, accuracy = bradley_terry_loss(chosen, rejected)
+    by_hand = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1)) + math.log(2)) / 3  # -log sigmoid(m)
+    assert abs(float(loss) - by_hand) < 1e-6 and abs(by_hand - 0.7732) < 1e-4
+    assert float(accuracy) == pytest.approx(0.5)  # one right, one wrong, a tie counting half
+
+
+def test_rewards_of_packed_rows_equal_one_sequence_at_a_time(tiny_data):
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER)))
+    lm = load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER), init_seed=0))
+    enable_packed_sequences(lm)
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    rm = RewardModel(lm, head).eval()
+    rows = [json.loads(line) for line in (tiny_data / "train.jsonl").read_text().splitlines()]
+    samples = pair_samples(tokenizer, [to_pair(p) for p in preference_pairs(rows, seed=0)[:3]])
+    collator = SampleCollator(mode="packed", pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=4096)
+    with torch.no_grad():
+        packed = rm(collator(samples))
+        alone = torch.cat([rm(collator([s])) for s in samples])
+    assert packed.shape == (6,) and packed.std() > 1e-3
+    assert torch.allclose(packed, alone, atol=1e-5), (packed - alone).abs().max()
+
+
+def test_the_stage_trains_writes_an_hf_checkpoint_and_the_loader_scores_alike(tiny_data, tmp_path):
+    rows = [json.loads(line) for line in (tiny_data / "train.jsonl").read_text().splitlines()]
+    pairs_path = tmp_path / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows, seed=0)))
+    config = load_config(RMConfig, "configs/tiny/rm.yaml", [
+        f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={TINY_TOKENIZER}", f"data.pairs_path={pairs_path}",
+        "data.heldout_fraction=0.2", "train.max_steps=4", "train.pairs_per_step=4", "train.warmup_steps=1",
+        f"output_dir={tmp_path / 'rm'}"])
+    results = run_rm(config)
+    assert results["heldout"]["pairs"] >= 5 and 0 <= results["heldout"]["pair_accuracy"] <= 1
+    assert results["heldout_before"]["pair_accuracy"] == 0.5  # the zero head ties every pair
+    checkpoint = tmp_path / "rm" / "checkpoint"
+    AutoModelForCausalLM.from_pretrained(checkpoint)  # the backbone is an ordinary checkpoint
+    rm, tokenizer = load_reward_model(checkpoint)
+    pair = preference_pairs(rows, seed=0)[0]
+    chosen, rejected = rm.score(tokenizer, [pair["prompt"] + pair["chosen"], pair["prompt"] + pair["rejected"]])
+    assert chosen != rejected
+    assert json.loads((tmp_path / "rm" / "eval.json").read_text())["heldout"] == results["heldout"]
+
+
+def test_the_reward_model_plugin_scores_as_the_model_and_normalises_per_group(tmp_path):
+    from alignment.reward_model import save_reward_model
+    from rewards import RewardsConfig, score_batch
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER)))
+    lm = load_model(ModelConfig(name_or_path=str(TINY_MODEL), tokenizer=str(TINY_TOKENIZER), init_seed=0))
+    head = torch.nn.Linear(lm.config.hidden_size, 1)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    checkpoint = save_reward_model(tmp_path / "rm", RewardModel(lm, head), tokenizer, {"stage": "rm"})
+    prompt = [{"role": "user", "content": "Start with 2. Add 3. What is the result?"}]
+    completions = ["2 + 3 = 5\n</think>\nThe result is \\boxed{5}.", "2 + 3 = 6\n</think>\nThe result is \\boxed{6}.",
+                   "</think>\nThe result is \\boxed{5}."]
+    rows = [{"id": "a", "task": "chat", "messages": prompt}] * 2 + [{"id": "b", "task": "chat", "messages": prompt}]
+    config = RewardsConfig(rewards=[], routes={"chat": [{"name": "reward_model", "args": {"checkpoint": str(checkpoint)}}]},
+                           mode="inprocess")
+    scored = [s.score for s in score_batch(completions, rows, config)]
+    rm, rm_tokenizer = load_reward_model(checkpoint)
+    from alignment.dpo import completion_message
+
+    expected = rm.score(rm_tokenizer, [prompt + [completion_message(c, True)] for c in completions])
+    assert scored == pytest.approx(expected, abs=1e-6) and len(set(scored)) == 3
+    config.routes["chat"][0].args["normalize"] = "group"
+    normalised = [s.score for s in score_batch(completions, rows, config)]
+    assert normalised[0] == pytest.approx(-normalised[1]) and abs(normalised[0]) == pytest.approx(1.0)
+    assert normalised[2] == 0.0  # a group of one
