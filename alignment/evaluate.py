@@ -72,6 +72,8 @@ class EvalConfig:
         "", "Tool tasks (rows with `tools` and a world in `metadata`, envs/tool_tasks.py) run as multi-turn episodes "
             "in the tool environment, with reasoning on and off: final-state success, exact calls and the "
             "hallucinated-tool rate go in eval.json under `tools`. Empty: none.", path="file")
+    reward_model: str = option("", "An `align rm` checkpoint: the mean score it gives each model's completions "
+                               "(reasoning on and off) joins the summary (rm_score_think, rm_score_no_think).")
     tool_max_samples: int = option(200, "Evaluate on at most this many tool rows (the first ones); 0 means all.")
     tool_max_turns: int = option(4, "Most assistant turns of a tool episode (calls and the answer).")
 
@@ -251,6 +253,7 @@ def grade_cell(tokenizer, rows: list[dict], results: list, reasoning: bool, budg
     return {
         "reasoning": reasoning,
         "budget": budget,
+        "completions": [r["completion"] for r in records],  # for eval.reward_model; not written to eval.json
         "samples_per_prompt": k,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
@@ -368,6 +371,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
     }
     if config.tool_test_path:
         summary["tools"] = evaluate_tools(model, tokenizer, config)
+    if config.reward_model:
+        summary |= reward_model_scores(rows, {"think": think, "no_think": no_think}, config)
     log.info(
         "eval on %d rows: accuracy think %.3f / no-think %.3f, toggle compliance %.3f",
         len(rows), summary["accuracy_think"], summary["accuracy_no_think"], summary["toggle_compliance"],
@@ -407,6 +412,26 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
              len(rows), summary["success_think"], summary["success_no_think"], summary["hallucinated_think"],
              summary["hallucinated_no_think"])
     return summary
+
+
+def reward_model_scores(rows: list[dict], cells: dict[str, dict], config: EvalConfig) -> dict:
+    """The mean score `eval.reward_model` gives the completions of each mode (per row too, for paired gains)."""
+    from alignment.dpo import completion_message
+    from rewards.reward_model import _load
+
+    rm, tokenizer = _load(config.reward_model, "cpu")
+    k = config.samples_per_prompt
+    figures = {}
+    for mode, cell in cells.items():
+        conversations = [prompt_messages(rows[i // k]) + [completion_message(text, mode == "think")]
+                         for i, text in enumerate(cell["completions"])]
+        scores = rm.score(tokenizer, conversations)
+        per_row = [sum(scores[r * k:(r + 1) * k]) / k for r in range(len(rows))]
+        figures[f"rm_score_{mode}"], figures[f"rm_score_{mode}_stderr"] = mean_and_stderr(per_row)
+        figures[f"row_rm_score_{mode}"] = per_row
+    log.info("reward model %s: mean score think %.3f / no-think %.3f", config.reward_model,
+             figures["rm_score_think"], figures["rm_score_no_think"])
+    return figures
 
 
 def tool_episodes(model, tokenizer, rows: list[dict], config: EvalConfig, reasoning: bool) -> list:

@@ -3,7 +3,11 @@ question with two responses that share the reasoning trace; the chosen one boxes
 rejected one a different number. A reward model learns it by reading the trace's last line against the box, which
 needs attention over the response, not a keyword.
 
-    python -m data_recipes.synthetic_preferences runs/data/tiny/train.jsonl runs/data/tiny/preferences.jsonl
+    python -m data_recipes.synthetic_preferences runs/data/tiny/train.jsonl runs/data/tiny/preferences.jsonl \
+        --chat-prompts runs/data/tiny/rl.jsonl runs/data/tiny/chat_rl.jsonl
+
+`--chat-prompts` also writes prompt rows of `task: chat` (GRPO routes them to the `reward_model` reward; they keep
+their `answer`, so the math accuracy can still be measured).
 """
 
 from __future__ import annotations
@@ -37,11 +41,20 @@ def main() -> None:
     parser.add_argument("rows", help="Math rows (align data's train.jsonl).")
     parser.add_argument("out", help="Where the pairs go (JSONL).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-prompts", nargs=2, metavar=("ROWS", "OUT"), help="Also write ROWS as task: chat.")
     args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.strip()]
-    pairs = preference_pairs(rows, args.seed)
+    pairs = preference_pairs(_read(args.rows), args.seed)
     Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in pairs))
     print(f"{len(pairs)} pairs in {args.out}")
+    if args.chat_prompts:
+        source, out = args.chat_prompts
+        chat = [dict(row, task="chat") for row in _read(source)]
+        Path(out).write_text("".join(json.dumps(r) + "\n" for r in chat))
+        print(f"{len(chat)} chat prompts in {out}")
+
+
+def _read(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_the_stage_trains_writes_an_hf_checkpoint_and_the_loader_scores_alike(ti
     rows = [json.loads(line) for line in (tiny_data / "train.jsonl").read_text().splitlines()]
     pairs_path = tmp_path / "pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows, seed=0)))
-    config = load_config(RMConfig, "configs/tiny/rm.yaml", [
+    config = load_config(RMConfig, "configs/tiny/rlhf/rm.yaml", [
         f"model.name_or_path={TINY_MODEL}", f"model.tokenizer={TINY_TOKENIZER}", f"data.pairs_path={pairs_path}",
         "data.heldout_fraction=0.2", "train.max_steps=4", "train.pairs_per_step=4", "train.warmup_steps=1",
         f"output_dir={tmp_path / 'rm'}"])
