@@ -10,7 +10,7 @@ CONFIG_DIR  ?= configs/tiny
 STAMP       := $(VENV)/.installed
 ARGS        ?=
 
-.PHONY: setup test test-slow demo data sft dpo grpo eval pipeline budget-ablation budget-study bench-sft bench-sandbox clean
+.PHONY: setup test test-slow demo demo-tools data sft dpo grpo eval pipeline budget-ablation budget-study bench-sft bench-sandbox clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,10 @@ eval: $(TINY_SFT)
 # The whole pipeline on the embedded tiny default (local Ray): runs/demo/report.md, runs/demo/metrics.json.
 demo: setup
 	$(ALIGN) pipeline $(CONFIG_DIR)/pipeline.yaml run_dir=runs/demo $(ARGS)
+
+# The tool-calling recipe end to end (tool SFT stage, tool pairs in DPO, tool episodes in GRPO): runs/demo-tools.
+demo-tools: setup
+	$(ALIGN) pipeline $(CONFIG_DIR)/tools/pipeline.yaml run_dir=runs/demo-tools $(ARGS)
 
 dpo grpo: $(TINY_SFT)
 	$(ALIGN) $@ $(CONFIG_DIR)/$@.yaml $(ARGS)
