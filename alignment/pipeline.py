@@ -99,7 +99,7 @@ STAGES = {
     "dpo": ("alignment.dpo", "DPOConfig", "run_dpo"),
     "grpo": ("alignment.grpo", "GRPOConfig", "run_grpo"),
     "merge": ("alignment.merge", "MergeConfig", "run_merge"),
-    "rm": ("alignment.reward_model", "RMConfig", "run_rm"),  # `align rm`; not a pipeline stage (yet)
+    "rm": ("alignment.reward_model", "RMConfig", "run_rm"),  # the `align rm` command; no stage of the pipeline
     "eval": ("alignment.evaluate", "EvalRunConfig", "run_eval"),
 }
 

@@ -162,6 +162,7 @@ def run_rm(config: RMConfig) -> dict:
     from alignment.sft import TrainConfig, learning_rate
     from alignment.tracking import MetricsLogger
     from data_recipes.preference import read_pairs
+    from tqdm.auto import tqdm
 
     setup_logging()
     check_paths(config)
@@ -195,8 +196,6 @@ def run_rm(config: RMConfig) -> dict:
     metrics = MetricsLogger(out, "rm", tracking=config.tracking, run_config=to_dict(config))
     order = random.Random(config.train.seed)
     started = time.time()
-    from tqdm.auto import tqdm
-
     progress = tqdm(range(config.train.max_steps), desc="rm", unit="step", dynamic_ncols=True)
     for step in progress:
         chosen_ids = order.sample(range(len(train_pairs)), min(config.train.pairs_per_step, len(train_pairs)))
