@@ -417,9 +417,9 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
 def reward_model_scores(rows: list[dict], cells: dict[str, dict], config: EvalConfig) -> dict:
     """The mean score `eval.reward_model` gives the completions of each mode (per row too, for paired gains)."""
     from alignment.dpo import completion_message
-    from rewards.reward_model import _load
+    from rewards.reward_model import load_cached
 
-    rm, tokenizer = _load(config.reward_model, "cpu")
+    rm, tokenizer = load_cached(config.reward_model, "cpu")
     k = config.samples_per_prompt
     figures = {}
     for mode, cell in cells.items():

@@ -77,11 +77,13 @@ def _eval_figures(path: Path) -> dict:
 
 def model_card(checkpoint: Path, manifest: dict, figures: dict | None, base: str | None) -> str:
     """The model card: what the checkpoint is, how to load it, and its held-out figures."""
+    from alignment.evaluate import model_label
+
     stage = manifest.get("stage", "?")
     lines = ["---", "library_name: " + ("peft" if base else "transformers"), "tags: [hybrid-align]"]
     if base:
         lines.append(f"base_model: {base}")
-    lines += ["---", "", f"# {checkpoint.parent.name if checkpoint.name == 'checkpoint' else checkpoint.name}", "",
+    lines += ["---", "", f"# {model_label(str(checkpoint), {})}", "",
               f"Exported from a hybrid-align `{stage}` checkpoint ({manifest.get('created', 'date not recorded')}).", ""]
     if base:
         lines += ["A LoRA adapter; load it onto its base model:", "", "```python",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from alignment.checkpoint import read_manifest, write_checkpoint
+from alignment.checkpoint import CorruptCheckpointError, read_manifest, write_checkpoint
 from alignment.config import option
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,14 @@ def weight_files(directory: Path) -> dict[str, str]:
     raise MergeError(f"{directory}: no {SINGLE} or {INDEX}; merge takes full-weight safetensors checkpoints")
 
 
-def _shapes(directory: Path, files: dict[str, str]) -> dict[str, tuple[list[int], str]]:
+def _shapes(directory: Path, files: dict[str, str]) -> dict[str, list[int]]:
     from safetensors import safe_open
 
     shapes = {}
     for file in sorted(set(files.values())):
         with safe_open(directory / file, framework="pt") as handle:
             for name in handle.keys():
-                piece = handle.get_slice(name)
-                shapes[name] = (list(piece.get_shape()), piece.get_dtype())
+                shapes[name] = list(handle.get_slice(name).get_shape())
     return shapes
 
 
@@ -80,8 +79,8 @@ def check_mergeable(a: Path, b: Path) -> tuple[dict[str, str], dict[str, str]]:
         raise MergeError(f"{a} and {b} hold different tensors ({len(only)} in one only, e.g. {only[0]})")
     shapes_a, shapes_b = _shapes(a, files_a), _shapes(b, files_b)
     for name in sorted(files_a):
-        if shapes_a[name][0] != shapes_b[name][0]:
-            raise MergeError(f"tensor {name}: shape {shapes_a[name][0]} in {a} but {shapes_b[name][0]} in {b}")
+        if shapes_a[name] != shapes_b[name]:
+            raise MergeError(f"tensor {name}: shape {shapes_a[name]} in {a} but {shapes_b[name]} in {b}")
     return files_a, files_b
 
 
@@ -137,7 +136,7 @@ def _fingerprint(directory: Path) -> str | None:
     """The input checkpoint's own manifest fingerprint, when it has one (a stage's checkpoint)."""
     try:
         return read_manifest(directory).get("fingerprint")
-    except Exception:  # a plain HF folder, not one of our checkpoints
+    except CorruptCheckpointError:  # a plain HF folder, not one of our checkpoints
         return None
 
 

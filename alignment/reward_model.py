@@ -117,8 +117,7 @@ class RewardModel(torch.nn.Module):
         rewards: list[float] = []
         for start in range(0, len(conversations), batch_size):
             samples = [encode_for_training(tokenizer, c) for c in conversations[start:start + batch_size]]
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(samples).items()}
-            rewards += self(batch).tolist()
+            rewards += self(_to(collator(samples), device)).tolist()
         self.train(was_training)
         return rewards
 

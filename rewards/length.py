@@ -29,11 +29,8 @@ def length(completions: list[str], part: str = "all", id: list[Any] | None = Non
     if by_correctness and answer is None:
         raise ValueError("by_correctness needs the rows' `answer`")
     sizes = [approx_tokens(_part(c, part)) for c in completions]
-    groups: dict[Any, list[int]] = {}
-    for i, key in enumerate(id if id is not None else [None] * len(completions)):
-        groups.setdefault(repr(key), []).append(i)
     results: list[RewardResult] = [RewardResult(0.0)] * len(completions)
-    for members in groups.values():
+    for members in prompt_groups(id, len(completions)):
         shortest, longest = min(sizes[i] for i in members), max(sizes[i] for i in members)
         for i in members:
             score = 0.0 if longest == shortest else 0.5 - (sizes[i] - shortest) / (longest - shortest)
@@ -43,6 +40,14 @@ def length(completions: list[str], part: str = "all", id: list[Any] | None = Non
                 score, info["correct"] = (score if correct else min(0.0, score)), correct
             results[i] = RewardResult(score, info)
     return results
+
+
+def prompt_groups(ids: list[Any] | None, n: int) -> list[list[int]]:
+    """The indices of the completions of each prompt: those whose rows share an `id` (the whole batch without ids)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(ids if ids is not None else [None] * n):
+        groups.setdefault(repr(key), []).append(i)
+    return list(groups.values())
 
 
 def _part(completion: str, part: str) -> str:

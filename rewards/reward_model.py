@@ -3,7 +3,7 @@
     rewards:
       routes:
         chat:
-          - {name: reward_model, weight: 1.0, args: {checkpoint: runs/tiny/rm/checkpoint, normalize: group}}
+          - {name: reward_model, weight: 1.0, args: {checkpoint: runs/rlhf/rm/checkpoint, normalize: group}}
           - {name: length, weight: 0.2, args: {part: answer}}
 
 The model loads once per process (each Ray reward actor, or this process in `mode: inprocess`) on `device` and
@@ -17,11 +17,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from rewards.length import prompt_groups
 from rewards.registry import RewardResult, reward
 
 
 @functools.lru_cache(maxsize=2)
-def _load(checkpoint: str, device: str):
+def load_cached(checkpoint: str, device: str):
+    """`alignment.reward_model.load_reward_model`, once per process for each checkpoint and device."""
     from alignment.reward_model import load_reward_model
 
     return load_reward_model(checkpoint, device)
@@ -36,7 +38,7 @@ def reward_model(completions: list[str], messages: list[list[dict]], checkpoint:
 
     if normalize not in ("none", "group"):
         raise ValueError(f"normalize must be 'none' or 'group', got {normalize!r}")
-    rm, tokenizer = _load(checkpoint, device)
+    rm, tokenizer = load_cached(checkpoint, device)
     thinks = [r != "off" for r in reasoning] if reasoning else [True] * len(completions)
     conversations = [  # a row's reference answer, when it carries one, is not part of the prompt
         (m[:-1] if m[-1]["role"] == "assistant" else m) + [completion_message(c, on)]
@@ -45,10 +47,7 @@ def reward_model(completions: list[str], messages: list[list[dict]], checkpoint:
     raw = rm.score(tokenizer, conversations, batch_size=batch_size)
     scores = list(raw)
     if normalize == "group":
-        groups: dict[str, list[int]] = {}
-        for i, key in enumerate(id if id is not None else [None] * len(completions)):
-            groups.setdefault(repr(key), []).append(i)
-        for members in groups.values():
+        for members in prompt_groups(id, len(completions)):
             mean = sum(raw[i] for i in members) / len(members)
             std = (sum((raw[i] - mean) ** 2 for i in members) / len(members)) ** 0.5
             for i in members:
