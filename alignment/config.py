@@ -30,7 +30,8 @@ def option(default: Any, help: str, path: str | None = None, **kwargs: Any) -> A
     """A dataclass field with help text. Mutable defaults (lists, dicts, dataclasses) are copied per instance.
 
     `path="file"` marks a field naming an input file and `path="model"` one naming a model or tokenizer (a local
-    folder, a config .json or a hub id): `check_paths` checks them before a stage loads anything.
+    folder, a config .json or a hub id), `path="reward_model"` an `align rm` checkpoint folder: `check_paths` checks
+    them before a stage loads anything.
     """
     metadata = {"help": help, **({"path": path} if path else {})}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
@@ -204,6 +205,10 @@ def check_paths(config: Any) -> None:
             continue
         if kind == "model":
             check_model_source(value, key)
+        elif kind == "reward_model":
+            from alignment.reward_model import check_reward_model_dir
+
+            check_reward_model_dir(value, key)
         elif not Path(value).is_file():
             raise ConfigError(f"`{key}`: no such file: {value}{relative_to_cwd(Path(value))}")
 

@@ -73,7 +73,8 @@ class EvalConfig:
             "in the tool environment, with reasoning on and off: final-state success, exact calls and the "
             "hallucinated-tool rate go in eval.json under `tools`. Empty: none.", path="file")
     reward_model: str = option("", "An `align rm` checkpoint: the mean score it gives each model's completions "
-                               "(reasoning on and off) joins the summary (rm_score_think, rm_score_no_think).")
+                               "(reasoning on and off) joins the summary (rm_score_think, rm_score_no_think).",
+                               path="reward_model")
     tool_max_samples: int = option(200, "Evaluate on at most this many tool rows (the first ones); 0 means all.")
     tool_max_turns: int = option(4, "Most assistant turns of a tool episode (calls and the answer).")
 
@@ -372,7 +373,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], config: EvalConfig) -> di
     if config.tool_test_path:
         summary["tools"] = evaluate_tools(model, tokenizer, config)
     if config.reward_model:
-        summary |= reward_model_scores(rows, {"think": think, "no_think": no_think}, config)
+        summary |= reward_model_scores(rows, {"think": think, "no_think": no_think}, config,
+                                       str(next(model.parameters()).device))
     log.info(
         "eval on %d rows: accuracy think %.3f / no-think %.3f, toggle compliance %.3f",
         len(rows), summary["accuracy_think"], summary["accuracy_no_think"], summary["toggle_compliance"],
@@ -414,12 +416,13 @@ def evaluate_tools(model, tokenizer, config: EvalConfig) -> dict:
     return summary
 
 
-def reward_model_scores(rows: list[dict], cells: dict[str, dict], config: EvalConfig) -> dict:
-    """The mean score `eval.reward_model` gives the completions of each mode (per row too, for paired gains)."""
+def reward_model_scores(rows: list[dict], cells: dict[str, dict], config: EvalConfig, device: str) -> dict:
+    """The mean score `eval.reward_model` gives the completions of each mode (per row too, for paired gains), on
+    the evaluated model's device."""
     from alignment.dpo import completion_message
     from rewards.reward_model import load_cached
 
-    rm, tokenizer = load_cached(config.reward_model, "cpu")
+    rm, tokenizer = load_cached(config.reward_model, device)
     k = config.samples_per_prompt
     figures = {}
     for mode, cell in cells.items():

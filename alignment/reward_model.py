@@ -150,6 +150,14 @@ def pair_accuracy(rm: RewardModel, collator: SampleCollator, samples: list[dict]
             "mean_margin": float((chosen_t - rejected_t).mean())}
 
 
+def _by_kind(pairs: list[dict]) -> dict[str, list[dict]]:
+    """The pairs grouped by `metadata.kind`, when more than one kind is present (synthetic pairs carry one)."""
+    groups: dict[str, list[dict]] = {}
+    for pair in pairs:
+        groups.setdefault(str(pair.get("metadata", {}).get("kind", "")), []).append(pair)
+    return groups if len(groups) > 1 else {}
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -207,13 +215,15 @@ def run_rm(config: RMConfig) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         optimizer.step()
-        metrics.log(step + 1, loss=float(loss), pair_accuracy=float(accuracy), lr=optimizer.param_groups[0]["lr"])
+        metrics.log(step + 1, loss=loss.item(), pair_accuracy=accuracy.item(), lr=optimizer.param_groups[0]["lr"])
         progress.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(accuracy):.2f}")
     train_seconds = time.time() - started
 
     # Held-out pairs, then the checkpoint.
     after = pair_accuracy(rm, collator, heldout_samples, device) if heldout_samples else None
-    results = {"heldout_before": before, "heldout": after, "train_pairs": len(train_pairs),
+    by_kind = {kind: pair_accuracy(rm, collator, pair_samples(tokenizer, members), device)
+               for kind, members in _by_kind(heldout_pairs).items()}
+    results = {"heldout_before": before, "heldout": after, "heldout_by_kind": by_kind, "train_pairs": len(train_pairs),
                "train_seconds": round(train_seconds, 1), "data": report.summary()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
@@ -223,6 +233,8 @@ def run_rm(config: RMConfig) -> dict:
     if after:
         print(f"held-out pair accuracy {after['pair_accuracy']:.3f} over {after['pairs']} pairs "
               f"(before training {before['pair_accuracy']:.3f}) | train {train_seconds:.0f}s\ncheckpoint: {checkpoint}")
+        for kind, figures in by_kind.items():
+            print(f"  {kind}: {figures['pair_accuracy']:.3f} over {figures['pairs']} pairs")
     return results
 
 
@@ -238,6 +250,19 @@ def save_reward_model(directory: str | Path, rm: RewardModel, tokenizer, manifes
                                                    "hidden_size": rm.head.in_features}, indent=2))
 
     return write_checkpoint(directory, write, manifest)
+
+
+def check_reward_model_dir(directory: str | Path, key: str = "") -> None:
+    """ConfigError (naming `key`) unless `directory` is an `align rm` checkpoint folder."""
+    from alignment.config import ConfigError, relative_to_cwd
+
+    where = f"`{key}`: " if key else ""
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(f"{where}no such reward-model checkpoint folder: {directory}{relative_to_cwd(path)}")
+    if not (path / HEAD_CONFIG).is_file():
+        raise ConfigError(f"{where}{directory} has no {HEAD_CONFIG}: not a reward-model checkpoint (align rm "
+                          "writes one)")
 
 
 def load_reward_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, object]:

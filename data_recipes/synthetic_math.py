@@ -111,7 +111,7 @@ class Problem:
     ops: list[Step] = field(default_factory=list)
 
 
-def _next_step(rng: random.Random, value: int) -> tuple[str, Step]:
+def next_step(rng: random.Random, value: int) -> tuple[str, Step]:
     """Pick one operation that keeps the value in range. Returns (wording, step)."""
     while True:
         op = rng.choice(("add", "subtract", "multiply"))
@@ -135,7 +135,7 @@ def make_problem(rng: random.Random, min_steps: int, max_steps: int) -> Problem:
     wordings, ops = [], []
     start = value
     for _ in range(steps):
-        wording, step = _next_step(rng, value)
+        wording, step = next_step(rng, value)
         wordings.append(wording)
         ops.append(step)
         value = step.result
@@ -240,6 +240,12 @@ class MathDataConfig:
     task: MathTaskConfig = field(default_factory=MathTaskConfig, metadata={"help": "Task generator settings."})
     tools: ToolTaskConfig = field(default_factory=ToolTaskConfig, metadata={
         "help": "Synthetic tool tasks (envs/tool_tasks.py) written as tools_<split>.jsonl; train_size 0: none."})
+    preferences: bool = field(default=False, metadata={
+        "help": "Also write preferences.jsonl (synthetic preference pairs of the train rows, for `align rm`; "
+                "data_recipes/synthetic_preferences.py) and chat_rl.jsonl (the rl prompts as task: chat, for RLHF)."})
+    preferences_trace_share: float = field(default=0.4, metadata={
+        "help": "Share of the reasoning-on preference pairs whose rejected trace stops early or does one operation "
+                "too many (the rest box another number than the trace's end)."})
     output_dir: str = field(default="runs/data/tiny", metadata={"help": "Where train/validation/test(/rl).jsonl go."})
 
 
@@ -250,6 +256,8 @@ def write_splits(config: MathDataConfig) -> dict[str, str]:
 
     from alignment.data import write_rows
 
+    if not 0.0 <= config.preferences_trace_share <= 1.0:
+        raise ValueError(f"preferences_trace_share must be in [0, 1], got {config.preferences_trace_share}")
     out = Path(config.output_dir)
     splits = generate_splits(config.task)
     paths = {}
@@ -264,6 +272,15 @@ def write_splits(config: MathDataConfig) -> dict[str, str]:
                 write_rows(out / f"tools_{name}.jsonl", rows)
                 paths[f"tools_{name}"] = str(out / f"tools_{name}.jsonl")
                 counts[f"tools_{name}"] = len(rows)
+    if config.preferences:
+        from data_recipes.synthetic_preferences import preference_pairs
+
+        extra = {"preferences": preference_pairs(splits["train"], config.task.seed,
+                                                 config.preferences_trace_share),
+                 "chat_rl": [dict(row, task="chat") for row in splits.get("rl", [])]}
+        for name, rows in extra.items():
+            write_rows(out / f"{name}.jsonl", rows)
+            paths[name], counts[name] = str(out / f"{name}.jsonl"), len(rows)
     manifest = {"recipe": "synthetic_math", "config": {"task": dataclasses.asdict(config.task),
                                                        "tools": dataclasses.asdict(config.tools)},
                 "rows": counts, "train_reasoning_off": off}

@@ -20,6 +20,12 @@ from rewards.registry import list_rewards
 from rewards.scoring import FailureGuard, Outcome, RewardCall, execute_call, failed_outcomes, timeout_outcomes
 
 
+def ensure_ray() -> None:
+    """Start a private local Ray instance unless this process is already connected to one."""
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+
+
 class _RewardWorker:
     """Runs reward calls in its own process."""
 
@@ -37,8 +43,7 @@ class RayRewardPool:
     """`size` actors; `run(calls)` keeps every idle actor busy until all calls have an outcome."""
 
     def __init__(self, size: int, timeout_s: float):
-        if not ray.is_initialized():
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        ensure_ray()
         # Actors import reward functions by module name: they get this process's import path and the working
         # directory (as rewards.registry looks there too), so rewards defined in the user's own (not installed)
         # modules load there as well. Reward calls mostly wait (subprocesses, sympy): reserve no CPUs the trainer's

@@ -48,6 +48,8 @@ class Reward:
     is_async: bool = False
     description: str = ""
     source: str = ""
+    check_args: Callable[[dict], None] | None = None  # raises ValueError on bad `args`, before any model loads
+    prepare: Callable[[dict], Any] | None = None  # once in the trainer's process per scorer; may return a release
 
     def select_kwargs(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The row fields this function accepts: all of them when it takes **kwargs, else those it names.
@@ -68,8 +70,14 @@ _ENTRY_POINTS_LOADED = False
 _BUILTINS_LOADED = False
 
 
-def reward(name: str, *, batched: bool = False, description: str | None = None) -> Callable:
+def reward(name: str, *, batched: bool = False, description: str | None = None,
+           check_args: Callable[[dict], None] | None = None, prepare: Callable[[dict], Any] | None = None
+           ) -> Callable:
     """Register the decorated function as the reward `name`. The function itself is returned unchanged.
+
+    `check_args(args)` raises ValueError when a config's `args` for it are wrong (a stage calls it before it loads
+    anything); `prepare(args)` runs once in the trainer's process when a scorer is built (start a server, warm a
+    cache), not in each reward worker, and may return a function the scorer's `close()` calls (stop that server).
 
     >>> @reward("exact_answer")
     ... def exact_answer(completion: str, answer: str) -> float:
@@ -79,7 +87,8 @@ def reward(name: str, *, batched: bool = False, description: str | None = None) 
     def register(fn: Callable) -> Callable:
         module = getattr(fn, "__module__", "") or ""
         source = "builtin" if module.startswith("rewards.") else f"module {module}"
-        registered = _make_reward(name, fn, batched, description, source)
+        registered = dataclasses.replace(_make_reward(name, fn, batched, description, source),
+                                         check_args=check_args, prepare=prepare)
         with _LOCK:
             _REGISTRY[name] = registered
         fn.__reward__ = registered

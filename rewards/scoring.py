@@ -187,15 +187,21 @@ def timeout_outcomes(call: RewardCall, timeout_s: float) -> list[Outcome]:
 
 
 def check_reward_names(config: RewardsConfig, section: str = "rewards") -> None:
-    """Every reward `config` names resolves (registered, an entry point, or an importable `module:function`), else
-    RewardsConfigError naming the key, e.g. `mining.rewards.rewards[0].name`. Stages call it before loading a model."""
+    """Every reward `config` names resolves (registered, an entry point, or an importable `module:function`) and
+    takes its `args`, else RewardsConfigError naming the key, e.g. `mining.rewards.rewards[0].name`. Stages call it
+    before loading a model."""
     for where, specs in config.spec_lists():
         for i, spec in enumerate(specs):
             try:
-                get_reward(spec.name)
+                found = get_reward(spec.name)
             except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
                 problem = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
                 raise RewardsConfigError(f"{section}.{where}[{i}].name", problem) from exc
+            if found.check_args is not None:
+                try:
+                    found.check_args(spec.args)
+                except ValueError as exc:
+                    raise RewardsConfigError(f"{section}.{where}[{i}].args", str(exc)) from exc
 
 
 class RewardScorer:
@@ -206,6 +212,12 @@ class RewardScorer:
         self.config = config
         self.failure_counts: Counter[str] = Counter()  # reward name -> failed samples, over this scorer's life
         check_reward_names(config)  # unknown names fail here, before any generation
+        self._releases = []  # what the rewards' prepare hooks hold (a served model): let go in close()
+        for _, specs in config.spec_lists():
+            for spec in specs:
+                if (found := get_reward(spec.name)).prepare is not None:
+                    if callable(release := found.prepare(spec.args)):
+                        self._releases.append(release)
         self.guard = FailureGuard(config)
         self._pool = None
         if config.mode == "ray":
@@ -268,6 +280,8 @@ class RewardScorer:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        while self._releases:
+            self._releases.pop()()
 
 
 _SCORERS: dict[str, RewardScorer] = {}
