@@ -10,7 +10,7 @@ CONFIG_DIR  ?= configs/tiny
 STAMP       := $(VENV)/.installed
 ARGS        ?=
 
-.PHONY: setup test test-slow demo demo-tools data sft dpo grpo eval pipeline budget-ablation budget-study bench-sft bench-sandbox clean
+.PHONY: setup test test-slow demo demo-tools demo-rlhf data sft dpo grpo eval pipeline budget-ablation budget-study bench-sft bench-sandbox clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ demo: setup
 # The tool-calling recipe end to end (tool SFT stage, tool pairs in DPO, tool episodes in GRPO): runs/demo-tools.
 demo-tools: setup
 	$(ALIGN) pipeline $(CONFIG_DIR)/tools/pipeline.yaml run_dir=runs/demo-tools $(ARGS)
+
+# RLHF end to end (synthetic preferences, a reward model, GRPO against it, a merge of SFT and GRPO): runs/demo-rlhf.
+demo-rlhf: setup
+	$(ALIGN) pipeline $(CONFIG_DIR)/rlhf/pipeline.yaml run_dir=runs/demo-rlhf $(ARGS)
 
 dpo grpo: $(TINY_SFT)
 	$(ALIGN) $@ $(CONFIG_DIR)/$@.yaml $(ARGS)

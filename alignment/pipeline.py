@@ -1,5 +1,5 @@
-"""The whole pipeline on Ray: data -> SFT -> tool SFT -> DPO -> GRPO -> evaluation, one command locally or on a
-cluster.
+"""The whole pipeline on Ray: data -> SFT -> tool SFT -> reward model -> DPO -> GRPO -> merge -> evaluation, one
+command locally or on a cluster.
 
 Each stage runs as Ray work (a task; SFT, DPO and GRPO through Ray Train when they have workers) and hands the next stage a
 checkpoint directory with a manifest. Every stage records a fingerprint of its resolved config and its inputs (the
@@ -37,7 +37,8 @@ from alignment.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("data", "sft", "tool_sft", "dpo", "grpo", "merge", "eval")
+STAGE_ORDER = ("data", "sft", "tool_sft", "rm", "dpo", "grpo", "merge", "eval")
+OPTIONAL_STAGES = ("rm", "merge")  # not in the default stage list
 MODEL_STAGES = ("sft", "tool_sft", "dpo", "grpo")
 # tool_sft is a second SFT stage (Nano 2's SFT stage 2: tool calling), from the SFT checkpoint.
 STAGE_KIND = {"tool_sft": "sft"}
@@ -58,13 +59,16 @@ class StageSettings:
 class PipelineConfig:
     """Which stages run, where outputs go, and how to reach Ray."""
 
-    stages: list = option([s for s in STAGE_ORDER if s != "merge"],
+    stages: list = option([s for s in STAGE_ORDER if s not in OPTIONAL_STAGES],
                           "Stages to run, in pipeline order (any subset, e.g. [data, sft, grpo, eval]).")
     run_dir: str = option("runs/pipeline", "Output directory; on a cluster, a path every node can reach.")
     data: StageSettings = option(StageSettings(config="configs/tiny/data.yaml"), "Data recipe stage.")
     sft: StageSettings = option(StageSettings(config="configs/tiny/sft.yaml"), "SFT stage.")
     tool_sft: StageSettings = option(StageSettings(config="configs/tiny/tools/sft_after_math.yaml"),
                                      "A second SFT stage from the SFT checkpoint (tool conversations, math replayed).")
+    rm: StageSettings = option(StageSettings(config="configs/tiny/rlhf/rm.yaml"), "A reward model (align rm) from "
+                               "the policy checkpoint so far; every later stage's `reward_model` rewards and "
+                               "eval.reward_model use it.")
     dpo: StageSettings = option(StageSettings(config="configs/tiny/dpo.yaml"), "DPO stage.")
     grpo: StageSettings = option(StageSettings(config="configs/tiny/grpo.yaml"), "GRPO stage.")
     merge: StageSettings = option(StageSettings(), "Merges of two earlier stages' checkpoints (merge.a, merge.b) at "
@@ -99,7 +103,7 @@ STAGES = {
     "dpo": ("alignment.dpo", "DPOConfig", "run_dpo"),
     "grpo": ("alignment.grpo", "GRPOConfig", "run_grpo"),
     "merge": ("alignment.merge", "MergeConfig", "run_merge"),
-    "rm": ("alignment.reward_model", "RMConfig", "run_rm"),  # the `align rm` command; no stage of the pipeline
+    "rm": ("alignment.reward_model", "RMConfig", "run_rm"),
     "eval": ("alignment.evaluate", "EvalRunConfig", "run_eval"),
 }
 
@@ -127,7 +131,7 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     for section in (getattr(config, "data", None), getattr(config, "mining", None), getattr(config, "eval", None),
                     getattr(config, "selection", None)):
         for key in ("train_path", "test_path", "prompts_path", "validation_path", "tool_test_path",
-                    "tool_prompts_path", "tool_validation_path"):
+                    "tool_prompts_path", "tool_validation_path", "pairs_path"):
             value = getattr(section, key, None) if section is not None else None
             if value and data_dir is not None:  # the same file names (train/test/rl.jsonl), from this run's data stage
                 setattr(section, key, str(data_dir / Path(value).name))
@@ -137,7 +141,7 @@ def _wire(name: str, config: Any, run_dir: Path, upstream_model: str | None, dat
     if getattr(data, "unpacked_paths", None):
         data.unpacked_paths = [str(data_dir / Path(p).name) if data_dir is not None else
                                str(Path(p).resolve()) if Path(p).exists() else p for p in data.unpacked_paths]
-    if name in ("tool_sft", "dpo", "grpo") and upstream_model is not None:
+    if name in ("tool_sft", "rm", "dpo", "grpo") and upstream_model is not None:
         config.model.name_or_path = upstream_model
         config.model.tokenizer = ""
 
@@ -157,6 +161,19 @@ def _wire_merge_inputs(config: Any, produced: dict[str, str]) -> None:
                               f"({', '.join(produced) or 'none'}) nor a checkpoint folder")
 
 
+def _wire_reward_model(config: Any, checkpoint: str) -> None:
+    """Point a later stage at this run's reward model: its `reward_model` rewards (GRPO's, DPO mining's) and its
+    evaluation's reward-model score."""
+    for rewards in (getattr(config, "rewards", None), getattr(getattr(config, "mining", None), "rewards", None)):
+        for _, specs in rewards.spec_lists() if rewards is not None else ():
+            for spec in specs:
+                if spec.name == "reward_model":
+                    spec.args = {**spec.args, "checkpoint": checkpoint}
+    evaluation = getattr(config, "eval", None)
+    if evaluation is not None and hasattr(evaluation, "reward_model"):
+        evaluation.reward_model = checkpoint
+
+
 def _track(config: Any, pipeline: TrackingConfig, run_dir: Path) -> None:
     """Hand the pipeline's trackers to a stage left at the default, and group the stage with the pipeline's run."""
     if not hasattr(config, "tracking"):
@@ -168,9 +185,30 @@ def _track(config: Any, pipeline: TrackingConfig, run_dir: Path) -> None:
 
 
 def _fingerprint(config: Any, upstream: str) -> str:
-    settings = {k: v for k, v in to_dict(config).items() if k != "tracking"}  # where logs go changes no result
+    """A hash of the settings that differ from the config class's defaults (so that a new option, left at its
+    default, does not rerun finished stages) and of the stage's inputs."""
+    settings = _changed(to_dict(config), to_dict(type(config)()))
+    settings.pop("tracking", None)  # where logs go changes no result
     text = json.dumps(settings, sort_keys=True, default=str) + upstream
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed(values: dict, defaults: dict) -> dict:
+    """The entries of `values` that differ from `defaults`, recursing into sections."""
+    changed = {}
+    for key, value in values.items():
+        default = defaults.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(default, dict):
+            if inner := _changed(value, default):
+                changed[key] = inner
+        elif value != default:
+            changed[key] = value
+    for key in defaults.keys() - values.keys():  # an entry of a default mapping taken out (a default route)
+        changed[key] = "<removed>"
+    return changed
+
+
+_MISSING = object()
 
 
 def _finished(stage_dir: Path, fingerprint: str, has_checkpoint: bool) -> dict | None:
@@ -220,7 +258,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     run_dir = Path(config.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ray = connect_ray(config.address)
-    upstream_fp, upstream_model, data_dir = "", None, None
+    upstream_fp, upstream_model, data_dir, reward_model = "", None, None, None
     produced: dict[str, str] = {}
     timings: dict[str, float] = {}
     selected = [s for s in STAGE_ORDER if s in config.stages]
@@ -230,13 +268,15 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _wire(name, stage_config, run_dir, upstream_model, data_dir)
         if name == "merge":
             _wire_merge_inputs(stage_config, produced)
+        if reward_model is not None:
+            _wire_reward_model(stage_config, reward_model)
         _track(stage_config, config.tracking, run_dir)
         checkpoints = list(produced.values()) if name == "eval" else []
         if name == "eval":
             upstream_fp += json.dumps(produced)
         fingerprint = _fingerprint(stage_config, upstream_fp)
         stage_dir = run_dir / name
-        record = _finished(stage_dir, fingerprint, has_checkpoint=name in MODEL_STAGES)
+        record = _finished(stage_dir, fingerprint, has_checkpoint=name in (*MODEL_STAGES, "rm"))
         if record is not None:
             log.info("[%d/%d] %s: finished earlier with the same config and inputs; skipped", index, len(selected), name)
         else:
@@ -259,6 +299,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         upstream_fp = fingerprint
         if name == "data":
             data_dir = stage_dir
+        if name == "rm":  # not a policy: later stages train on from the one before it, and score with it
+            reward_model = str(stage_dir / "checkpoint")
         if name in MODEL_STAGES:
             upstream_model = str(stage_dir / "checkpoint")
             produced[name] = upstream_model

@@ -12,7 +12,8 @@ from alignment.eval_stats import format_gain, paired_gains, with_stderr
 from alignment.evaluate import tools_report
 from alignment.tracking import read_metrics
 
-CURVES = {"sft": "loss", "tool_sft": "loss", "dpo": "loss", "grpo": "reward_mean"}
+CURVES = {"sft": "loss", "tool_sft": "loss", "rm": "loss", "dpo": "loss", "grpo": "reward_mean"}
+RM_KEYS = ("rm_score_think", "rm_score_think_stderr", "rm_score_no_think", "rm_score_no_think_stderr")
 TOOL_KEYS = ("rows", "success_think", "success_think_stderr", "success_no_think", "success_no_think_stderr",
              "exact_calls_think", "hallucinated_think", "hallucinated_think_stderr", "hallucinated_no_think",
              "malformed_think")
@@ -57,7 +58,8 @@ def stage_metrics(eval_results: dict[str, dict]) -> dict:
                                  "mean_answer_tokens": c["mean_answer_tokens"],
                                  "reference_fits": c.get("reference_fits"),
                                  "minimal_fits": c.get("minimal_fits")} for c in summary["budget_sweep"]],
-               **({"tools": {k: summary["tools"].get(k) for k in TOOL_KEYS}} if summary.get("tools") else {})}
+               **({"tools": {k: summary["tools"].get(k) for k in TOOL_KEYS}} if summary.get("tools") else {}),
+               **({k: summary.get(k) for k in RM_KEYS} if "rm_score_think" in summary else {})}
         for name, summary in eval_results.items()
     }
 
@@ -103,6 +105,7 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
         if all(r is not None for r in minimal) and minimal != reference:  # with the skippable lines left out
             lines.append("| minimal trace fits | " + " | ".join(f"{r:.2f}" for r in minimal) + " |")
     lines += tools_report(evaluated)
+    lines += _reward_model_report(run_dir, stages, evaluated)
     lines += _merge_sweep(run_dir, stages, evaluated)
     if curves:
         lines += ["", "## Training curves", "", f"![curves]({curves.name})"]
@@ -113,6 +116,32 @@ def write_report(run_dir: Path, stages: list[str], timings: dict[str, float]) ->
     (run_dir / "report.html").write_text(_html(markdown, run_dir))
     print(f"report:  {run_dir / 'report.md'} (and report.html)\nmetrics: {run_dir / 'metrics.json'}")
     return metrics
+
+
+def _reward_model_report(run_dir: Path, stages: list[str], evaluated: dict[str, dict]) -> list[str]:
+    """The rm stage's held-out pair accuracy (by pair kind), and the mean score it gives every model's completions."""
+    lines = []
+    rm_eval = run_dir / "rm" / "eval.json"
+    if "rm" in stages and rm_eval.is_file():
+        figures = json.loads(rm_eval.read_text())
+        if figures.get("heldout"):
+            lines += ["", "## Reward model", "",
+                      f"Held-out pair accuracy {figures['heldout']['pair_accuracy']:.3f} over "
+                      f"{figures['heldout']['pairs']} pairs (before training "
+                      f"{figures['heldout_before']['pair_accuracy']:.3f})."]
+            if figures.get("heldout_by_kind"):
+                lines += ["", "| pair kind | pairs | accuracy |", "|---|---|---|"]
+                lines += [f"| {kind} | {k['pairs']} | {k['pair_accuracy']:.3f} |"
+                          for kind, k in figures["heldout_by_kind"].items()]
+    scored = {name: summary for name, summary in evaluated.items() if "rm_score_think" in summary}
+    if scored:
+        gains = paired_gains(scored, "row_rm_score_think")
+        lines += ["", "## Reward-model score of each model's completions", "",
+                  "Mean score over the test prompts; gain: paired over the same prompts, against the model before.",
+                  "", "| model | score think | gain over the model before | score no-think |", "|---|---|---|---|"]
+        lines += [f"| {name} | {with_stderr(m, 'rm_score_think')} | {format_gain(gains.get(name))} | "
+                  f"{with_stderr(m, 'rm_score_no_think')} |" for name, m in scored.items()]
+    return lines
 
 
 def _merge_sweep(run_dir: Path, stages: list[str], evaluated: dict[str, dict]) -> list[str]:

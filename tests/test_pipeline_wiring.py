@@ -54,3 +54,41 @@ def test_tool_sft_stage_starts_from_the_sft_checkpoint_and_reads_the_runs_tool_r
     assert tool_sft.data.unpacked_paths == [str(data_dir / "tools_train.jsonl")]
     assert Path(tool_sft.data.train_path) == data_dir / "train.jsonl"  # math replayed beside the tool rows
     load_config(PipelineConfig, None, ["stages=[data,sft,tool_sft,dpo]", "tool_sft.num_workers=2"])  # an SFT stage
+
+
+def test_rm_stage_trains_from_the_policy_and_later_stages_score_with_it(tmp_path):
+    from alignment.evaluate import EvalRunConfig
+    from alignment.pipeline import PipelineConfig, _wire_reward_model, stage_entry
+    from alignment.reward_model import RMConfig
+
+    data_dir = tmp_path / "run" / "data"
+    assert stage_entry("rm")[0] is RMConfig
+    rm = load_config(RMConfig, "configs/tiny/rlhf/rm.yaml", [])
+    _wire("rm", rm, tmp_path / "run", "/models/sft", data_dir)
+    assert rm.model.name_or_path == "/models/sft" and Path(rm.data.pairs_path) == data_dir / "preferences.jsonl"
+    grpo = load_config(GRPOConfig, "configs/tiny/rlhf/grpo.yaml", [])
+    _wire("grpo", grpo, tmp_path / "run", "/models/sft", data_dir)
+    _wire_reward_model(grpo, "/run/rm/checkpoint")
+    assert Path(grpo.data.train_path) == data_dir / "chat_rl.jsonl"
+    assert [s.args["checkpoint"] for s in grpo.rewards.routes["chat"] if s.name == "reward_model"] == \
+        ["/run/rm/checkpoint"]
+    assert grpo.eval.reward_model == "/run/rm/checkpoint"
+    final = load_config(EvalRunConfig, "configs/tiny/eval.yaml", [])
+    _wire_reward_model(final, "/run/rm/checkpoint")
+    assert final.eval.reward_model == "/run/rm/checkpoint"
+    assert "rm" not in load_config(PipelineConfig, None, []).stages  # opt-in, like merge
+    load_config(PipelineConfig, "configs/tiny/rlhf/pipeline.yaml", [])
+
+
+def test_the_fingerprint_ignores_options_left_at_their_defaults():
+    """A new option, left at its default, must not rerun finished stages; a changed setting must."""
+    from alignment.pipeline import _fingerprint
+
+    base = load_config(GRPOConfig, "configs/tiny/grpo.yaml", [])
+    assert _fingerprint(base, "up") == _fingerprint(load_config(GRPOConfig, "configs/tiny/grpo.yaml", [
+        f"eval.reward_model={GRPOConfig().eval.reward_model}", f"loss.kl_coef={GRPOConfig().loss.kl_coef}"]), "up")
+    assert _fingerprint(base, "up") != _fingerprint(load_config(GRPOConfig, "configs/tiny/grpo.yaml", [
+        "train.max_steps=7"]), "up")
+    assert _fingerprint(base, "up") != _fingerprint(base, "other")
+    assert _fingerprint(base, "up") == _fingerprint(load_config(GRPOConfig, "configs/tiny/grpo.yaml", [
+        "tracking.report_to=[]"]), "up")  # where logs go changes no result
