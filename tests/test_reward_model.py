@@ -147,6 +147,8 @@ def test_a_missing_or_wrong_reward_model_checkpoint_fails_naming_the_key(tmp_pat
 
     not_rm = tmp_path / "policy"
     not_rm.mkdir()
+    rows_file = tmp_path / "test.jsonl"  # every other input there, so the reward model's is the one missing
+    rows_file.write_text("")
     for checkpoint, problem in ((tmp_path / "nowhere", "no such reward-model checkpoint folder"),
                                 (not_rm, "not a reward-model checkpoint")):
         config = RewardsConfig(rewards=[], routes={"chat": [{"name": "reward_model",
@@ -154,7 +156,8 @@ def test_a_missing_or_wrong_reward_model_checkpoint_fails_naming_the_key(tmp_pat
         with pytest.raises(RewardsConfigError, match=rf"rewards\.routes\.chat\[0\]\.args.*{problem}"):
             check_reward_names(config)
         with pytest.raises(ConfigError, match=rf"eval\.reward_model.*{problem}"):
-            check_paths(load_config(EvalRunConfig, None, [f"eval.reward_model={checkpoint}"]))
+            check_paths(load_config(EvalRunConfig, None, [f"eval.reward_model={checkpoint}",
+                                                          f"eval.test_path={rows_file}"]))
     config = RewardsConfig(rewards=[], routes={"chat": [{"name": "reward_model", "args": {
         "checkpoint": str(_random_reward_model(tmp_path)), "serve": "elsewhere"}}]})
     with pytest.raises(RewardsConfigError, match="serve must be one of"):
