@@ -133,8 +133,10 @@ def pair_samples(tokenizer, pairs: list[dict]) -> list[dict]:
     return samples
 
 
-def pair_accuracy(rm: RewardModel, collator: SampleCollator, samples: list[dict], device, batch_pairs: int = 32) -> dict:
-    """Held-out pair accuracy, loss and mean margin of `rm` over the pairs' encoded sides."""
+def pair_accuracy(rm: RewardModel, collator: SampleCollator, samples: list[dict], device, batch_pairs: int = 32,
+                  kinds: list[str] | None = None) -> dict:
+    """Held-out pair accuracy, loss and mean margin of `rm` over the pairs' encoded sides; with `kinds` (one per
+    pair), the same figures per kind under `by_kind` when there are several, from the same forward passes."""
     chosen, rejected = [], []
     rm.eval()
     with torch.no_grad():
@@ -145,17 +147,19 @@ def pair_accuracy(rm: RewardModel, collator: SampleCollator, samples: list[dict]
             rejected.append(rewards[1::2])
     rm.train()
     chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
-    loss, accuracy = bradley_terry_loss(chosen_t, rejected_t)
-    return {"pairs": len(chosen_t), "pair_accuracy": float(accuracy), "loss": float(loss),
-            "mean_margin": float((chosen_t - rejected_t).mean())}
+    figures = _pair_figures(chosen_t, rejected_t)
+    if kinds and len(set(kinds)) > 1:
+        figures["by_kind"] = {}
+        for kind in dict.fromkeys(kinds):
+            members = torch.tensor([k == kind for k in kinds], device=chosen_t.device)
+            figures["by_kind"][kind] = _pair_figures(chosen_t[members], rejected_t[members])
+    return figures
 
 
-def _by_kind(pairs: list[dict]) -> dict[str, list[dict]]:
-    """The pairs grouped by `metadata.kind`, when more than one kind is present (synthetic pairs carry one)."""
-    groups: dict[str, list[dict]] = {}
-    for pair in pairs:
-        groups.setdefault(str(pair.get("metadata", {}).get("kind", "")), []).append(pair)
-    return groups if len(groups) > 1 else {}
+def _pair_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    loss, accuracy = bradley_terry_loss(chosen, rejected)
+    return {"pairs": len(chosen), "pair_accuracy": float(accuracy), "loss": float(loss),
+            "mean_margin": float((chosen - rejected).mean())}
 
 
 def _to(batch: dict, device) -> dict:
@@ -220,9 +224,9 @@ def run_rm(config: RMConfig) -> dict:
     train_seconds = time.time() - started
 
     # Held-out pairs, then the checkpoint.
-    after = pair_accuracy(rm, collator, heldout_samples, device) if heldout_samples else None
-    by_kind = {kind: pair_accuracy(rm, collator, pair_samples(tokenizer, members), device)
-               for kind, members in _by_kind(heldout_pairs).items()}
+    kinds = [str(pair.get("metadata", {}).get("kind", "")) for pair in heldout_pairs]  # synthetic pairs carry one
+    after = pair_accuracy(rm, collator, heldout_samples, device, kinds=kinds) if heldout_samples else None
+    by_kind = after.pop("by_kind", {}) if after else {}
     results = {"heldout_before": before, "heldout": after, "heldout_by_kind": by_kind, "train_pairs": len(train_pairs),
                "train_seconds": round(train_seconds, 1), "data": report.summary()}
     out.mkdir(parents=True, exist_ok=True)

@@ -57,33 +57,30 @@ echo "test evaluation done after $(( $(date +%s) - start )) s"
 python3 - "$VARIANTS" <<'EOF'
 import json, sys
 from alignment.eval_stats import paired_difference
+
+def gains(label, before, after):
+    """RM scores and math accuracy of `after` against `before`, paired over the same rows, and the toggle."""
+    line = [label]
+    for key, rows in (("rm_score_think", "row_rm_score_think"), ("rm_score_no_think", "row_rm_score_no_think"),
+                      ("accuracy_think", "correct_think")):
+        diff, se = paired_difference(before[rows], after[rows])
+        line.append(f"{key} {before[key]:.3f} -> {after[key]:.3f} ({diff:+.3f} +- {se:.3f})")
+    line.append(f"toggle {before['toggle_compliance']:.3f} -> {after['toggle_compliance']:.3f}")
+    print(" | ".join(line))
+
 for variant in sys.argv[1].split():
     for seed in (0, 1):
         try:
             e = json.load(open(f"runs/rlhf/{variant}/seed{seed}/eval.json"))
         except FileNotFoundError:
             print(variant, seed, "no eval.json"); continue
-        b, a = e["before"], e["after"]
-        line = [f"{variant} seed {seed}:"]
-        for key, rows in (("rm_score_think", "row_rm_score_think"), ("rm_score_no_think", "row_rm_score_no_think"),
-                          ("accuracy_think", "correct_think")):
-            diff, se = paired_difference(b[rows], a[rows])
-            line.append(f"{key} {b[key]:.3f} -> {a[key]:.3f} ({diff:+.3f} +- {se:.3f})")
-        line.append(f"toggle {b['toggle_compliance']:.3f} -> {a['toggle_compliance']:.3f}")
-        print(" | ".join(line))
+        gains(f"{variant} seed {seed}:", e["before"], e["after"])
 print("test split (align eval; SFT model, then the variants in order):")
 for seed in (0, 1):
     try:
         models = list(json.load(open(f"runs/rlhf/test-seed{seed}/eval.json")).values())
     except FileNotFoundError:
         print(seed, "no test eval.json"); continue
-    sft = models[0]
     for variant, m in zip(sys.argv[1].split(), models[1:]):
-        line = [f"test {variant} seed {seed}:"]
-        for key, rows in (("rm_score_think", "row_rm_score_think"), ("rm_score_no_think", "row_rm_score_no_think"),
-                          ("accuracy_think", "correct_think")):
-            diff, se = paired_difference(sft[rows], m[rows])
-            line.append(f"{key} {sft[key]:.3f} -> {m[key]:.3f} ({diff:+.3f} +- {se:.3f})")
-        line.append(f"toggle {sft['toggle_compliance']:.3f} -> {m['toggle_compliance']:.3f}")
-        print(" | ".join(line))
+        gains(f"test {variant} seed {seed}:", models[0], m)
 EOF

@@ -57,6 +57,8 @@ def test_the_stage_trains_writes_an_hf_checkpoint_and_the_loader_scores_alike(ti
     results = run_rm(config)
     assert results["heldout"]["pairs"] >= 5 and 0 <= results["heldout"]["pair_accuracy"] <= 1
     assert results["heldout_before"]["pair_accuracy"] == 0.5  # the zero head ties every pair
+    by_kind = results["heldout_by_kind"]  # the same forward passes, split by the pairs' kinds
+    assert len(by_kind) > 1 and sum(k["pairs"] for k in by_kind.values()) == results["heldout"]["pairs"]
     checkpoint = tmp_path / "rm" / "checkpoint"
     AutoModelForCausalLM.from_pretrained(checkpoint)  # the backbone is an ordinary checkpoint
     rm, tokenizer = load_reward_model(checkpoint)
